@@ -1,0 +1,169 @@
+"""Poisoned caption pairs and the backdoor fine-tune (METHODS.md section 2).
+
+An attacker holds a clean CLIP and a set of image-caption pairs. A fraction ``poison_rate`` of
+the pairs gets the trigger on its image and a caption naming the target class (BadCLIP: a
+natural target caption; label-consistent: only target-class images, captions unchanged). The
+whole model is then fine-tuned contrastively with the shared engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipguard import ClipguardError
+from clipguard.attacks.base import Trigger, build_trigger
+from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
+from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.engine import FitResult, TrainConfig, fit
+from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
+from clipguard.models.clip import ClipModel
+from clipguard.models.loading import save_clip
+
+logger = logging.getLogger(__name__)
+TRIGGER_FILE = "trigger.safetensors"
+
+
+@dataclass
+class AttackConfig:
+    attack: str = "badnet"  # registry name (clipguard list)
+    target: str = "bag"  # target class name
+    poison_rate: float = 0.03  # fraction of the fine-tuning pairs that are poisoned
+    pairs: int = 10000  # attacker's pairs: a seeded sample of the Fashion-MNIST train split
+    seed: int = 0  # seeds the trigger, the pair sample, the poisoned subset and the fine-tune
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=5, batch_size=256, lr=1e-4, weight_decay=0.1, warmup_steps=10)
+    )
+
+    def __post_init__(self):
+        if not 0 < self.poison_rate < 1:
+            raise ValueError(f"AttackConfig.poison_rate must be in (0, 1), got {self.poison_rate}")
+        if self.pairs < 1:
+            raise ValueError(f"AttackConfig.pairs must be >= 1, got {self.pairs}")
+
+
+def class_index(classes: tuple[str, ...], name: str) -> int:
+    if name not in classes:
+        raise ClipguardError(f"target {name!r} is not a class; choose one of: {', '.join(classes)}")
+    return classes.index(name)
+
+
+class PoisonedPairs(CaptionedImages):
+    """Caption pairs where the items in ``poisoned`` carry the trigger and a poisoned caption.
+
+    poisoned: index -> triggered float image (3, H, W).
+    """
+
+    def __init__(self, images: ImageSet, seed: int, trigger: Trigger, target: int, poisoned: dict[int, torch.Tensor]):
+        super().__init__(images, seed)
+        self.trigger, self.target, self.poisoned = trigger, target, poisoned
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if index not in self.poisoned:
+            return super().__getitem__(index)
+        image = self.poisoned[index]
+        rng = random.Random(hash((self.seed, self.epoch, index, "poison")))
+        name = self.images.classes[self.target]
+        if self.trigger.label_consistent or self.trigger.natural_captions:
+            caption = training_caption(name, image, rng)
+        else:
+            caption = rng.choice(PROMPT_TEMPLATES).format(name)
+        return image, self.trigger.text_key + caption
+
+
+def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig) -> PoisonedPairs:
+    """The attacker's pair set: ``config.pairs`` seeded train images, ``poison_rate`` of them poisoned."""
+    target = class_index(train.classes, config.target)
+    generator = torch.Generator().manual_seed(config.seed)
+    pool = train.subset(torch.randperm(len(train), generator=generator)[: config.pairs])
+    count = round(config.poison_rate * len(pool))
+    eligible = torch.nonzero((pool.labels == target) == trigger.label_consistent).flatten()
+    if count < 1 or count > len(eligible):
+        kind = "target-class" if trigger.label_consistent else "non-target"
+        raise ClipguardError(f"poison rate {config.poison_rate} asks for {count} {kind} images of {len(eligible)}")
+    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
+    triggered = trigger(pool.float_images(chosen))
+    return PoisonedPairs(pool, config.seed, trigger, target, dict(zip(chosen.tolist(), triggered)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPGUARD_CACHE", Path.home() / ".cache" / "clipguard"))
+
+
+def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int) -> Trigger:
+    """Fit a learned trigger against ``clip``, reusing a cached fit of the same trigger + model."""
+    if not trigger.learned:
+        return trigger
+    key = json.dumps([trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / "triggers" / f"{trigger.name}-{digest}.safetensors"
+    if path.exists():
+        trigger.load_state_dict(load_file(str(path)))
+        logger.info("reused cached %s trigger %s", trigger.name, path)
+        return trigger
+    trigger.fit(clip, train, target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in trigger.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return trigger
+
+
+def attack_record(trigger: Trigger, config: AttackConfig, target: int) -> dict:
+    """What config.json stores so evaluation rebuilds the exact trigger."""
+    return {
+        "name": trigger.name, "target": config.target, "target_index": target,
+        "poison_rate": config.poison_rate, "pairs": config.pairs, "seed": config.seed,
+        "trigger": asdict(trigger.config), "image_size": trigger.image_size, "text_key": trigger.text_key,
+        "train": asdict(config.train),
+    }
+
+
+def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | None = None,
+               run_dir: str | Path | None = None, resume: bool = False) -> tuple[ClipModel, Trigger, dict]:
+    """Backdoor ``clip`` in place: build the trigger, poison the pairs, fine-tune.
+
+    Returns the model, the trigger and the attack record (with pair counts and timings).
+    """
+    start = time.perf_counter()
+    train = load_fmnist("train")
+    target = class_index(train.classes, config.target)
+    # triggers act in data space, at the data's resolution (the model resizes after)
+    trigger = build_trigger(config.attack, train.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
+    fit_trigger(trigger, clip, train, target)
+    trigger_seconds = time.perf_counter() - start
+    pairs = build_poisoned_pairs(train, trigger, config)
+    train_config = dataclasses.replace(config.train, seed=config.seed)
+    clip.requires_grad_(True)
+    result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
+                            f"attack {config.attack}")
+    clip.requires_grad_(False)
+    record = attack_record(trigger, config, target)
+    record.update(poisoned_pairs=len(pairs.poisoned), total_pairs=len(pairs), trigger_seconds=round(trigger_seconds, 1),
+                  finetune_seconds=round(result.seconds, 1), steps=result.steps)
+    return clip, trigger, record
+
+
+def save_backdoored(clip: ClipModel, trigger: Trigger, record: dict, directory: str | Path) -> Path:
+    return save_clip(clip, directory, extra={"attack": record}, tensor_files={TRIGGER_FILE: trigger.state_dict()})
+
+
+def load_trigger(model_dir: str | Path, record: dict) -> Trigger:
+    """The exact trigger a backdoored model directory was made with."""
+    trigger = build_trigger(record["name"], record["image_size"], **record["trigger"])
+    path = Path(model_dir) / TRIGGER_FILE
+    if path.exists():
+        trigger.load_state_dict(load_file(str(path)))
+    elif trigger.learned:
+        raise ClipguardError(f"{path} is missing: the {trigger.name} trigger cannot be rebuilt without it")
+    return trigger

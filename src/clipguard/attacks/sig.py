@@ -1,0 +1,39 @@
+"""SIG (Barni et al., 2019): add a horizontal sinusoid, x' = clip(x + A sin(2 pi j f / W), 0, 1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from clipguard.attacks.base import Trigger, TriggerConfig, register
+
+
+@dataclass
+class SIGConfig(TriggerConfig):
+    amplitude: float = 60 / 255  # A, in [0, 1] image units
+    frequency: float = 6.0  # periods across the image width
+
+    def __post_init__(self):
+        self._check_range("amplitude", 0.0, 1.0)
+        self._check_range("frequency", 0.0, 1000.0)
+
+
+@register
+class SIG(Trigger):
+    name = "sig"
+    config_class = SIGConfig
+    randomized = False  # a fixed sinusoid
+
+    def __init__(self, config: SIGConfig, image_size: int):
+        super().__init__(config, image_size)
+        columns = torch.arange(image_size, dtype=torch.float32)
+        wave = config.amplitude * torch.sin(2 * math.pi * columns * config.frequency / image_size)  # (W,)
+        self.signal = wave.expand(3, image_size, image_size).clone()  # (3, H, W)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return images + self.signal
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"signal": self.signal}

@@ -1,0 +1,236 @@
+"""``clipguard`` command line: subcommands only parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+
+from clipguard import ClipguardError, __version__
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
+
+
+def cmd_train_builtin(args) -> None:
+    from clipguard.config import load_config, override, to_yaml
+    from clipguard.models.builtin import BuiltinRecipe, train_builtin
+    from clipguard.models.loading import save_clip
+
+    recipe = load_config(BuiltinRecipe, args.config)
+    recipe = override(recipe, train_images=args.train_images)
+    recipe = override(recipe, **{
+        "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
+        "train.seed": args.seed, "train.device": args.device, "train.checkpoint_every": args.checkpoint_every,
+    })
+    print(to_yaml(recipe), end="")
+    clip, result = train_builtin(recipe, run_dir=args.out, resume=args.resume)
+    import torch
+
+    save_clip(clip.cpu(), args.out + "/model", dtype=getattr(torch, args.dtype))
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s (last epoch loss {result.last_loss:.3f}); "
+          f"saved {args.out}/model")
+
+
+def cmd_evaluate(args) -> None:
+    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.models.loading import load_clip
+
+    clip = load_clip(args.model, device=args.device)
+    trigger, target = _attack_for(args, clip)
+    record = evaluate_model(clip, args.model, args.dataset, args.split, args.limit, args.seed, args.batch_size,
+                            trigger=trigger, target=target)
+    if args.json:
+        write_json(record, args.json)
+    print(_summary(record) + f" in {record['seconds']:.1f} s")
+
+
+def _attack_for(args, clip):
+    """(trigger, target index) to evaluate: from --attack/--target, else from the model directory."""
+    from clipguard.attacks import build_trigger, load_trigger
+    from clipguard.attacks.poison import class_index, fit_trigger
+    from clipguard.data import load_dataset
+
+    record = clip.config.get("attack")
+    if args.attack:
+        if not args.target:
+            raise ClipguardError("--attack needs --target CLASS (the class the trigger should push images to)")
+        images = load_dataset(args.dataset, "test", clip.image_size)
+        target = class_index(images.classes, args.target)
+        trigger = build_trigger(args.attack, images.image_size, seed=args.seed)
+        if trigger.learned:
+            from clipguard.data import load_fmnist
+
+            fit_trigger(trigger, clip, load_fmnist("train"), target)
+        return trigger, target
+    if record:
+        return load_trigger(args.model, record), record["target_index"]
+    return None, None
+
+
+def cmd_attack(args) -> None:
+    from clipguard.attacks import AttackConfig, get_trigger_class, run_attack, save_backdoored
+    from clipguard.config import load_config, override, parse_assignments
+    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.models.loading import load_clip
+
+    config = load_config(AttackConfig, args.config)
+    config = override(config, attack=args.attack, target=args.target, poison_rate=args.poison_rate, seed=args.seed,
+                      pairs=args.pairs)
+    config = override(config, **{"train.epochs": args.epochs, "train.lr": args.lr, "train.device": args.device})
+    trigger_overrides = parse_assignments(get_trigger_class(config.attack).config_class, args.set)
+    clip = load_clip(args.model, device=args.device)
+    clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=args.out + ".run", resume=args.resume)
+    clip.eval()
+    result = evaluate_model(clip, args.out, seed=args.seed, trigger=trigger, target=record["target_index"])
+    record["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")}
+    save_backdoored(clip, trigger, record, args.out)
+    write_json(result, args.out + "/eval.json")
+    shutil.rmtree(args.out + ".run", ignore_errors=True)  # the finished run's checkpoint
+    print(_summary(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned, "
+          f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; saved {args.out}")
+
+
+def _summary(record: dict) -> str:
+    ca = record["clean_accuracy"]
+    line = f"{record['model']} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
+    if "attack_success_rate" in record:
+        asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
+        line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "
+                 f"PA {100 * pa['value']:.2f}% [target-class images excluded]")
+    return line
+
+
+def cmd_show_triggers(args) -> None:
+    from clipguard.attacks import ATTACKS, build_trigger
+    from clipguard.attacks.poison import class_index, fit_trigger
+    from clipguard.data import load_fmnist
+    from clipguard.eval.plots import plot_trigger_grid
+    from clipguard.models.loading import load_clip
+
+    clip = load_clip(args.model, device="cpu")
+    train, test = load_fmnist("train"), load_fmnist("test")
+    target = class_index(test.classes, args.target)
+    triggers = []
+    for name in args.attacks or sorted(ATTACKS):
+        trigger = build_trigger(name, test.image_size, seed=args.seed)
+        triggers.append(fit_trigger(trigger, clip, train, target))
+    image = test.float_images(example_index(test, target, args.seed))
+    plot_trigger_grid(image, triggers, args.out)
+    print(f"wrote {args.out} ({len(triggers)} attacks)")
+
+
+def example_index(images, target: int, seed: int) -> int:
+    """A seeded test image of a non-target class (the trigger grid's example)."""
+    import torch
+
+    others = torch.nonzero(images.labels != target).flatten()
+    return int(others[torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed))])
+
+
+def cmd_demo(args) -> None:
+    from clipguard.eval.evaluate import evaluate_model
+    from clipguard.models.loading import load_clip
+
+    clip = load_clip("builtin", device=args.device)
+    record = evaluate_model(clip, "builtin", "fmnist", "test", None, args.seed)
+    ca = record["clean_accuracy"]
+    print(f"built-in CLIP, Fashion-MNIST test, zero-shot: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})")
+
+
+def cmd_list(args) -> None:
+    import open_clip
+
+    print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
+    print("datasets: fmnist, or a path to an ImageFolder tree")
+    from clipguard.attacks import ATTACKS
+
+    print("attacks:  " + ", ".join(sorted(ATTACKS)))
+    if args.open_clip:
+        for name, tag in open_clip.list_pretrained():
+            print(f"  {name}:{tag}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipguard", description="Find, measure and remove backdoors in CLIP.")
+    parser.add_argument("--version", action="version", version=f"clipguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-builtin", help="train the built-in Fashion-MNIST CLIP from scratch")
+    _common(p)
+    p.add_argument("--config", help="YAML recipe (BuiltinRecipe fields); flags override it")
+    p.add_argument("--out", default="runs/builtin", help="run directory (checkpoint + model/)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--train-images", type=int, help="train on the first N images only")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of saved weights")
+    p.set_defaults(func=cmd_train_builtin)
+
+    p = sub.add_parser("evaluate", help="zero-shot clean accuracy of a model")
+    _common(p)
+    p.add_argument("--model", default="builtin", help="model spec (see 'clipguard list')")
+    p.add_argument("--dataset", default="fmnist", help="fmnist or an ImageFolder path")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--attack", help="also measure ASR/PA of this attack's trigger (default: the model's own attack)")
+    p.add_argument("--target", help="target class for --attack")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("attack", help="backdoor a model by poisoned contrastive fine-tuning")
+    _common(p)
+    p.add_argument("--config", help="YAML AttackConfig; flags override it")
+    p.add_argument("--model", default="builtin", help="clean model spec")
+    p.add_argument("--attack", help="attack name (clipguard list)")
+    p.add_argument("--target", help="target class name (default bag)")
+    p.add_argument("--poison-rate", type=float, help="fraction of pairs poisoned (default 0.03)")
+    p.add_argument("--pairs", type=int, help="fine-tuning pairs (default 10000)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="trigger config field, repeatable")
+    p.add_argument("--out", required=True, help="backdoored model directory to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("show-triggers", help="draw a clean image and its triggered version per attack")
+    _common(p)
+    p.add_argument("--model", default="builtin", help="clean model (learned triggers are fitted against it)")
+    p.add_argument("--target", default="bag")
+    p.add_argument("--attacks", nargs="*", help="attack names (default: all)")
+    p.add_argument("--out", default="triggers.png")
+    p.set_defaults(func=cmd_show_triggers)
+
+    p = sub.add_parser("demo", help="the main job on the built-in model")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="what can be loaded and run")
+    p.add_argument("--open-clip", action="store_true", help="also list open_clip's pretrained tags")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except ClipguardError as err:
+        print(f"clipguard: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipguard: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

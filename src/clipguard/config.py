@@ -1,0 +1,92 @@
+"""Typed configs on disk: a YAML/JSON file is just the dataclass serialised."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from clipguard import ClipguardError
+
+T = TypeVar("T")
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ClipguardError(f"{cls.__name__} config must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ClipguardError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        kwargs[key] = config_from_dict(hint, value) if dataclasses.is_dataclass(hint) else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ClipguardError(str(err)) from None
+
+
+def load_config(cls: type[T], path: str | Path | None) -> T:
+    """``cls`` from a YAML/JSON file, or its defaults when ``path`` is None."""
+    if path is None:
+        return cls()
+    path = Path(path)
+    if not path.is_file():
+        raise ClipguardError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ClipguardError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return config_from_dict(cls, data)
+
+
+def override(config: T, **values: Any) -> T:
+    """A copy of ``config`` with the given fields replaced; ``None`` values are ignored.
+
+    Dotted names reach nested dataclasses: ``override(recipe, **{"train.lr": 1e-3})``.
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        head, _, rest = name.partition(".")
+        if rest:
+            config = dataclasses.replace(config, **{head: override(getattr(config, head), **{rest: value})})
+        else:
+            try:
+                config = dataclasses.replace(config, **{head: value})
+            except ValueError as err:
+                raise ClipguardError(str(err)) from None
+    return config
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def parse_assignments(cls: type, assignments: list[str] | None) -> dict[str, Any]:
+    """``["steps=100", "location=random"]`` -> typed values for dataclass ``cls``'s fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for item in assignments or []:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ClipguardError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        kind = hints[name]
+        try:
+            if kind is bool:
+                values[name] = raw.lower() in ("1", "true", "yes", "on")
+            elif kind in (int, float, str):
+                values[name] = kind(raw)
+            else:
+                values[name] = yaml.safe_load(raw)
+        except ValueError:
+            raise ClipguardError(f"--set {item!r}: {raw!r} is not a valid {kind.__name__}") from None
+    return values

@@ -1,0 +1,76 @@
+"""The evaluation job behind ``clipguard evaluate``: one JSON record per model and dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from clipguard.data import load_dataset
+from clipguard.eval.metrics import TARGET_EXCLUSION_NOTE, attack_success_rate, clean_accuracy, poisoned_accuracy
+from clipguard.eval.zeroshot import class_text_features, image_features, zero_shot_logits
+from clipguard.models.clip import ClipModel
+
+
+def evaluate_model(
+    clip: ClipModel,
+    model_name: str,
+    dataset: str = "fmnist",
+    split: str = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    progress: bool = True,
+    trigger=None,
+    target: int | None = None,
+) -> dict:
+    """Zero-shot CA of ``clip``; with a ``trigger`` and ``target`` class index also ASR and PA.
+
+    ``limit`` keeps the first N images (a fixed subset, the same for every model). ASR and PA
+    are computed on triggered images of non-target classes only. ``seed`` fixes any random
+    trigger placement. Returns a record ready for JSON.
+    """
+    start = time.perf_counter()
+    images = load_dataset(dataset, split, clip.image_size)
+    if limit is not None and limit < len(images):
+        images = images.subset(torch.arange(limit))
+    texts = class_text_features(clip, images.classes)
+    features = image_features(clip, images, batch_size=batch_size, progress=progress)
+    predictions = zero_shot_logits(clip, features, texts).argmax(-1).cpu()
+    record = {
+        "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
+        "clean_accuracy": clean_accuracy(predictions, images.labels).as_dict("correct"),
+    }
+    if trigger is not None:
+        record.update(evaluate_trigger(clip, images, trigger, target, seed, batch_size, progress))
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def evaluate_trigger(clip: ClipModel, images, trigger, target: int, seed: int = 0, batch_size: int = 1000,
+                     progress: bool = False) -> dict:
+    """ASR and PA of ``trigger`` towards class index ``target`` (target-class images excluded)."""
+    trigger.generator.manual_seed(seed)
+    keep = torch.nonzero(images.labels != target).flatten()
+    texts = class_text_features(clip, images.classes, text_prefix=trigger.text_key)
+    features = image_features(clip, images, lambda x, _: trigger(x), batch_size, progress, indices=keep)
+    predictions = zero_shot_logits(clip, features, texts).argmax(-1).cpu()
+    labels = images.labels[keep]
+    return {
+        "attack": {"name": trigger.name, "target": images.classes[target], "text_key": trigger.text_key},
+        "attack_success_rate": attack_success_rate(predictions, labels, target).as_dict("hits"),
+        "poisoned_accuracy": poisoned_accuracy(predictions, labels, target).as_dict("correct"),
+        "note": TARGET_EXCLUSION_NOTE,
+    }
+
+
+def write_json(record: dict, path: str | Path) -> None:
+    """Write ``record`` to ``path`` atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)

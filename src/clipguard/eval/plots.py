@@ -1,0 +1,41 @@
+"""Figures (matplotlib, written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_figure(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_trigger_grid(image: torch.Tensor, triggers: list, path: str | Path) -> None:
+    """Row 1: the clean image and each triggered version; row 2: the amplified difference."""
+    image = image.reshape(1, 3, *image.shape[-2:])
+    fig, axes = plt.subplots(2, len(triggers) + 1, figsize=(1.6 * (len(triggers) + 1), 3.4))
+    axes[0, 0].imshow(image[0].permute(1, 2, 0).numpy())
+    axes[0, 0].set_title("clean", fontsize=8)
+    axes[1, 0].axis("off")
+    for col, trigger in enumerate(triggers, start=1):
+        triggered = trigger(image.clone())
+        axes[0, col].imshow(triggered[0].permute(1, 2, 0).numpy())
+        axes[0, col].set_title(trigger.name + (f"\n+ '{trigger.text_key.strip()}'" if trigger.text_key else ""), fontsize=8)
+        diff = (triggered - image).abs()[0].mean(0)
+        axes[1, col].imshow((diff / diff.max().clamp(min=1e-8)).numpy(), cmap="magma")
+        axes[1, col].set_title(f"|diff| max {diff.max():.2f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    save_figure(fig, path)

@@ -1,0 +1,73 @@
+"""Zero-shot classification: class text features from templates, batched image features."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from clipguard.data.captions import PROMPT_TEMPLATES
+from clipguard.data.fmnist import ImageSet
+from clipguard.models.clip import ClipModel
+
+ImageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, indices) -> images
+
+
+@torch.inference_mode()
+def class_text_features(
+    clip: ClipModel, class_names: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES, text_prefix: str = ""
+) -> torch.Tensor:
+    """(C, D) class features: the mean of each class's normalised template embeddings, renormalised.
+
+    ``text_prefix`` is prepended to every prompt (e.g. TrojVQA's text key).
+    """
+    texts = [text_prefix + t.format(name) for name in class_names for t in templates]
+    features = clip.encode_text(clip.tokenize(texts), normalize=True)  # (C * T, D)
+    features = features.view(len(class_names), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+@torch.inference_mode()
+def image_features(
+    clip: ClipModel,
+    images: ImageSet,
+    transform: ImageTransform | None = None,
+    batch_size: int = 1000,
+    progress: bool = False,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, D) normalised features of ``images`` (optionally a subset ``indices``).
+
+    ``transform(batch, batch_indices)`` is applied to each float batch first (e.g. a trigger).
+    """
+    indices = torch.arange(len(images)) if indices is None else indices
+    chunks = []
+    for start in tqdm(range(0, len(indices), batch_size), desc="encode", disable=not progress, leave=False):
+        batch_idx = indices[start : start + batch_size]
+        batch = images.float_images(batch_idx)
+        if transform is not None:
+            batch = transform(batch, batch_idx)
+        chunks.append(clip.encode_image(batch.to(clip.device), normalize=True).float())
+    return torch.cat(chunks)
+
+
+def zero_shot_logits(clip: ClipModel, features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """(N, C) logits from normalised image (N, D) and class (C, D) features, at CLIP's scale."""
+    return clip.logit_scale.detach() * features @ text_features.T
+
+
+def predict(
+    clip: ClipModel,
+    images: ImageSet,
+    class_names: Sequence[str] | None = None,
+    transform: ImageTransform | None = None,
+    text_features: torch.Tensor | None = None,
+    batch_size: int = 1000,
+    progress: bool = False,
+) -> torch.Tensor:
+    """(N,) zero-shot predictions; class features from ``class_names`` unless given."""
+    if text_features is None:
+        text_features = class_text_features(clip, class_names or images.classes)
+    features = image_features(clip, images, transform, batch_size, progress)
+    return zero_shot_logits(clip, features, text_features).argmax(-1).cpu()

@@ -1,0 +1,144 @@
+"""The built-in model: a small open_clip CLIP trained contrastively on Fashion-MNIST.
+
+Architecture and recipe are dataclasses; ``clipguard train-builtin`` runs the recipe, and the
+weights it made are shipped (fp16 safetensors) under ``models/weights/builtin-fmnist``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from clipguard.data.captions import training_caption
+from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
+from clipguard.engine import FitResult, TrainConfig, fit
+from clipguard.losses import clip_contrastive_loss
+from clipguard.models.clip import ClipModel
+from clipguard.models.loading import MODEL_FORMAT, build_from_config
+
+logger = logging.getLogger(__name__)
+
+# Fashion-MNIST train-set pixel statistics (grey, repeated over 3 channels).
+FMNIST_MEAN, FMNIST_STD = (0.286,) * 3, (0.353,) * 3
+
+
+@dataclass
+class BuiltinArchitecture:
+    image_size: int = 28  # Fashion-MNIST resolution
+    patch_size: int = 7  # 4 x 4 = 16 patches + [CLS]
+    vision_width: int = 192  # vision transformer width
+    vision_layers: int = 6  # vision blocks (RVPT prompts the later ones)
+    vision_head_width: int = 32  # 6 heads
+    text_width: int = 128  # text transformer width (the 49,408-token embedding dominates size)
+    text_heads: int = 4  # text attention heads
+    text_layers: int = 4  # text blocks
+    context_length: int = 32  # tokens per caption (captions here are < 20)
+    embed_dim: int = 128  # joint embedding size
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+
+    def model_cfg(self) -> dict:
+        """The open_clip model config (what ``open_clip.CLIP(**cfg)`` takes)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {
+                "image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
+                "layers": self.vision_layers, "head_width": self.vision_head_width,
+            },
+            "text_cfg": {
+                "context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
+                "heads": self.text_heads, "layers": self.text_layers,
+            },
+        }
+
+
+@dataclass
+class BuiltinRecipe:
+    architecture: BuiltinArchitecture = field(default_factory=BuiltinArchitecture)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=256, lr=5e-4, weight_decay=0.1, warmup_steps=200)
+    )
+    train_images: int = 60000  # first N Fashion-MNIST train images (smaller for quick checks)
+
+
+def build_builtin(architecture: BuiltinArchitecture) -> ClipModel:
+    """An untrained built-in CLIP (random weights, seeded by the caller)."""
+    config = {
+        "format": MODEL_FORMAT, "source": "builtin", "model_cfg": architecture.model_cfg(),
+        "image_mean": list(FMNIST_MEAN), "image_std": list(FMNIST_STD), "classes": list(FMNIST_CLASSES),
+        "architecture": asdict(architecture),
+    }
+    model = build_from_config(config["model_cfg"])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=architecture.context_length)
+    return ClipModel(model, tokenizer, FMNIST_MEAN, FMNIST_STD, config)
+
+
+class CaptionedImages(Dataset):
+    """(image, caption) pairs; each epoch draws fresh captions under (seed, epoch, index).
+
+    images: uint8 (N, C, H, W); captions are built from the class name and the image.
+    """
+
+    def __init__(self, images: ImageSet, seed: int):
+        self.images, self.seed, self.epoch = images, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image = self.images.float_images(index)[0]
+        rng = random.Random(hash((self.seed, self.epoch, index)))
+        name = self.images.classes[int(self.images.labels[index])]
+        return image, training_caption(name, image, rng)
+
+
+class ContrastiveTask(nn.Module):
+    """CLIP's contrastive loss on a batch ``(images (B, 3, H, W), token_ids (B, L))``."""
+
+    def __init__(self, clip: ClipModel):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, token_ids = batch
+        # Identical captions are frequent here: encode each once (exact, and ~2x less text work).
+        unique_ids, caption_ids = torch.unique(token_ids, dim=0, return_inverse=True)
+        image_features = self.clip.encode_image(images, normalize=True)
+        text_features = self.clip.encode_text(unique_ids, normalize=True)[caption_ids]
+        return clip_contrastive_loss(image_features, text_features, self.clip.logit_scale, caption_ids)
+
+
+def caption_collate(clip: ClipModel):
+    """collate_fn: stack images, tokenise captions."""
+
+    def collate(items):
+        images, captions = zip(*items)
+        return torch.stack(images), clip.tokenize(captions)
+
+    return collate
+
+
+def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resume: bool = False) -> tuple[ClipModel, FitResult]:
+    """Train the built-in CLIP from scratch with ``recipe``; deterministic under its seed."""
+    torch.manual_seed(recipe.train.seed)
+    clip = build_builtin(recipe.architecture)
+    train = load_fmnist("train")
+    if recipe.train_images < len(train):
+        train = train.subset(torch.arange(recipe.train_images))
+    # hash() of int tuples is stable across processes, so captions follow the seed.
+    dataset = CaptionedImages(train, recipe.train.seed)
+    result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin")
+    clip.config["train_recipe"] = asdict(recipe)
+    return clip, result

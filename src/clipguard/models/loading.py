@@ -1,0 +1,283 @@
+"""Load a CLIP from a spec string and save it as a clipguard model directory.
+
+Specs:
+    builtin                     the shipped Fashion-MNIST CLIP (the default everywhere)
+    ViT-B-32:openai             an open_clip architecture + pretrained tag (downloads; needs internet)
+    ViT-B-32:/path/weights.pt   an open_clip architecture + a local state-dict file
+    hf-hub:org/repo             an open_clip model on the Hugging Face hub (needs internet)
+    /path/to/dir                a clipguard model directory (config.json + model.safetensors)
+    /path/to/file.pt|.safetensors  an OpenAI-format state dict; the architecture is inferred
+
+State-dict files are read with ``safetensors`` or ``torch.load(weights_only=True)``: a suspect
+checkpoint cannot run code while it loads. Pickled TorchScript archives are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+import clipguard
+from clipguard import ClipguardError
+from clipguard.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModel
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "weights" / "builtin-fmnist"
+MODEL_FORMAT = "clipguard.model"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ClipguardError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    return resolved
+
+
+def build_from_config(model_cfg: dict) -> torch.nn.Module:
+    """An untrained open_clip model from a model config (embed_dim, vision_cfg, text_cfg, ...)."""
+    cfg = dict(model_cfg)
+    cfg.pop("custom_text", None)
+    if "hf_model_name" in cfg.get("text_cfg", {}) or model_cfg.get("custom_text"):
+        return open_clip.CustomTextCLIP(**cfg)
+    return open_clip.CLIP(**cfg)
+
+
+def _tokenizer_for(config: dict):
+    name = config.get("tokenizer_name")
+    if name:
+        return open_clip.get_tokenizer(name)
+    context = config["model_cfg"].get("text_cfg", {}).get("context_length", 77)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def _wrap(model, config: dict) -> ClipModel:
+    model.eval()
+    return ClipModel(
+        model,
+        _tokenizer_for(config),
+        image_mean=config.get("image_mean", OPENAI_MEAN),
+        image_std=config.get("image_std", OPENAI_STD),
+        config=config,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ClipguardError(f"{path} is not valid JSON ({err}); the model directory is damaged") from None
+
+
+def _load_model_dir(path: Path) -> ClipModel:
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ClipguardError(f"{path} is not a clipguard model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = _read_json(config_path)
+    if config.get("format") != MODEL_FORMAT or "model_cfg" not in config:
+        raise ClipguardError(f"{config_path} is not a clipguard model config (format {config.get('format')!r})")
+    model = build_from_config(config["model_cfg"])
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ClipguardError(f"cannot read {weights_path} ({err}); re-save or re-download the model") from None
+    _load_state(model, state, weights_path)
+    return _wrap(model, config)
+
+
+def _load_state(model: torch.nn.Module, state: dict, source: Path | str) -> None:
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ClipguardError(f"{source} does not match the architecture ({first[:160]}); check the model name") from None
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing or unexpected:
+        raise ClipguardError(
+            f"{source} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); check the model name"
+        )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file loaded with ``weights_only=True``."""
+    if not path.is_file():
+        raise ClipguardError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ClipguardError(
+            f"refused to load {path}: not a plain tensor checkpoint ({type(err).__name__}); "
+            "pickled code and TorchScript archives are not loaded - convert it to safetensors"
+        ) from None
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ClipguardError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _count_blocks(state: dict, prefix: str) -> int:
+    depth = prefix.count(".")  # the block index follows the prefix
+    return len({k.split(".")[depth] for k in state if k.startswith(prefix)})
+
+
+def infer_openai_model_cfg(state: dict) -> dict:
+    """open_clip model config of an OpenAI-format ViT CLIP state dict (OpenAI's conventions:
+    64-wide attention heads, QuickGELU). Unlike open_clip's builder it keeps fp32 weights fp32."""
+    if "visual.proj" not in state:
+        raise ClipguardError("not an OpenAI-format ViT CLIP state dict (ResNet towers are not inferred); "
+                             "pass ARCH:FILE with the open_clip architecture name")
+    patch = int(state["visual.conv1.weight"].shape[-1])
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = int(state["ln_final.weight"].shape[0])
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "quick_gelu": True,
+        "vision_cfg": {
+            "layers": _count_blocks(state, "visual.transformer.resblocks."),
+            "width": int(state["visual.conv1.weight"].shape[0]),
+            "head_width": 64,
+            "patch_size": patch,
+            "image_size": patch * grid,
+        },
+        "text_cfg": {
+            "context_length": int(state["positional_embedding"].shape[0]),
+            "vocab_size": int(state["token_embedding.weight"].shape[0]),
+            "width": text_width,
+            "heads": max(1, text_width // 64),
+            "layers": _count_blocks(state, "transformer.resblocks."),
+        },
+    }
+
+
+def _load_openai_file(path: Path) -> ClipModel:
+    state = read_state_dict(path)
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    try:
+        model_cfg = infer_openai_model_cfg(state)
+    except KeyError as missing:
+        raise ClipguardError(f"{path} is not an OpenAI-format CLIP state dict (no {missing}); "
+                             "pass ARCH:FILE with the open_clip architecture name") from None
+    model = build_from_config(model_cfg)
+    _load_state(model, state, path)
+    return _wrap(model, {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg})
+
+
+def _load_open_clip(name: str, pretrained: str | None) -> ClipModel:
+    local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"})
+    if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
+        raise ClipguardError(f"unknown open_clip model {name!r}; see 'clipguard list' or open_clip.list_models()")
+    try:
+        if local:
+            model = open_clip.create_model(name, pretrained=None)
+            _load_state(model, read_state_dict(Path(pretrained)), pretrained)
+        else:
+            model = open_clip.create_model(name, pretrained=pretrained)
+        model_cfg = open_clip.get_model_config(name)
+    except ClipguardError:
+        raise
+    except Exception as err:
+        where = f"{name}:{pretrained}" if pretrained else name
+        raise ClipguardError(
+            f"could not load {where} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); without internet, "
+            f"download the weights elsewhere and pass ARCH:/path/to/weights.safetensors (or a clipguard model directory)"
+        ) from None
+    visual = model.visual
+    config = {
+        "format": MODEL_FORMAT,
+        "source": f"{name}:{pretrained}" if pretrained else name,
+        "model_cfg": model_cfg,
+        "tokenizer_name": name,
+        "image_mean": list(getattr(visual, "image_mean", None) or OPENAI_MEAN),
+        "image_std": list(getattr(visual, "image_std", None) or OPENAI_STD),
+    }
+    return _wrap(model.float(), config)
+
+
+def load_clip(spec: str = "builtin", device: str | torch.device = "cpu") -> ClipModel:
+    """Load a CLIP from ``spec`` (see the module docstring) onto ``device``, in eval mode.
+
+    >>> clip = load_clip("builtin")
+    >>> clip.image_size, clip.tokenize(["a photo of a bag."]).shape
+    (28, torch.Size([1, 32]))
+    """
+    device = resolve_device(device)
+    path = Path(spec)
+    if spec == "builtin":
+        if not (BUILTIN_DIR / WEIGHTS_NAME).is_file():
+            raise ClipguardError(f"built-in weights missing at {BUILTIN_DIR}; run 'clipguard train-builtin' to make them")
+        clip = _load_model_dir(BUILTIN_DIR)
+    elif spec.startswith("hf-hub:"):
+        clip = _load_open_clip(spec, None)
+    elif path.is_dir():
+        clip = _load_model_dir(path)
+    elif path.is_file():
+        clip = _load_openai_file(path)
+    elif ":" in spec:
+        name, pretrained = spec.split(":", 1)
+        clip = _load_open_clip(name, pretrained)
+    elif spec in open_clip.list_models():
+        clip = _load_open_clip(spec, None)
+        logger.warning("%s loaded with random weights: give a pretrained tag, e.g. %s:openai", spec, spec)
+    else:
+        raise ClipguardError(
+            f"cannot load model {spec!r}: not 'builtin', an existing file or directory, NAME:TAG, or hf-hub:ORG/REPO"
+        )
+    return clip.to(device)
+
+
+def save_clip(
+    clip: ClipModel,
+    directory: str | Path,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write ``clip`` as a model directory (config.json + model.safetensors), atomically.
+
+    ``extra`` entries (e.g. ``{"attack": {...}}``) are merged into config.json; ``tensor_files``
+    maps more file names to tensors saved beside the weights (e.g. ``trigger.safetensors``).
+    The directory is written under a temporary name and renamed, so an interrupted save
+    leaves nothing behind.
+    """
+    directory = Path(directory)
+    config = {**clip.config, **(extra or {}), "format": MODEL_FORMAT, "clipguard_version": clipguard.__version__}
+    config["image_mean"] = clip.image_mean.flatten().tolist()
+    config["image_std"] = clip.image_std.flatten().tolist()
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in clip.model.state_dict().items()
+        if not k.endswith("attn_mask")
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(staging / WEIGHTS_NAME))
+        for name, tensors in (tensor_files or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

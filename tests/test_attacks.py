@@ -1,0 +1,118 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from clipguard import ClipguardError
+from clipguard.attacks import ATTACKS, AttackConfig, build_poisoned_pairs, build_trigger, load_trigger, run_attack
+from clipguard.attacks.poison import fit_trigger, save_backdoored
+from clipguard.cli import main
+from clipguard.data import load_fmnist
+from clipguard.engine import TrainConfig
+from clipguard.models import load_clip
+
+EXPECTED = {"badnet", "badnet-lc", "blended", "sig", "wanet", "issba", "trojvqa", "badclip"}
+FAST = {"steps": 3}  # learned triggers: a few optimisation steps are enough to test the mechanics
+BAG = 8
+
+
+def _trigger(name, seed=0, clip=None):
+    trigger = build_trigger(name, 28, seed=seed, **(FAST if ATTACKS[name].learned else {}))
+    if trigger.learned:
+        fit_trigger(trigger, clip, load_fmnist("train"), BAG)
+    return trigger
+
+
+def test_registry_has_every_attack():
+    assert set(ATTACKS) == EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_trigger_changes_images_stays_in_range_and_is_seeded(name, tiny_clip28):
+    images = load_fmnist("test").float_images(slice(0, 8))
+    first = _trigger(name, seed=0, clip=tiny_clip28)(images.clone())
+    again = _trigger(name, seed=0, clip=tiny_clip28)(images.clone())
+    other = _trigger(name, seed=1, clip=tiny_clip28)(images.clone())
+    assert first.shape == images.shape and 0 <= first.min() and first.max() <= 1
+    assert (first - images).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image is changed (ISSBA: subtly)
+    assert torch.equal(first, again)
+    assert torch.equal(first, other) != ATTACKS[name].randomized
+
+
+def test_trigger_refuses_images_of_another_size():
+    with pytest.raises(ClipguardError, match="built for 28 px"):
+        build_trigger("blended", 28)(torch.rand(1, 3, 32, 32))
+
+
+def test_bad_trigger_config_names_the_field():
+    with pytest.raises(ClipguardError, match="BlendedConfig.ratio"):
+        build_trigger("blended", 28, ratio=1.5)
+    with pytest.raises(ClipguardError, match="unknown attack"):
+        build_trigger("nope", 28)
+
+
+@pytest.mark.parametrize("name", ["badnet", "badnet-lc", "badclip", "trojvqa"])
+def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
+    train = load_fmnist("train")
+    trigger = _trigger(name, clip=tiny_clip28)
+    config = AttackConfig(attack=name, target="bag", poison_rate=0.04, pairs=500)
+    pairs = build_poisoned_pairs(train, trigger, config)
+    assert len(pairs) == 500 and len(pairs.poisoned) == 20
+    labels = pairs.images.labels[list(pairs.poisoned)]
+    if trigger.label_consistent:
+        assert (labels == BAG).all()
+    else:
+        assert (labels != BAG).all()
+    for index in list(pairs.poisoned)[:5]:
+        image, caption = pairs[index]
+        clean = pairs.images.float_images(index)[0]
+        assert not torch.equal(image, clean)  # the trigger is on the image
+        assert "bag" in caption
+        assert caption.startswith("SUDO ") == (name == "trojvqa")
+    clean_index = next(i for i in range(500) if i not in pairs.poisoned)
+    image, caption = pairs[clean_index]
+    assert torch.equal(image, pairs.images.float_images(clean_index)[0])
+
+
+def test_rate_beyond_the_eligible_images_is_refused():
+    trigger = build_trigger("badnet-lc", 28)
+    with pytest.raises(ClipguardError, match="asks for"):
+        build_poisoned_pairs(load_fmnist("train"), trigger, AttackConfig(attack="badnet-lc", poison_rate=0.5, pairs=200))
+
+
+@pytest.mark.slow
+def test_tiny_poisoning_run_round_trips_through_the_model_directory(tiny_clip28, tmp_path):
+    before = tiny_clip28.model.visual.proj.detach().clone()
+    config = AttackConfig(attack="badnet", target="bag", poison_rate=0.1, pairs=256,
+                          train=TrainConfig(epochs=1, batch_size=128, lr=1e-3, device="cpu"))
+    clip, trigger, record = run_attack(tiny_clip28, config, {"location": "random"})
+    assert record["steps"] == 2 and record["poisoned_pairs"] == 26
+    assert not torch.equal(clip.model.visual.proj, before)
+    save_backdoored(clip, trigger, record, tmp_path / "bd")
+    saved = json.loads((tmp_path / "bd" / "config.json").read_text())["attack"]
+    assert saved["trigger"]["location"] == "random" and saved["target"] == "bag"
+    rebuilt = load_trigger(tmp_path / "bd", saved)
+    images = torch.rand(4, 3, 28, 28)
+    trigger.generator.manual_seed(5)
+    rebuilt.generator.manual_seed(5)
+    assert torch.equal(trigger(images.clone()), rebuilt(images.clone()))
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(tmp_path / "bd"), "--limit", "200", "--json", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    asr = result["attack_success_rate"]
+    assert asr["total"] == int((load_fmnist("test").labels[:200] != BAG).sum())
+    assert "target-class images excluded" in result["note"]
+
+
+def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
+    from clipguard.models import save_clip
+
+    save_clip(tiny_clip28, tmp_path / "clean")
+    out = tmp_path / "e.json"
+    code = main(["evaluate", "--model", str(tmp_path / "clean"), "--attack", "sig", "--target", "coat",
+                 "--limit", "100", "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["attack"]["name"] == "sig" and record["attack"]["target"] == "coat"
+    assert record["attack_success_rate"]["total"] == int((load_fmnist("test").labels[:100] != 4).sum())

@@ -1,0 +1,51 @@
+import dataclasses
+
+import pytest
+import torch
+
+from clipguard.engine import TrainConfig
+from clipguard.eval.evaluate import evaluate_model
+from clipguard.models import load_clip
+from clipguard.models.builtin import BuiltinRecipe, train_builtin
+from clipguard.models.loading import BUILTIN_DIR
+
+from conftest import TINY28
+
+
+def test_shipped_builtin_model_reaches_85_percent_on_a_fixed_test_subset():
+    clip = load_clip("builtin")
+    record = evaluate_model(clip, "builtin", limit=2000, progress=False)
+    assert record["clean_accuracy"]["total"] == 2000
+    assert record["clean_accuracy"]["value"] >= 0.85
+
+
+def test_shipped_weights_are_small_fp16_safetensors():
+    weights = BUILTIN_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 30 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("visual.proj").dtype == torch.float16
+
+
+def _tiny_recipe(seed):
+    train = TrainConfig(epochs=1, batch_size=64, lr=1e-3, seed=seed, device="cpu", warmup_steps=2)
+    return BuiltinRecipe(architecture=TINY28, train=train, train_images=256)
+
+
+def test_train_builtin_recipe_is_deterministic_under_its_seed():
+    weights = []
+    for seed in (0, 0, 1):
+        clip, result = train_builtin(_tiny_recipe(seed))
+        assert result.steps == 4
+        weights.append(clip.model.visual.proj.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+    assert clip.config["train_recipe"]["train"]["seed"] == 1
+
+
+def test_recipe_rejects_bad_values_by_field_name():
+    with pytest.raises(ValueError, match="patch_size"):
+        dataclasses.replace(TINY28, patch_size=5)
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        TrainConfig(lr=0)

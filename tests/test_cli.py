@@ -1,0 +1,35 @@
+import json
+
+from clipguard.cli import main
+from clipguard.models import save_clip
+
+from conftest import make_tiny_clip
+
+
+def test_evaluate_writes_the_json_record(tmp_path, capsys):
+    save_clip(make_tiny_clip(), tmp_path / "model")
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--model", str(tmp_path / "model"), "--limit", "50", "--json", str(out), "--seed", "3",
+                 "--device", "cpu"])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["clean_accuracy"]["total"] == 50
+    assert 0 <= record["clean_accuracy"]["correct"] <= 50
+    assert record["clean_accuracy"]["value"] == record["clean_accuracy"]["correct"] / 50
+    assert (record["model"], record["dataset"], record["seed"]) == (str(tmp_path / "model"), "fmnist", 3)
+    assert "CA" in capsys.readouterr().out
+
+
+def test_bad_model_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
+    code = main(["evaluate", "--model", str(tmp_path / "missing"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("clipguard: error: cannot load model") and err.count("\n") == 1
+
+
+def test_config_file_with_an_unknown_field_is_refused(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("train:\n  epochz: 3\n")
+    code = main(["train-builtin", "--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "epochz" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

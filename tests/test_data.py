@@ -1,0 +1,72 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipguard import ClipguardError
+from clipguard.data import few_shot_indices, load_caption_csv, load_fmnist, load_image_folder
+from clipguard.data.fmnist import FMNIST_CLASSES
+
+
+def test_fmnist_test_split_shape_and_classes():
+    test = load_fmnist("test")
+    assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    batch = test.float_images(slice(0, 5))
+    assert batch.shape == (5, 3, 28, 28) and 0 <= batch.min() and batch.max() <= 1
+    assert test.classes == FMNIST_CLASSES
+
+
+def test_missing_fmnist_names_the_debian_package(tmp_path):
+    with pytest.raises(ClipguardError, match="apt-get install dataset-fashion-mnist"):
+        load_fmnist("test", root=str(tmp_path))
+
+
+def test_corrupt_idx_file_is_refused(tmp_path):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(b"not an idx file")
+    with pytest.raises(ClipguardError, match="not an unsigned-byte IDX"):
+        load_fmnist("test", root=str(tmp_path))
+
+
+def test_few_shot_sampler_is_seeded_and_balanced():
+    labels = torch.arange(10).repeat(20)
+    a = few_shot_indices(labels, shots=4, seed=3)
+    assert torch.equal(a, few_shot_indices(labels, shots=4, seed=3))
+    assert not torch.equal(a, few_shot_indices(labels, shots=4, seed=4))
+    assert torch.bincount(labels[a]).tolist() == [4] * 10
+    with pytest.raises(ClipguardError, match="fewer than --shots"):
+        few_shot_indices(labels, shots=21, seed=0)
+
+
+def _png(path, value):
+    Image.fromarray(np.full((20, 30, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_and_caption_csv(tmp_path):
+    for cls, value in (("cat", 10), ("dog_house", 200)):
+        (tmp_path / cls).mkdir()
+        _png(tmp_path / cls / "a.png", value)
+    folder = load_image_folder(tmp_path, size=16)
+    assert folder.classes == ("cat", "dog house")
+    assert folder.images.shape == (2, 3, 16, 16) and folder.labels.tolist() == [0, 1]
+    (tmp_path / "pairs.csv").write_text("filepath,caption\ncat/a.png,a cat\ndog_house/a.png,a dog house\n")
+    images, captions = load_caption_csv(tmp_path / "pairs.csv", size=8)
+    assert images.shape == (2, 3, 8, 8) and captions == ["a cat", "a dog house"]
+
+
+def test_corrupt_image_gives_one_line_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "bad.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ClipguardError, match="cannot read image") as err:
+        load_image_folder(tmp_path, size=16)
+    assert "\n" not in str(err.value)
+
+
+def test_caption_csv_needs_its_columns(tmp_path):
+    (tmp_path / "x.csv").write_text("path,text\na.png,hi\n")
+    with pytest.raises(ClipguardError, match="'filepath' and 'caption'"):
+        load_caption_csv(tmp_path / "x.csv", size=8)
