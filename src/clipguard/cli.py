@@ -41,8 +41,14 @@ def cmd_evaluate(args) -> None:
 
     clip = load_clip(args.model, device=args.device)
     trigger, target = _attack_for(args, clip)
+    defense = None
+    if args.defense:
+        from clipguard.data import load_dataset
+        from clipguard.defenses import load_defense
+
+        defense = load_defense(args.defense, clip, load_dataset(args.dataset, args.split, clip.image_size).classes)
     record = evaluate_model(clip, args.model, args.dataset, args.split, args.limit, args.seed, args.batch_size,
-                            trigger=trigger, target=target)
+                            trigger=trigger, target=target, defense=defense)
     if args.json:
         write_json(record, args.json)
     print(_summary(record) + f" in {record['seconds']:.1f} s")
@@ -131,6 +137,32 @@ def example_index(images, target: int, seed: int) -> int:
     return int(others[torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed))])
 
 
+def cmd_defend(args) -> None:
+    from clipguard.config import load_config, override, parse_assignments
+    from clipguard.data import few_shot_indices, load_fmnist
+    from clipguard.defenses import get_defense_class, save_defense
+    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.models.loading import load_clip
+
+    cls = get_defense_class(args.method)
+    config = load_config(cls.config_class, args.config)
+    config = override(config, shots=args.shots, seed=args.seed, device=args.device, margin=args.margin,
+                      **parse_assignments(cls.config_class, args.set))
+    clip = load_clip(args.model, device=args.device)
+    train = load_fmnist("train")
+    shots = train.subset(few_shot_indices(train.labels, config.shots, config.seed, len(train.classes)))
+    defense = cls(config, clip, train.classes).to(clip.device)
+    stats = defense.fit(clip, shots)
+    trigger, target = _attack_for(args, clip)
+    result = evaluate_model(clip, args.model, seed=args.seed, trigger=trigger, target=target, defense=defense)
+    stats["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy") if k in result}
+    save_defense(defense, clip, args.out, stats)
+    write_json(result, args.out + "/eval.json")
+    share = 100 * stats["trainable_parameters"] / stats["clip_parameters"] if "clip_parameters" in stats else float("nan")
+    print(_summary(result) + f" | {args.method}: {stats['trainable_parameters']:,} trainable parameters "
+          f"({share:.2f}% of CLIP), {stats['seconds']:.0f} s; saved {args.out}")
+
+
 def cmd_demo(args) -> None:
     from clipguard.eval.evaluate import evaluate_model
     from clipguard.models.loading import load_clip
@@ -149,6 +181,9 @@ def cmd_list(args) -> None:
     from clipguard.attacks import ATTACKS
 
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
+    from clipguard.defenses import DEFENSES
+
+    print("defenses: " + ", ".join(sorted(DEFENSES)))
     if args.open_clip:
         for name, tag in open_clip.list_pretrained():
             print(f"  {name}:{tag}")
@@ -183,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--attack", help="also measure ASR/PA of this attack's trigger (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
+    p.add_argument("--defense", help="a defense directory to apply (from 'clipguard defend')")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="backdoor a model by poisoned contrastive fine-tuning")
@@ -199,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="backdoored model directory to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("defend", help="purify a suspect model with a few clean shots")
+    _common(p)
+    p.add_argument("--model", default="builtin", help="suspect model (a backdoored model directory)")
+    p.add_argument("--method", required=True, help="defense name (clipguard list)")
+    p.add_argument("--config", help="YAML config of the method; flags override it")
+    p.add_argument("--shots", type=int, help="clean labelled images per class (default 16)")
+    p.add_argument("--margin", type=float, help="RVPT margin variant max(L_FR_i, m)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config field, repeatable")
+    p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
+    p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")
+    p.add_argument("--target", help="target class for --attack")
+    p.add_argument("--out", required=True, help="defense directory to write")
+    p.set_defaults(func=cmd_defend)
 
     p = sub.add_parser("show-triggers", help="draw a clean image and its triggered version per attack")
     _common(p)

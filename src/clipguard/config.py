@@ -59,6 +59,8 @@ def override(config: T, **values: Any) -> T:
         if rest:
             config = dataclasses.replace(config, **{head: override(getattr(config, head), **{rest: value})})
         else:
+            if head not in {f.name for f in dataclasses.fields(config)}:
+                raise ClipguardError(f"{type(config).__name__} has no setting {head!r}")
             try:
                 config = dataclasses.replace(config, **{head: value})
             except ValueError as err:

@@ -11,7 +11,8 @@ import torch
 
 from clipguard.data import load_dataset
 from clipguard.eval.metrics import TARGET_EXCLUSION_NOTE, attack_success_rate, clean_accuracy, poisoned_accuracy
-from clipguard.eval.zeroshot import class_text_features, image_features, zero_shot_logits
+from clipguard.defenses.base import DefendedClip
+from clipguard.eval.zeroshot import image_features, zero_shot_logits
 from clipguard.models.clip import ClipModel
 
 
@@ -26,8 +27,10 @@ def evaluate_model(
     progress: bool = True,
     trigger=None,
     target: int | None = None,
+    defense=None,
 ) -> dict:
-    """Zero-shot CA of ``clip``; with a ``trigger`` and ``target`` class index also ASR and PA.
+    """Zero-shot CA of ``clip`` (seen through ``defense`` if given); with a ``trigger`` and
+    ``target`` class index also ASR and PA.
 
     ``limit`` keeps the first N images (a fixed subset, the same for every model). ASR and PA
     are computed on triggered images of non-target classes only. ``seed`` fixes any random
@@ -37,27 +40,30 @@ def evaluate_model(
     images = load_dataset(dataset, split, clip.image_size)
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
-    texts = class_text_features(clip, images.classes)
-    features = image_features(clip, images, batch_size=batch_size, progress=progress)
-    predictions = zero_shot_logits(clip, features, texts).argmax(-1).cpu()
+    model = DefendedClip(clip, defense)
+    texts = model.class_features(images.classes)
+    features = image_features(model, images, batch_size=batch_size, progress=progress)
+    predictions = zero_shot_logits(model, features, texts).argmax(-1).cpu()
     record = {
         "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
         "clean_accuracy": clean_accuracy(predictions, images.labels).as_dict("correct"),
     }
     if trigger is not None:
-        record.update(evaluate_trigger(clip, images, trigger, target, seed, batch_size, progress))
+        record.update(evaluate_trigger(model, images, trigger, target, seed, batch_size, progress))
+    if defense is not None:
+        record["defense"] = defense.name
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
 
 
-def evaluate_trigger(clip: ClipModel, images, trigger, target: int, seed: int = 0, batch_size: int = 1000,
+def evaluate_trigger(model: DefendedClip, images, trigger, target: int, seed: int = 0, batch_size: int = 1000,
                      progress: bool = False) -> dict:
     """ASR and PA of ``trigger`` towards class index ``target`` (target-class images excluded)."""
     trigger.generator.manual_seed(seed)
     keep = torch.nonzero(images.labels != target).flatten()
-    texts = class_text_features(clip, images.classes, text_prefix=trigger.text_key)
-    features = image_features(clip, images, lambda x, _: trigger(x), batch_size, progress, indices=keep)
-    predictions = zero_shot_logits(clip, features, texts).argmax(-1).cpu()
+    texts = model.class_features(images.classes, text_prefix=trigger.text_key)
+    features = image_features(model, images, lambda x, _: trigger(x), batch_size, progress, indices=keep)
+    predictions = zero_shot_logits(model, features, texts).argmax(-1).cpu()
     labels = images.labels[keep]
     return {
         "attack": {"name": trigger.name, "target": images.classes[target], "text_key": trigger.text_key},

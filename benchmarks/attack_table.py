@@ -1,0 +1,66 @@
+"""Issue table for the attacks: every attack at the given poison rates on the built-in model.
+
+For each (attack, rate): CA, ASR, PA of the backdoored model, the clean model's ASR under the
+same trigger (chance level), and the attack's wall time. Backdoored models are written under
+--out and reused when their eval.json exists, so an interrupted table resumes.
+
+    python benchmarks/attack_table.py --rates 0.03 0.01 0.003 --out runs/attacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clipguard.attacks import ATTACKS
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attacks", nargs="*", default=sorted(ATTACKS))
+    parser.add_argument("--rates", nargs="*", type=float, default=[0.03])
+    parser.add_argument("--target", default="bag")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/attacks")
+    parser.add_argument("--extra", nargs="*", default=[], help="more flags for 'clipguard attack'")
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = []
+    for attack in args.attacks:
+        clean_json = out / f"clean-{attack}.json"
+        if not clean_json.exists():
+            run(["clipguard", "evaluate", "--model", "builtin", "--attack", attack, "--target", args.target,
+                 "--seed", str(args.seed), "--json", str(clean_json)])
+        clean = json.loads(clean_json.read_text())
+        for rate in args.rates:
+            model_dir = out / f"{attack}-{rate:g}"
+            if not (model_dir / "eval.json").exists():
+                start = time.perf_counter()
+                run(["clipguard", "attack", "--attack", attack, "--target", args.target, "--poison-rate", str(rate),
+                     "--seed", str(args.seed), "--out", str(model_dir), *args.extra])
+                (model_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+            result = json.loads((model_dir / "eval.json").read_text())
+            seconds = float((model_dir / "wall_seconds.txt").read_text())
+            rows.append((attack, rate, result, clean, seconds))
+    print()
+    print("| attack | rate | CA | ASR (hits/total) | PA | clean-model ASR | time |")
+    print("|---|---|---|---|---|---|---|")
+    for attack, rate, r, clean, seconds in rows:
+        ca, asr, pa = r["clean_accuracy"], r["attack_success_rate"], r["poisoned_accuracy"]
+        print(f"| {attack} | {100 * rate:g}% | {100 * ca['value']:.2f} | {100 * asr['value']:.2f} "
+              f"({asr['hits']}/{asr['total']}) | {100 * pa['value']:.2f} | "
+              f"{100 * clean['attack_success_rate']['value']:.2f} | {seconds:.0f} s |")
+    print("\nASR and PA count triggered test images of non-target classes only (target-class images excluded).")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

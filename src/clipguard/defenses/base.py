@@ -1,0 +1,154 @@
+"""What every defense shares: config + module pair, a registry, the defended model, save/load.
+
+A defense never changes CLIP's weights (the oracle repair, which does, writes a model
+directory instead). It owns only its own parameters (prompts) and may override how images
+are encoded and how class features are built. A learned defense is saved as a directory:
+``config.json`` (method, hyperparameters, backbone fingerprint, class names, version) and
+``weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import clipguard
+from clipguard import ClipguardError
+from clipguard.data.fmnist import ImageSet
+from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.clip import ClipModel
+
+DEFENSES: dict[str, type["Defense"]] = {}
+DEFENSE_FORMAT = "clipguard.defense"
+
+
+def register(cls: type["Defense"]) -> type["Defense"]:
+    DEFENSES[cls.name] = cls
+    return cls
+
+
+def get_defense_class(name: str) -> type["Defense"]:
+    if name not in DEFENSES:
+        raise ClipguardError(f"unknown defense {name!r}; choose one of: {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[name]
+
+
+@dataclass
+class DefenseConfig:
+    shots: int = 16  # clean labelled images per class the defender holds
+    seed: int = 0  # seeds the shot sample, the initialisation and the batch order
+    device: str = "auto"  # auto | cpu | cuda
+
+    def _check_range(self, name: str, low: float, high: float) -> None:
+        value = getattr(self, name)
+        if not low <= value <= high:
+            raise ValueError(f"{type(self).__name__}.{name} must be in [{low}, {high}], got {value}")
+
+
+class Defense(nn.Module):
+    """Base class: subclasses set ``name``/``config_class`` and implement :meth:`fit`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+
+    def __init__(self, config: DefenseConfig, clip: ClipModel, class_names: Sequence[str]):
+        super().__init__()
+        self.config, self.class_names = config, tuple(class_names)
+
+    def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
+        """Learn the defense from clean few-shot ``shots``; returns run statistics."""
+        raise NotImplementedError
+
+    def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised (B, D) features of the defended model."""
+        return clip.encode_image(images, normalize=True)
+
+    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
+        """(C, D) normalised class features of the defended model."""
+        return class_text_features(clip, class_names, text_prefix=text_prefix)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class DefendedClip:
+    """A CLIP seen through a defense: the interface zero-shot evaluation uses."""
+
+    def __init__(self, clip: ClipModel, defense: Defense | None = None):
+        self.clip, self.defense = clip, defense
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if self.defense is None:
+            return self.clip.encode_image(images, normalize=True)
+        return self.defense.encode_image(self.clip, images)
+
+    def class_features(self, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
+        if self.defense is None:
+            return class_text_features(self.clip, class_names, text_prefix=text_prefix)
+        return self.defense.class_features(self.clip, class_names, text_prefix)
+
+
+def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats: dict | None = None) -> Path:
+    """Write ``config.json`` + ``weights.safetensors`` atomically (temp directory, then rename)."""
+    directory = Path(directory)
+    config = {
+        "format": DEFENSE_FORMAT, "method": defense.name, "config": asdict(defense.config),
+        "backbone": {"fingerprint": clip.fingerprint(), "source": clip.config.get("source")},
+        "class_names": list(defense.class_names), "clipguard_version": clipguard.__version__,
+        "trainable_parameters": defense.trainable_parameters(), "stats": stats or {},
+    }
+    weights = {k: v.detach().cpu().contiguous() for k, v in defense.state_dict().items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(weights, str(staging / "weights.safetensors"))
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_defense(directory: str | Path, clip: ClipModel, class_names: Sequence[str]) -> Defense:
+    """Load a defense directory for ``clip``; refuse another backbone or another class list."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ClipguardError(f"{directory} is not a defense directory: expected config.json and weights.safetensors")
+    saved = json.loads(config_path.read_text())
+    if saved.get("format") != DEFENSE_FORMAT:
+        raise ClipguardError(f"{config_path} is not a clipguard defense config")
+    if saved["backbone"]["fingerprint"] != clip.fingerprint():
+        raise ClipguardError(
+            f"{directory} was learned for another backbone ({saved['backbone']['source']}); "
+            "pass the --model it was made for"
+        )
+    if tuple(saved["class_names"]) != tuple(class_names):
+        raise ClipguardError(
+            f"{directory} was learned for classes {saved['class_names']}, not {list(class_names)}; "
+            "evaluate it on the dataset it was made for"
+        )
+    cls = get_defense_class(saved["method"])
+    defense = cls(cls.config_class(**saved["config"]), clip, class_names)
+    defense.load_state_dict(load_file(str(weights_path)))
+    return defense.to(clip.device).eval()

@@ -1,0 +1,140 @@
+"""RVPT: Repulsive Visual Prompt Tuning (Zhang et al., 2025; METHODS.md section 3), and VPT.
+
+Deep visual prompts in the later vision blocks are trained on a few clean labelled shots with
+
+    L = L_CE + alpha * L_FR,   L_FR = mean over images and prompted blocks of cos(c_d, s_d)
+
+where c_d is the prompted model's [CLS] state after block d and s_d the frozen model's. All
+CLIP weights stay frozen. VPT is the same with alpha = 0 (the baseline showing that prompt
+tuning alone does not purify). The unprompted blocks' output and the frozen targets s_d are
+computed once for the shots and reused every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from clipguard.data.fmnist import ImageSet
+from clipguard.defenses.base import Defense, DefenseConfig, register
+from clipguard.engine import TrainConfig, fit
+from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.clip import ClipModel
+from clipguard.models.prompted import DeepVisualPrompts, check_prompt_support, frozen_prefix, vision_stem
+
+
+def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor, margin: float | None = None) -> torch.Tensor:
+    """RVPT's L_FR. prompted_cls, frozen_cls: (B, n_blocks, width) [CLS] states.
+
+    Per image, the mean cosine over blocks; with ``margin`` m each image's term is max(., m)
+    (m = 1 switches the repulsion off, i.e. plain VPT). Returns the batch mean.
+
+    >>> x = torch.randn(2, 3, 8); feature_repelling_loss(x, -x).item()
+    -1.0
+    """
+    per_image = F.cosine_similarity(prompted_cls, frozen_cls, dim=-1).mean(1)  # (B,)
+    if margin is not None:
+        per_image = per_image.clamp(min=margin)
+    return per_image.mean()
+
+
+@dataclass
+class RVPTConfig(DefenseConfig):
+    prompt_length: int = 50  # b: prompt tokens per prompted block (paper: 50)
+    start_block: int = 3  # D: blocks before D are unprompted (paper: 3 of 12)
+    alpha: float = 2.0  # weight of the feature-repelling loss (paper: 2)
+    margin: float | None = None  # margin variant max(L_FR_i, m); None = full repulsion
+    epochs: int = 50  # passes over the shots (paper: 50)
+    lr: float = 0.002  # SGD (momentum 0.9), cosine schedule (paper: 0.002)
+    batch_size: int = 32  # paper: 32
+    prompt: str = "a photo of a {}."  # text prompt of the frozen class features
+
+    def __post_init__(self):
+        self._check_range("prompt_length", 1, 1000)
+        self._check_range("start_block", 0, 1000)
+        self._check_range("alpha", 0.0, 1000.0)
+        self._check_range("epochs", 1, 100000)
+        if self.margin is not None:
+            self._check_range("margin", -1.0, 1.0)
+
+
+class _RVPTTask(nn.Module):
+    """Loss of one batch (prefix tokens, frozen [CLS] states, labels) for the engine."""
+
+    def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig):
+        super().__init__()
+        self.prompts, self.visual = prompts, clip.model.visual
+        self.register_buffer("text_features", text_features)  # (C, D), normalised, frozen
+        self.logit_scale = float(clip.logit_scale)
+        self.alpha, self.margin = config.alpha, config.margin
+
+    def forward(self, batch) -> torch.Tensor:
+        prefix, frozen_cls, labels = batch
+        features, cls_states = self.prompts(self.visual, prefix)
+        logits = self.logit_scale * F.normalize(features, dim=-1) @ self.text_features.T  # (B, C)
+        loss = F.cross_entropy(logits, labels)
+        if self.alpha:
+            loss = loss + self.alpha * feature_repelling_loss(torch.stack(cls_states, 1), frozen_cls, self.margin)
+        return loss
+
+
+@register
+class RVPT(Defense):
+    name = "rvpt"
+    config_class = RVPTConfig
+
+    def __init__(self, config: RVPTConfig, clip: ClipModel, class_names):
+        super().__init__(config, clip, class_names)
+        visual = clip.model.visual
+        check_prompt_support(visual)
+        blocks = len(visual.transformer.resblocks)
+        if config.start_block >= blocks:
+            raise ValueError(f"{type(config).__name__}.start_block must be < {blocks} (the model's blocks)")
+        width = visual.conv1.out_channels
+        generator = torch.Generator().manual_seed(config.seed)
+        self.prompts = DeepVisualPrompts(blocks, config.start_block, config.prompt_length, width, generator)
+
+    def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
+        config = self.config
+        start = time.perf_counter()
+        clip.requires_grad_(False)
+        pixels = clip.preprocess(shots.float_images().to(clip.device))
+        prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, config.start_block)
+        cache_seconds = time.perf_counter() - start
+        texts = class_text_features(clip, self.class_names, templates=(config.prompt,)).clone()
+        task = _RVPTTask(self.prompts, clip, texts, config)
+        dataset = TensorDataset(prefix.cpu(), frozen_cls.cpu(), shots.labels)
+        train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
+                            optimizer="sgd", weight_decay=0.0, seed=config.seed, device=config.device, grad_clip=0.0)
+        result = fit(task, dataset, train, desc=self.name)
+        self.eval()
+        return {"seconds": round(time.perf_counter() - start, 2), "prefix_cache_seconds": round(cache_seconds, 3),
+                "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),
+                "trainable_parameters": self.trainable_parameters(),
+                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+
+    def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        visual = clip.model.visual
+        x = vision_stem(visual, clip.preprocess(images))
+        for block in visual.transformer.resblocks[: self.config.start_block]:
+            x = block(x)
+        features, _ = self.prompts(visual, x)
+        return F.normalize(features, dim=-1)
+
+
+@dataclass
+class VPTConfig(RVPTConfig):
+    alpha: float = 0.0  # VPT: no repulsion
+
+
+@register
+class VPT(RVPT):
+    """Plain deep visual prompt tuning (RVPT with alpha = 0)."""
+
+    name = "vpt"
+    config_class = VPTConfig

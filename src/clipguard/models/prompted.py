@@ -1,0 +1,103 @@
+"""Prompted forward passes through open_clip's VisionTransformer, via its public submodules.
+
+VPT-deep (Jia et al., 2022) as RVPT uses it: ``b`` learnable tokens are inserted after [CLS]
+in the input of every block from ``start_block`` on; each block gets fresh prompts and the
+previous block's prompt outputs are dropped. Blocks before ``start_block`` see no prompts, so
+their output for a fixed image is fixed: :func:`frozen_prefix` computes it once for reuse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipguard import ClipguardError
+
+
+def check_prompt_support(visual: nn.Module) -> None:
+    """Refuse vision towers whose forward the prompted pass would not reproduce exactly."""
+    needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+    if any(not hasattr(visual, name) for name in needed):
+        raise ClipguardError(f"{type(visual).__name__} is not an open_clip VisionTransformer; deep visual prompts need a ViT")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" \
+            or getattr(visual, "final_ln_after_pool", False):
+        raise ClipguardError("deep visual prompts support [CLS]-pooled ViTs (pool_type 'tok', no attention pooling)")
+
+
+def vision_stem(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels (B, 3, H, W) -> token sequence (B, 1 + N, width) entering block 0."""
+    x = visual.conv1(pixels)  # (B, width, grid, grid)
+    x = x.flatten(2).transpose(1, 2)  # (B, N, width)
+    cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, width)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return visual.ln_pre(x)
+
+
+def run_blocks(
+    visual: nn.Module,
+    x: torch.Tensor,
+    start: int,
+    prompts: torch.Tensor | None = None,
+    num_patches: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run blocks ``start..L-1``; return the final tokens (B, 1 + N, width) and each block's
+    output [CLS] state (B, width).
+
+    prompts: (L - start, b, width) or None. Block ``start + i`` gets ``prompts[i]`` after [CLS],
+    replacing whatever prompt outputs the previous block produced.
+    """
+    blocks = visual.transformer.resblocks
+    num_patches = num_patches if num_patches is not None else x.shape[1] - 1
+    cls_states = []
+    for i, block in enumerate(blocks[start:]):
+        if prompts is not None:
+            prompt = prompts[i].to(x.dtype).expand(len(x), -1, -1)  # (B, b, width)
+            x = torch.cat([x[:, :1], prompt, x[:, -num_patches:]], dim=1)
+        x = block(x)
+        cls_states.append(x[:, 0])
+    if prompts is not None:
+        x = torch.cat([x[:, :1], x[:, -num_patches:]], dim=1)  # drop the last prompt outputs
+    return x, cls_states
+
+
+def vision_head(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final tokens (B, 1 + N, width) -> image features (B, embed_dim), [CLS] pooled."""
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+@torch.no_grad()
+def frozen_prefix(visual: nn.Module, pixels: torch.Tensor, start: int, batch_size: int = 256):
+    """For fixed images: tokens entering block ``start`` (B, 1 + N, width) and the frozen
+    model's [CLS] output states of blocks ``start..L-1`` (B, L - start, width).
+
+    Both are constant while only prompts of blocks >= ``start`` train: compute once, reuse.
+    """
+    prefixes, states = [], []
+    for chunk in pixels.split(batch_size):
+        x = vision_stem(visual, chunk)
+        for block in visual.transformer.resblocks[:start]:
+            x = block(x)
+        prefixes.append(x)
+        _, cls = run_blocks(visual, x, start)
+        states.append(torch.stack(cls, dim=1))
+    return torch.cat(prefixes), torch.cat(states)
+
+
+class DeepVisualPrompts(nn.Module):
+    """The only trainable tensor of RVPT/VPT: (L - start_block, length, width) prompt tokens.
+
+    Initialised Gaussian with std width^-0.5 (the scale of CLIP's own [CLS] embedding).
+    """
+
+    def __init__(self, num_blocks: int, start_block: int, length: int, width: int, generator: torch.Generator):
+        super().__init__()
+        if not 0 <= start_block < num_blocks:
+            raise ValueError(f"start_block must be in [0, {num_blocks - 1}], got {start_block}")
+        shape = (num_blocks - start_block, length, width)
+        self.start_block = start_block
+        self.prompts = nn.Parameter(torch.randn(shape, generator=generator) * width**-0.5)
+
+    def forward(self, visual: nn.Module, prefix: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Prefix tokens entering ``start_block`` -> (image features (B, D), [CLS] states)."""
+        x, cls_states = run_blocks(visual, prefix, self.start_block, self.prompts, prefix.shape[1] - 1)
+        return vision_head(visual, x), cls_states

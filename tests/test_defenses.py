@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from clipguard import ClipguardError
+from clipguard.cli import main
+from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.defenses import DEFENSES, get_defense_class, load_defense, save_defense
+from clipguard.defenses.rvpt import feature_repelling_loss
+from clipguard.eval.evaluate import evaluate_model
+from clipguard.models import save_clip
+
+from conftest import TINY28, make_tiny_clip
+
+FAST = {"rvpt": dict(epochs=3, batch_size=10, prompt_length=4, start_block=1, lr=0.05),
+        "vpt": dict(epochs=3, batch_size=10, prompt_length=4, start_block=1, lr=0.05)}
+
+
+def _shots(per_class=2, seed=0):
+    train = load_fmnist("train")
+    return train.subset(few_shot_indices(train.labels, per_class, seed, 10))
+
+
+def _fit(name, clip, seed=0, **overrides):
+    cls = get_defense_class(name)
+    defense = cls(cls.config_class(device="cpu", seed=seed, **{**FAST[name], **overrides}), clip, load_fmnist("test").classes)
+    stats = defense.fit(clip, _shots(seed=seed))
+    return defense, stats
+
+
+def test_feature_repelling_loss_known_values():
+    x = torch.randn(4, 3, 8)
+    assert feature_repelling_loss(x, x).item() == pytest.approx(1.0)
+    assert feature_repelling_loss(x, -x).item() == pytest.approx(-1.0)
+    y = x.clone().requires_grad_(True)
+    loss = feature_repelling_loss(y, -x, margin=1.0)  # m = 1: a constant, i.e. plain VPT
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and y.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_defense_trains_only_its_own_parameters(name):
+    clip = make_tiny_clip(architecture=TINY28)
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    defense, stats = _fit(name, clip)
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
+    assert stats["trainable_parameters"] == defense.trainable_parameters() > 0
+    initial = get_defense_class(name)(defense.config, clip, defense.class_names)
+    assert any(not torch.equal(a, b) for a, b in zip(defense.state_dict().values(), initial.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_same_seed_same_defense(name):
+    a, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=0)
+    b, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=0)
+    c, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=1)
+    for key in a.state_dict():
+        assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert any(not torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_save_load_gives_identical_logits_and_refuses_mismatches(name, tmp_path, tiny_clip28):
+    defense, stats = _fit(name, tiny_clip28)
+    save_defense(defense, tiny_clip28, tmp_path / "d", stats)
+    classes = load_fmnist("test").classes
+    loaded = load_defense(tmp_path / "d", tiny_clip28, classes)
+    images = load_fmnist("test").float_images(slice(0, 16))
+    with torch.inference_mode():
+        assert torch.equal(defense.encode_image(tiny_clip28, images), loaded.encode_image(tiny_clip28, images))
+        assert torch.equal(defense.class_features(tiny_clip28, classes), loaded.class_features(tiny_clip28, classes))
+    with pytest.raises(ClipguardError, match="another backbone"):
+        load_defense(tmp_path / "d", make_tiny_clip(seed=7, architecture=TINY28), classes)
+    with pytest.raises(ClipguardError, match="learned for classes"):
+        load_defense(tmp_path / "d", tiny_clip28, classes[::-1])
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["method"] == name
+
+
+def test_repulsion_pushes_prompted_states_away_from_the_frozen_ones(tiny_clip28):
+    from clipguard.models.prompted import frozen_prefix
+
+    shots = _shots()
+    pixels = tiny_clip28.preprocess(shots.float_images())
+    prefix, frozen = frozen_prefix(tiny_clip28.model.visual, pixels, 1)
+    similarity = {}
+    for name, alpha in (("vpt", 0.0), ("rvpt", 2.0)):
+        defense, _ = _fit("rvpt", tiny_clip28, alpha=alpha, epochs=10, lr=0.5, prompt_length=16)
+        with torch.no_grad():
+            _, states = defense.prompts(tiny_clip28.model.visual, prefix)
+        similarity[name] = feature_repelling_loss(torch.stack(states, 1), frozen).item()
+    assert similarity["rvpt"] < similarity["vpt"] - 0.05  # measured here: 0.83 vs 0.94
+
+
+def test_defend_and_evaluate_cli_round_trip(tmp_path, tiny_clip28, capsys):
+    save_clip(tiny_clip28, tmp_path / "m")
+    code = main(["defend", "--model", str(tmp_path / "m"), "--method", "rvpt", "--shots", "1", "--device", "cpu",
+                 "--set", "epochs=1", "--set", "prompt_length=2", "--set", "start_block=2", "--set", "batch_size=10",
+                 "--attack", "badnet", "--target", "bag", "--out", str(tmp_path / "d")])
+    assert code == 0
+    saved = json.loads((tmp_path / "d" / "eval.json").read_text())
+    out = tmp_path / "again.json"
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--defense", str(tmp_path / "d"), "--attack", "badnet",
+                 "--target", "bag", "--json", str(out), "--device", "cpu"]) == 0
+    again = json.loads(out.read_text())
+    assert again["clean_accuracy"] == saved["clean_accuracy"]
+    assert again["attack_success_rate"] == saved["attack_success_rate"]
+    assert again["defense"] == "rvpt"

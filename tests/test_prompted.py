@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from clipguard import ClipguardError
+from clipguard.models.prompted import (
+    DeepVisualPrompts, check_prompt_support, frozen_prefix, run_blocks, vision_head, vision_stem,
+)
+
+
+def test_unprompted_pass_reproduces_open_clip(tiny_clip, images16):
+    visual = tiny_clip.model.visual
+    pixels = tiny_clip.preprocess(images16)
+    x, cls_states = run_blocks(visual, vision_stem(visual, pixels), 0)
+    assert len(cls_states) == len(visual.transformer.resblocks)
+    assert torch.allclose(vision_head(visual, x), visual(pixels), atol=1e-5)
+
+
+def test_cached_prefix_gives_the_same_prompted_features_as_a_full_pass(tiny_clip, images16):
+    visual = tiny_clip.model.visual
+    pixels = tiny_clip.preprocess(images16)
+    prompts = DeepVisualPrompts(3, start_block=1, length=5, width=32, generator=torch.Generator().manual_seed(0))
+    prefix, frozen_states = frozen_prefix(visual, pixels, start=1)
+    cached, _ = prompts(visual, prefix)
+    x = visual.transformer.resblocks[0](vision_stem(visual, pixels))
+    full, _ = run_blocks(visual, x, 1, prompts.prompts)
+    assert torch.allclose(cached, vision_head(visual, full), atol=1e-6)
+    # the frozen targets are the unprompted model's [CLS] states of the prompted blocks
+    _, reference = run_blocks(visual, vision_stem(visual, pixels), 0)
+    assert torch.allclose(frozen_states, torch.stack(reference[1:], dim=1), atol=1e-6)
+    # prompts change the features, and gradients reach only the prompts
+    assert not torch.allclose(cached, visual(pixels), atol=1e-3)
+    cached.sum().backward()
+    assert prompts.prompts.grad is not None and prompts.prompts.grad.abs().sum() > 0
+
+
+def test_non_vit_towers_are_refused():
+    with pytest.raises(ClipguardError, match="VisionTransformer"):
+        check_prompt_support(torch.nn.Linear(2, 2))
