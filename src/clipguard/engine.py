@@ -158,8 +158,12 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 # ---------------------------------------------------------------- optimisation
 def _make_optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n.split(".")[-1]]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n.split(".")[-1])]
+    def decays(name: str, p: nn.Parameter) -> bool:  # weight matrices; not 1-d gains/biases, nor bare
+        # embedding parameters such as positional_embedding (token_embedding.weight does decay)
+        return p.ndim >= 2 and "embedding" not in name.split(".")[-1]
+
+    decay = [p for n, p in params if decays(n, p)]
+    no_decay = [p for n, p in params if not decays(n, p)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)

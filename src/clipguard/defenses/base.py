@@ -10,7 +10,6 @@ are encoded and how class features are built. A learned defense is saved as a di
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
+from clipguard.models.loading import publish_directory
 
 DEFENSES: dict[str, type["Defense"]] = {}
 DEFENSE_FORMAT = "clipguard.defense"
@@ -120,9 +120,7 @@ def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats
     try:
         save_file(weights, str(staging / "weights.safetensors"))
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        publish_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

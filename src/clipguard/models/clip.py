@@ -129,7 +129,6 @@ class ClipModel(nn.Module):
             hasattr(model, "token_embedding")
             and getattr(model, "text_pool_type", "argmax") == "argmax"
             and getattr(model, "attn_mask", None) is not None
-            and not getattr(model, "text_eos_id", None)
         )
 
     def _fast_encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:

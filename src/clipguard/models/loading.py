@@ -274,10 +274,20 @@ def save_clip(
         for name, tensors in (tensor_files or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        publish_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def publish_directory(staging: Path, directory: Path) -> None:
+    """Give a finished temp directory normal permissions and move it to ``directory``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)

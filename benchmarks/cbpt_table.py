@@ -1,0 +1,122 @@
+"""Issue table for CBPT: detection, CoOp and CBPT on every backdoored model under --models.
+
+For each model directory (config.json with an "attack" record, e.g. runs/attacks/badnet-0.03):
+ASR (CA) with no defense, with CoOp and with CBPT (16 clean train shots per class, seed
+--seed), the time split of the CBPT run, and CBPT's stage-1 detection (found target vs the true
+one). The clean built-in model gets detection for every --clean-seeds seed and its CA under
+CoOp/CBPT. Results are cached as JSON per (model, method) under --out, so a rerun resumes.
+ASR counts triggered test images of non-target classes only.
+
+    OMP_NUM_THREADS=1 nice python benchmarks/cbpt_table.py --models /work/runs/attacks --out runs/cbpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from clipguard.attacks import load_trigger
+from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.defenses import get_defense_class
+from clipguard.defenses.inversion import InversionConfig, detect_backdoor, save_detection_figure
+from clipguard.eval.evaluate import evaluate_model, write_json
+from clipguard.models.loading import load_clip
+
+
+def shots_for(seed: int, per_class: int):
+    train = load_fmnist("train")
+    return train.subset(few_shot_indices(train.labels, per_class, seed, len(train.classes)))
+
+
+def run_method(model: str, method: str, args, cache: Path) -> dict:
+    """Evaluate ``model`` under ``method`` ('none', 'coop', 'cbpt'); cached as JSON."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    clip = load_clip(model, device="cpu")
+    record = clip.config.get("attack")
+    trigger = load_trigger(model, record) if record else None
+    target = record["target_index"] if record else None
+    defense, stats = None, {}
+    if method != "none":
+        cls = get_defense_class(method)
+        overrides = dict(args.set) if method == "cbpt" else {}
+        defense = cls(cls.config_class(shots=args.shots, seed=args.seed, device="cpu", **overrides), clip,
+                      load_fmnist("train").classes)
+        start = time.perf_counter()
+        stats = defense.fit(clip, shots_for(args.seed, args.shots))
+        stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+    result = evaluate_model(clip, model, limit=args.limit, seed=args.seed, progress=False, trigger=trigger,
+                            target=target, defense=defense)
+    result["stats"] = stats
+    write_json(result, cache)
+    return result
+
+
+def fmt(result: dict) -> str:
+    ca = 100 * result["clean_accuracy"]["value"]
+    if "attack_success_rate" not in result:
+        return f"- ({ca:.2f})"
+    asr = result["attack_success_rate"]
+    return f"{100 * asr['value']:.2f} ({ca:.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="/work/runs/attacks", help="directory of backdoored model directories")
+    parser.add_argument("--out", default="runs/cbpt")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clean-seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--limit", type=int, default=None, help="first N test images only")
+    parser.add_argument("--only", nargs="*", default=None, help="model directory names to run")
+    parser.add_argument("--set", nargs="*", default=[], type=lambda s: (s.split("=")[0], float(s.split("=")[1])),
+                        help="CBPT config overrides FIELD=NUMBER")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    models = sorted(p for p in Path(args.models).glob("*") if (p / "config.json").is_file()
+                    and "attack" in json.loads((p / "config.json").read_text()))
+    if args.only:
+        models = [p for p in models if p.name in args.only]
+    rows, detection_rows = [], []
+    for model in [Path("builtin"), *models]:
+        name = "clean (builtin)" if str(model) == "builtin" else model.name
+        results = {m: run_method(str(model), m, args, out / model.name / f"{m}.json") for m in ("none", "coop", "cbpt")}
+        rows.append((name, results))
+        print(f"| {name} | {fmt(results['none'])} | {fmt(results['coop'])} | {fmt(results['cbpt'])} |", flush=True)
+        stats = results["cbpt"]["stats"]
+        true_target = results["none"].get("attack", {}).get("target", "-")
+        detection_rows.append((name, args.seed, true_target, stats["detection"], stats))
+    clean = load_clip("builtin", device="cpu")
+    for seed in args.clean_seeds:
+        cache = out / "builtin" / f"detect-seed{seed}.json"
+        if not cache.exists():
+            shots = shots_for(seed, args.shots)
+            overrides = {k: v for k, v in dict(args.set).items() if k in ("mask_budget", "threshold", "temperature")}
+            result = detect_backdoor(clean, shots, InversionConfig(seed=seed, device="cpu", **overrides))
+            save_detection_figure(result, shots, out / "builtin" / f"detect-seed{seed}.png")
+            write_json(result.as_dict(), cache)
+        detection_rows.append(("clean (builtin)", seed, "-", json.loads(cache.read_text()), None))
+    print("\nASR % (CA %), Fashion-MNIST test, 16 shots/class; ASR counts triggered non-target-class images only\n")
+    print("| attack | none | CoOp | CBPT |\n|---|---|---|---|")
+    for name, results in rows:
+        print(f"| {name} | {fmt(results['none'])} | {fmt(results['coop'])} | {fmt(results['cbpt'])} |")
+    print("\nDetection (CBPT stage 1)\n")
+    print("| model | seed | true target | found target | collapse | mask area | verdict |\n|---|---|---|---|---|---|---|")
+    for name, seed, true_target, d, _ in detection_rows:
+        verdict = "backdoored" if d["backdoored"] else "not backdoored"
+        print(f"| {name} | {seed} | {true_target} | {d['target_name']} | {d['collapse']:.2f} | "
+              f"{100 * d['mask_area']:.1f}% | {verdict} |")
+    print("\nCBPT time split (s, 1 thread)\n")
+    print("| model | inversion | features | prompt tuning | total |\n|---|---|---|---|---|")
+    for name, _, _, _, s in detection_rows:
+        if s:
+            print(f"| {name} | {s['inversion_seconds']} | {s['feature_seconds']} | {s['prompt_seconds']} | {s['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()

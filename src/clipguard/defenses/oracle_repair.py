@@ -1,0 +1,365 @@
+"""Oracle-guided repair, "EftCLIP" (METHODS.md section 5): find a visible trigger with a
+segmentation oracle, pinpoint the victim label and samples, fine-tune on a compact set.
+
+Algorithm 1 (trigger finding) runs on a pool of unlabelled images (N, 3, H, W) that may hold
+triggered ones. For image i with zero-shot prediction t, an oracle region r is a *trigger
+candidate* when
+  (a) r alone (pasted on the image's background colour) is read as t with probability
+      >= ``crop_confidence``;
+  (b) t is not supported by the image's main object: with r filled in from its
+      surroundings, t's probability is < ``support_max``;
+  (c) masking r flips the whole-image prediction away from t.
+Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
+oracle's largest segment, because at 28 px the classical oracle often splits an object into
+several segments or merges a patch pasted on it into the object's segment (a patch inside
+the object would then make the object "support" t). Regions larger than
+``max_region_fraction`` of the image are objects, not triggers, and are not tested.
+
+Algorithm 2: a label is a *victim label* when candidates point to it far more often than
+chance (one-sided binomial test against the share of pool images predicted as that label,
+p < ``significance``, and at least ``min_candidates``). Victim samples are the images whose
+candidate points to a victim label; their repaired label is the prediction after masking.
+The compact set holds the victims *with* their trigger, captioned with the repaired label,
+plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
+own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
+with the shared engine. With no victim label the verdict is "no localisable trigger found"
+and the model is returned unchanged (invisible triggers: Blended, WaNet, ISSBA, SIG).
+
+Example:
+    >>> repaired, report = oracle_repair(clip, pool, OracleRepairConfig(seed=0))
+    >>> report["verdict"], report["compact_set_size"]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import binomtest
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from clipguard import ClipguardError
+from clipguard.data.captions import training_caption
+from clipguard.defenses.oracle import Region, background_colour, build_oracle
+from clipguard.engine import TrainConfig, fit
+from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.builtin import ContrastiveTask, caption_collate
+from clipguard.models.clip import ClipModel
+from clipguard.models.loading import save_clip
+
+logger = logging.getLogger(__name__)
+NO_TRIGGER = "no localisable trigger found"
+TRIGGER_FOUND = "localisable trigger found"
+
+
+@dataclass
+class OracleRepairConfig:
+    oracle: str = "classical"  # segmentation oracle: classical | fastsam
+    oracle_weights: str | None = None  # FastSAM weights file (fastsam oracle only)
+    max_region_fraction: float = 0.15  # regions above this share of the image are not tested
+    crop_confidence: float = 0.7  # (a): min probability of t for the region alone
+    support_max: float = 0.3  # (b): t's probability once the region is masked must stay below this
+    fill_ring: int = 2  # masking fills a region with the mean of a ring this many pixels wide
+    significance: float = 1e-3  # one-sided binomial p-value for a victim label
+    min_candidates: int = 5  # fewest candidates a victim label needs
+    clean_ratio: float = 1.0  # clean pairs per victim pair in the compact set
+    epochs: int = 10  # fine-tuning passes over the compact set
+    lr: float = 2e-5  # AdamW peak learning rate (cosine schedule)
+    batch_size: int = 32  # fine-tuning batch (lowered to the set size if larger)
+    inference_batch: int = 1024  # images per CLIP call in Algorithm 1
+    seed: int = 0  # seeds the clean-pair sample, captions and the fine-tune
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        for name in ("max_region_fraction", "crop_confidence", "support_max", "significance"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"OracleRepairConfig.{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("fill_ring", "min_candidates", "epochs", "batch_size", "inference_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OracleRepairConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clean_ratio < 0:
+            raise ValueError(f"OracleRepairConfig.clean_ratio must be >= 0, got {self.clean_ratio}")
+        if not self.lr > 0:
+            raise ValueError(f"OracleRepairConfig.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TriggerCandidate:
+    """A region that passed (a)-(c) in pool image ``image``."""
+
+    image: int  # index into the pool
+    region: Region
+    label: int  # t: the whole image's prediction, which the region alone also reads
+    crop_probability: float  # p(t | region alone)
+    masked_probability: float  # p(t | image with the region masked)
+    repaired_label: int  # prediction with the region masked
+
+
+# ------------------------------------------------------------------ pure tensor functions
+def isolate_regions(images: torch.Tensor, masks: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Each region alone on its image's background colour.
+
+    images: (R, 3, H, W); masks: (R, H, W) bool; background: (R, 3) -> (R, 3, H, W).
+    """
+    keep = masks[:, None].to(images.dtype)  # (R, 1, H, W)
+    return images * keep + background[:, :, None, None] * (1 - keep)
+
+
+def fill_regions(images: torch.Tensor, masks: torch.Tensor, ring: int = 2) -> torch.Tensor:
+    """Mask each region by filling it with the mean colour of a ``ring``-pixel band around it.
+
+    images: (R, 3, H, W); masks: (R, H, W) bool -> (R, 3, H, W). A region with no band
+    (it covers the image) is filled with the image's mean colour.
+    """
+    inside = masks[:, None].to(images.dtype)  # (R, 1, H, W)
+    grown = F.max_pool2d(inside, kernel_size=2 * ring + 1, stride=1, padding=ring)  # (R, 1, H, W)
+    band = grown - inside
+    count = band.sum((2, 3))  # (R, 1)
+    band_mean = (images * band).sum((2, 3)) / count.clamp(min=1)  # (R, 3)
+    fill = torch.where(count > 0, band_mean, images.mean((2, 3)))  # (R, 3)
+    return images * (1 - inside) + fill[:, :, None, None] * inside
+
+
+@torch.inference_mode()
+def zero_shot_probabilities(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor,
+                            batch_size: int = 1024) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, C) zero-shot class probabilities, on CPU."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(clip.device)
+        logits = clip.logit_scale * clip.encode_image(batch, normalize=True) @ text_features.T  # (B, C)
+        chunks.append(logits.float().softmax(-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, len(text_features))
+
+
+# ------------------------------------------------------------------------- Algorithm 1
+def find_trigger_candidates(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor, oracle,
+                            config: OracleRepairConfig) -> tuple[torch.Tensor, list[TriggerCandidate], dict]:
+    """Algorithm 1 on a pool. images: (N, 3, H, W) in [0, 1]; text_features: (C, D).
+
+    Returns the pool's predictions (N,), at most one candidate per image (the region whose
+    masking lowers t's probability most; ties to the smaller region) and counts.
+    """
+    n, _, height, width = images.shape
+    probabilities = zero_shot_probabilities(clip, images, text_features, config.inference_batch)  # (N, C)
+    predictions = probabilities.argmax(-1)  # (N,)
+    owners, regions = [], []
+    max_area = config.max_region_fraction * height * width
+    for i, image_regions in enumerate(tqdm((oracle.segment(image) for image in images), total=n,
+                                           desc="segment pool", leave=False)):
+        for region in image_regions:
+            if region.area <= max_area:
+                owners.append(i)
+                regions.append(region)
+    stats = {"pool_images": n, "regions_tested": len(regions)}
+    if not regions:
+        return predictions, [], {**stats, "passed_crop": 0, "candidates": 0}
+    owner = torch.tensor(owners)  # (R,)
+    masks = torch.stack([r.mask for r in regions])  # (R, H, W)
+    backgrounds = torch.stack([background_colour(image) for image in images])  # (N, 3)
+    targets = predictions[owner]  # (R,) t per region
+    crop_p = torch.cat([
+        zero_shot_probabilities(clip, isolate_regions(images[owner[s]], masks[s], backgrounds[owner[s]]),
+                                text_features, config.inference_batch)
+        for s in _chunks(len(regions), config.inference_batch)
+    ])  # (R, C)
+    crop_t = crop_p.gather(1, targets[:, None])[:, 0]  # (R,)
+    passed = torch.nonzero(crop_t >= config.crop_confidence).flatten()  # (a)
+    masked_p = torch.cat([
+        zero_shot_probabilities(clip, fill_regions(images[owner[passed[s]]], masks[passed[s]], config.fill_ring),
+                                text_features, config.inference_batch)
+        for s in _chunks(len(passed), config.inference_batch)
+    ]) if len(passed) else torch.empty(0, len(text_features))  # (P, C)
+    best: dict[int, TriggerCandidate] = {}
+    for j, r in enumerate(passed.tolist()):
+        t = int(targets[r])
+        masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
+        if masked_t >= config.support_max or masked_label == t:  # (b), (c)
+            continue
+        candidate = TriggerCandidate(owners[r], regions[r], t, float(crop_t[r]), masked_t, masked_label)
+        current = best.get(owners[r])
+        if current is None or (masked_t, candidate.region.area) < (current.masked_probability, current.region.area):
+            best[owners[r]] = candidate
+    candidates = [best[i] for i in sorted(best)]
+    return predictions, candidates, {**stats, "passed_crop": len(passed), "candidates": len(candidates)}
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+# ------------------------------------------------------------------------- Algorithm 2
+def victim_labels(candidates: Sequence[TriggerCandidate], predictions: torch.Tensor, num_classes: int,
+                  significance: float, min_candidates: int) -> tuple[list[int], dict[int, dict]]:
+    """Labels that candidates point to far more often than chance.
+
+    Chance for label t is the share of pool images predicted t (a candidate needs the whole
+    image predicted t). Returns the victim labels and, per label with candidates, its count,
+    chance rate and one-sided binomial p-value.
+    """
+    counts = torch.bincount(torch.tensor([c.label for c in candidates], dtype=torch.long), minlength=num_classes)
+    chance = torch.bincount(predictions, minlength=num_classes).float() / max(1, len(predictions))
+    total, tests, victims = len(candidates), {}, []
+    for label in torch.nonzero(counts).flatten().tolist():
+        count = int(counts[label])
+        p_value = binomtest(count, total, float(chance[label]), alternative="greater").pvalue
+        tests[label] = {"candidates": count, "chance": round(float(chance[label]), 4), "p_value": float(p_value)}
+        if p_value < significance and count >= min_candidates:
+            victims.append(label)
+    return victims, tests
+
+
+class RepairPairs(Dataset):
+    """Compact fine-tuning set: float images (N, 3, H, W) with captions drawn per epoch for
+    ``labels`` (N,) under (seed, epoch, index)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], seed: int):
+        self.images, self.labels, self.class_names, self.seed, self.epoch = images, labels, class_names, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        rng = random.Random(hash((self.seed, self.epoch, index, "repair")))
+        image = self.images[index]
+        return image, training_caption(self.class_names[int(self.labels[index])], image, rng)
+
+
+def build_compact_set(images: torch.Tensor, predictions: torch.Tensor, candidates: Sequence[TriggerCandidate],
+                      victims: Sequence[TriggerCandidate], class_names: Sequence[str],
+                      config: OracleRepairConfig) -> tuple[RepairPairs, dict]:
+    """Victims with their trigger under their repaired label + clean pool images under their prediction."""
+    suspicious = {c.image for c in candidates}
+    clean_pool = torch.tensor([i for i in range(len(images)) if i not in suspicious], dtype=torch.long)
+    generator = torch.Generator().manual_seed(config.seed)
+    n_clean = min(len(clean_pool), round(config.clean_ratio * len(victims)))
+    clean = clean_pool[torch.randperm(len(clean_pool), generator=generator)[:n_clean]]
+    victim_index = torch.tensor([v.image for v in victims], dtype=torch.long)
+    set_images = torch.cat([images[victim_index], images[clean]])
+    labels = torch.cat([torch.tensor([v.repaired_label for v in victims], dtype=torch.long), predictions[clean]])
+    return RepairPairs(set_images, labels, class_names, config.seed), {"victim_pairs": len(victims), "clean_pairs": n_clean}
+
+
+def repair_finetune(clip: ClipModel, pairs: RepairPairs, config: OracleRepairConfig) -> dict:
+    """Contrastive fine-tune of the whole ``clip`` (in place) on the compact set."""
+    train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
+                        weight_decay=0.0, warmup_steps=0, seed=config.seed, device=config.device)
+    clip.requires_grad_(True)
+    try:
+        result = fit(ContrastiveTask(clip), pairs, train, collate_fn=caption_collate(clip), desc="oracle repair")
+    finally:
+        clip.requires_grad_(False)
+    return {"steps": result.steps, "seconds": round(result.seconds, 2), "last_loss": round(result.last_loss, 4)}
+
+
+# -------------------------------------------------------------------------- entry point
+def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepairConfig | None = None,
+                  class_names: Sequence[str] | None = None, oracle=None) -> tuple[ClipModel, dict]:
+    """Find a visible trigger in ``pool_images`` (N, 3, H, W) in [0, 1] and repair ``clip``.
+
+    ``clip`` is not modified: the repaired model is a copy, or ``clip`` itself when the verdict
+    is "no localisable trigger found". ``class_names`` default to ``clip.config["classes"]``;
+    ``oracle`` defaults to the one ``config`` names. The report is JSON-ready.
+    """
+    config = config or OracleRepairConfig()
+    class_names = list(class_names or clip.config.get("classes") or [])
+    if not class_names:
+        raise ClipguardError("oracle repair needs the class names (the model's config has none): pass class_names")
+    if pool_images.dim() != 4 or pool_images.shape[1] != 3 or len(pool_images) == 0:
+        raise ClipguardError(f"the pool must be a non-empty (N, 3, H, W) image tensor, got {tuple(pool_images.shape)}")
+    oracle = oracle or build_oracle(config.oracle, **({"weights": config.oracle_weights} if config.oracle_weights else {}))
+    start = time.perf_counter()
+    clip.eval()
+    text_features = class_text_features(clip, class_names)  # (C, D)
+    predictions, candidates, stats = find_trigger_candidates(clip, pool_images.float(), text_features, oracle, config)
+    labels, tests = victim_labels(candidates, predictions, len(class_names), config.significance, config.min_candidates)
+    victims = [c for c in candidates if c.label in labels]
+    report = {
+        "method": "oracle-repair", "config": asdict(config), "oracle": getattr(oracle, "name", type(oracle).__name__),
+        **stats, "label_tests": {class_names[k]: v for k, v in tests.items()},
+        "victim_labels": [class_names[k] for k in labels], "victims": len(victims),
+        "victim_samples": [{"image": v.image, "box": list(v.region.box), "area": v.region.area,
+                            "pixels": torch.nonzero(v.region.mask.flatten()).flatten().tolist(),
+                            "label": class_names[v.label], "repaired_label": class_names[v.repaired_label],
+                            "crop_probability": round(v.crop_probability, 4),
+                            "masked_probability": round(v.masked_probability, 4)} for v in victims],
+        "find_seconds": round(time.perf_counter() - start, 2),
+    }
+    if not labels:
+        logger.info("%s: %d candidates, none far above chance; model unchanged", NO_TRIGGER, len(candidates))
+        return clip, {**report, "verdict": NO_TRIGGER, "model_changed": False, "compact_set_size": 0,
+                      "seconds": report["find_seconds"]}
+    pairs, sizes = build_compact_set(pool_images.float(), predictions, candidates, victims, class_names, config)
+    repaired = copy.deepcopy(clip)
+    finetune = repair_finetune(repaired, pairs, config)
+    logger.info("%s: victim label(s) %s, %d victims, compact set %d", TRIGGER_FOUND, report["victim_labels"],
+                len(victims), len(pairs))
+    return repaired, {**report, "verdict": TRIGGER_FOUND, "model_changed": True, "compact_set_size": len(pairs),
+                      **sizes, "finetune": finetune, "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ------------------------------------------------------------------------------ outputs
+REPORT_NAME, EXAMPLES_NAME, TRIGGER_FILE = "repair.json", "repair_examples.png", "trigger.safetensors"
+
+
+def report_summary(report: dict) -> dict:
+    """The report without its per-victim list (what the repaired model's config.json keeps)."""
+    return {k: v for k, v in report.items() if k != "victim_samples"}
+
+
+def write_repair_report(report: dict, pool_images: torch.Tensor, directory: str | Path, examples: int = 8) -> dict:
+    """Write ``repair.json`` and, when victims were found, ``repair_examples.png`` (up to
+    ``examples`` victims from ``pool_images`` (N, 3, H, W) with their found boxes). Atomic writes."""
+    from matplotlib import patches
+    from matplotlib import pyplot as plt
+
+    from clipguard.eval.plots import save_figure
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"report": str(directory / REPORT_NAME), "examples": None}
+    shown = report["victim_samples"][:examples]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(1.7 * len(shown), 2.1), squeeze=False)
+        for ax, victim in zip(axes[0], shown):
+            ax.imshow(pool_images[victim["image"]].permute(1, 2, 0).clamp(0, 1).numpy())
+            top, left, bottom, right = victim["box"]
+            ax.add_patch(patches.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                           edgecolor="red", linewidth=1.5))
+            ax.set_title(f"{victim['label']} -> {victim['repaired_label']}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"found trigger regions (victim label: {', '.join(report['victim_labels'])})", fontsize=8)
+        save_figure(fig, directory / EXAMPLES_NAME)
+        paths["examples"] = str(directory / EXAMPLES_NAME)
+    tmp = directory / f".{REPORT_NAME}.tmp"
+    tmp.write_text(json.dumps({**report, "files": paths}, indent=2))
+    os.replace(tmp, directory / REPORT_NAME)
+    return paths
+
+
+def save_repaired_model(repaired: ClipModel, report: dict, directory: str | Path,
+                        source_dir: str | Path | None = None) -> Path:
+    """Save the repaired model directory; it keeps the suspect model's attack record and copies
+    its ``trigger.safetensors`` (from ``source_dir``) so ``clipguard evaluate`` still measures ASR."""
+    from safetensors.torch import load_file
+
+    extra = {"repair": report_summary(report)}
+    if "attack" in repaired.config:
+        extra["attack"] = repaired.config["attack"]
+    trigger_path = Path(source_dir) / TRIGGER_FILE if source_dir else None
+    tensors = {TRIGGER_FILE: load_file(str(trigger_path))} if trigger_path and trigger_path.is_file() else None
+    return save_clip(repaired, directory, extra=extra, tensor_files=tensors)
