@@ -41,6 +41,15 @@ def test_feature_repelling_loss_known_values():
     assert loss.item() == pytest.approx(1.0) and y.grad.abs().sum() == 0
 
 
+def test_centred_repulsion_sees_through_a_shared_component():
+    shared = torch.full((1, 1, 8), 10.0)
+    own = torch.randn(4, 2, 8)
+    frozen, prompted = shared + own, shared - own  # image-specific parts point the opposite way
+    assert feature_repelling_loss(prompted, frozen).item() > 0.9  # the shared part dominates
+    centre = shared[0].expand(2, 8)
+    assert feature_repelling_loss(prompted, frozen, centre=centre).item() == pytest.approx(-1.0, abs=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_defense_trains_only_its_own_parameters(name):
     clip = make_tiny_clip(architecture=TINY28)

@@ -163,6 +163,37 @@ def cmd_defend(args) -> None:
           f"({share:.2f}% of CLIP), {stats['seconds']:.0f} s; saved {args.out}")
 
 
+def cmd_analyze(args) -> None:
+    import torch
+
+    from clipguard.data import load_fmnist
+    from clipguard.defenses import DefendedClip, load_defense
+    from clipguard.eval.analysis import perturbations, plot_resistivity, plot_tsne, resistivity
+    from clipguard.eval.evaluate import write_json
+    from clipguard.models.loading import load_clip
+
+    clip = load_clip(args.model, device=args.device)
+    trigger, target = _attack_for(args, clip)
+    test = load_fmnist("test")
+    keep = torch.nonzero(test.labels != target).flatten() if target is not None else torch.arange(len(test))
+    chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(args.seed))[: args.images]]
+    images, labels = test.float_images(chosen), test.labels[chosen]
+    models = {"suspect model": DefendedClip(clip)}
+    for path in args.defense or []:
+        defense = load_defense(path, clip, test.classes)
+        models[f"{defense.name} ({path})"] = DefendedClip(clip, defense)
+    results = {label: resistivity(model, images, perturbations(trigger, args.seed)) for label, model in models.items()}
+    plot_resistivity(results, args.out)
+    write_json({"model": args.model, "images": len(images), "seed": args.seed, "resistivity": results},
+               args.out.rsplit(".", 1)[0] + ".json")
+    print(f"wrote {args.out} (PR per block, {len(images)} images)")
+    if args.tsne and trigger is not None:
+        if target is not None:
+            trigger.generator.manual_seed(args.seed)
+        plot_tsne(models, images, labels, trigger(images.clone()), test.classes, args.tsne, args.seed)
+        print(f"wrote {args.tsne}")
+
+
 def cmd_demo(args) -> None:
     from clipguard.eval.evaluate import evaluate_model
     from clipguard.models.loading import load_clip
@@ -249,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="target class for --attack")
     p.add_argument("--out", required=True, help="defense directory to write")
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("analyze", help="perturbation resistivity per layer (and t-SNE) with and without defenses")
+    _common(p)
+    p.add_argument("what", choices=["pr"], help="pr: perturbation resistivity")
+    p.add_argument("--model", default="builtin", help="suspect model (its own attack's trigger is one perturbation)")
+    p.add_argument("--defense", action="append", help="a defense directory to compare, repeatable")
+    p.add_argument("--attack", help="trigger to use when the model records none")
+    p.add_argument("--target", help="target class for --attack")
+    p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
+    p.add_argument("--images", type=int, default=500, help="test images (non-target classes)")
+    p.add_argument("--out", default="pr.png")
+    p.add_argument("--tsne", help="also write a t-SNE plot of clean vs triggered features here")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("show-triggers", help="draw a clean image and its triggered version per attack")
     _common(p)

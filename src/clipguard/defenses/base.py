@@ -26,6 +26,7 @@ from clipguard.data.fmnist import ImageSet
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import publish_directory
+from clipguard.models.prompted import run_blocks, vision_stem
 
 DEFENSES: dict[str, type["Defense"]] = {}
 DEFENSE_FORMAT = "clipguard.defense"
@@ -76,8 +77,19 @@ class Defense(nn.Module):
         """(C, D) normalised class features of the defended model."""
         return class_text_features(clip, class_names, text_prefix=text_prefix)
 
+    def cls_states(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        """(B, n_blocks, width) [CLS] state after each vision block (for PR analysis)."""
+        return vision_cls_states(clip, images)
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+    """(B, n_blocks, width) [CLS] state after each block of the unprompted vision tower."""
+    visual = clip.model.visual
+    _, states = run_blocks(visual, vision_stem(visual, clip.preprocess(images)), 0)
+    return torch.stack(states, dim=1)
 
 
 class DefendedClip:
@@ -103,6 +115,11 @@ class DefendedClip:
         if self.defense is None:
             return class_text_features(self.clip, class_names, text_prefix=text_prefix)
         return self.defense.class_features(self.clip, class_names, text_prefix)
+
+    def cls_states(self, images: torch.Tensor) -> torch.Tensor:
+        if self.defense is None:
+            return vision_cls_states(self.clip, images)
+        return self.defense.cls_states(self.clip, images)
 
 
 def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats: dict | None = None) -> Path:

@@ -25,18 +25,27 @@ from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.engine import TrainConfig, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
-from clipguard.models.prompted import DeepVisualPrompts, check_prompt_support, frozen_prefix, vision_stem
+from clipguard.models.prompted import DeepVisualPrompts, check_prompt_support, frozen_prefix, run_blocks, vision_stem
 
 
-def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor, margin: float | None = None) -> torch.Tensor:
+def feature_repelling_loss(
+    prompted_cls: torch.Tensor,
+    frozen_cls: torch.Tensor,
+    margin: float | None = None,
+    centre: torch.Tensor | None = None,
+) -> torch.Tensor:
     """RVPT's L_FR. prompted_cls, frozen_cls: (B, n_blocks, width) [CLS] states.
 
     Per image, the mean cosine over blocks; with ``margin`` m each image's term is max(., m)
     (m = 1 switches the repulsion off, i.e. plain VPT). Returns the batch mean.
+    centre: (n_blocks, width), subtracted from both states first (our variant: the [CLS]
+    stream carries a large component shared by all images, which dominates the cosine).
 
     >>> x = torch.randn(2, 3, 8); feature_repelling_loss(x, -x).item()
     -1.0
     """
+    if centre is not None:
+        prompted_cls, frozen_cls = prompted_cls - centre, frozen_cls - centre
     per_image = F.cosine_similarity(prompted_cls, frozen_cls, dim=-1).mean(1)  # (B,)
     if margin is not None:
         per_image = per_image.clamp(min=margin)
@@ -46,17 +55,19 @@ def feature_repelling_loss(prompted_cls: torch.Tensor, frozen_cls: torch.Tensor,
 @dataclass
 class RVPTConfig(DefenseConfig):
     prompt_length: int = 50  # b: prompt tokens per prompted block (paper: 50)
-    start_block: int = 3  # D: blocks before D are unprompted (paper: 3 of 12)
+    start_block: int | None = None  # D: blocks before D are unprompted; None = a quarter (paper: 3 of 12)
     alpha: float = 2.0  # weight of the feature-repelling loss (paper: 2)
     margin: float | None = None  # margin variant max(L_FR_i, m); None = full repulsion
     epochs: int = 50  # passes over the shots (paper: 50)
     lr: float = 0.002  # SGD (momentum 0.9), cosine schedule (paper: 0.002)
     batch_size: int = 32  # paper: 32
     prompt: str = "a photo of a {}."  # text prompt of the frozen class features
+    centred: bool = False  # repel states centred on the frozen model's mean state (our variant)
 
     def __post_init__(self):
         self._check_range("prompt_length", 1, 1000)
-        self._check_range("start_block", 0, 1000)
+        if self.start_block is not None:
+            self._check_range("start_block", 0, 1000)
         self._check_range("alpha", 0.0, 1000.0)
         self._check_range("epochs", 1, 100000)
         if self.margin is not None:
@@ -66,10 +77,12 @@ class RVPTConfig(DefenseConfig):
 class _RVPTTask(nn.Module):
     """Loss of one batch (prefix tokens, frozen [CLS] states, labels) for the engine."""
 
-    def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig):
+    def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig,
+                 centre: torch.Tensor | None):
         super().__init__()
         self.prompts, self.visual = prompts, clip.model.visual
         self.register_buffer("text_features", text_features)  # (C, D), normalised, frozen
+        self.register_buffer("centre", centre)  # (n_blocks, width) or None
         self.logit_scale = float(clip.logit_scale)
         self.alpha, self.margin = config.alpha, config.margin
 
@@ -79,7 +92,8 @@ class _RVPTTask(nn.Module):
         logits = self.logit_scale * F.normalize(features, dim=-1) @ self.text_features.T  # (B, C)
         loss = F.cross_entropy(logits, labels)
         if self.alpha:
-            loss = loss + self.alpha * feature_repelling_loss(torch.stack(cls_states, 1), frozen_cls, self.margin)
+            repel = feature_repelling_loss(torch.stack(cls_states, 1), frozen_cls, self.margin, self.centre)
+            loss = loss + self.alpha * repel
         return loss
 
 
@@ -93,21 +107,23 @@ class RVPT(Defense):
         visual = clip.model.visual
         check_prompt_support(visual)
         blocks = len(visual.transformer.resblocks)
-        if config.start_block >= blocks:
+        start_block = blocks // 4 if config.start_block is None else config.start_block
+        if start_block >= blocks:
             raise ValueError(f"{type(config).__name__}.start_block must be < {blocks} (the model's blocks)")
         width = visual.conv1.out_channels
         generator = torch.Generator().manual_seed(config.seed)
-        self.prompts = DeepVisualPrompts(blocks, config.start_block, config.prompt_length, width, generator)
+        self.prompts = DeepVisualPrompts(blocks, start_block, config.prompt_length, width, generator)
 
     def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
         config = self.config
         start = time.perf_counter()
         clip.requires_grad_(False)
         pixels = clip.preprocess(shots.float_images().to(clip.device))
-        prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, config.start_block)
+        prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, self.prompts.start_block)
         cache_seconds = time.perf_counter() - start
         texts = class_text_features(clip, self.class_names, templates=(config.prompt,)).clone()
-        task = _RVPTTask(self.prompts, clip, texts, config)
+        centre = frozen_cls.mean(0) if config.centred else None  # (n_blocks, width), fixed
+        task = _RVPTTask(self.prompts, clip, texts, config, centre)
         dataset = TensorDataset(prefix.cpu(), frozen_cls.cpu(), shots.labels)
         train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
                             optimizer="sgd", weight_decay=0.0, seed=config.seed, device=config.device, grad_clip=0.0)
@@ -118,13 +134,18 @@ class RVPT(Defense):
                 "trainable_parameters": self.trainable_parameters(),
                 "clip_parameters": sum(p.numel() for p in clip.parameters())}
 
-    def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+    def _prompted(self, clip: ClipModel, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image features and all blocks' [CLS] states of the prompted tower."""
         visual = clip.model.visual
-        x = vision_stem(visual, clip.preprocess(images))
-        for block in visual.transformer.resblocks[: self.config.start_block]:
-            x = block(x)
-        features, _ = self.prompts(visual, x)
-        return F.normalize(features, dim=-1)
+        x, early = run_blocks(visual, vision_stem(visual, clip.preprocess(images)), 0, stop=self.prompts.start_block)
+        features, late = self.prompts(visual, x)
+        return features, early + late
+
+    def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._prompted(clip, images)[0], dim=-1)
+
+    def cls_states(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._prompted(clip, images)[1], dim=1)
 
 
 @dataclass

@@ -52,3 +52,14 @@ def poisoned_accuracy(predictions: torch.Tensor, labels: torch.Tensor, target: i
     """Accuracy w.r.t. the true label on the same triggered non-target images as the ASR."""
     keep = labels != target
     return Rate(int((predictions[keep] == labels[keep]).sum()), int(keep.sum()))
+
+
+def perturbation_resistivity(clean_states: torch.Tensor, perturbed_states: torch.Tensor) -> torch.Tensor:
+    """PR per layer (Zhang et al., RVPT): mean cosine between each image's [CLS] state and that
+    of its perturbed copy. clean_states, perturbed_states: (B, n_layers, width) -> (n_layers,).
+    Higher means less sensitive to the perturbation.
+
+    >>> s = torch.randn(4, 3, 8); perturbation_resistivity(s, 2 * s)
+    tensor([1., 1., 1.])
+    """
+    return torch.nn.functional.cosine_similarity(clean_states, perturbed_states, dim=-1).mean(0)

@@ -39,9 +39,10 @@ def run_blocks(
     start: int,
     prompts: torch.Tensor | None = None,
     num_patches: int | None = None,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run blocks ``start..L-1``; return the final tokens (B, 1 + N, width) and each block's
-    output [CLS] state (B, width).
+    """Run blocks ``start..stop-1`` (default: to the last); return the tokens (B, 1 + N, width)
+    and each block's output [CLS] state (B, width).
 
     prompts: (L - start, b, width) or None. Block ``start + i`` gets ``prompts[i]`` after [CLS],
     replacing whatever prompt outputs the previous block produced.
@@ -49,7 +50,7 @@ def run_blocks(
     blocks = visual.transformer.resblocks
     num_patches = num_patches if num_patches is not None else x.shape[1] - 1
     cls_states = []
-    for i, block in enumerate(blocks[start:]):
+    for i, block in enumerate(blocks[start:stop]):
         if prompts is not None:
             prompt = prompts[i].to(x.dtype).expand(len(x), -1, -1)  # (B, b, width)
             x = torch.cat([x[:, :1], prompt, x[:, -num_patches:]], dim=1)
@@ -74,9 +75,7 @@ def frozen_prefix(visual: nn.Module, pixels: torch.Tensor, start: int, batch_siz
     """
     prefixes, states = [], []
     for chunk in pixels.split(batch_size):
-        x = vision_stem(visual, chunk)
-        for block in visual.transformer.resblocks[:start]:
-            x = block(x)
+        x, _ = run_blocks(visual, vision_stem(visual, chunk), 0, stop=start)
         prefixes.append(x)
         _, cls = run_blocks(visual, x, start)
         states.append(torch.stack(cls, dim=1))
