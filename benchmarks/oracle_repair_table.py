@@ -34,6 +34,7 @@ import torch
 
 from clipguard.attacks import load_trigger
 from clipguard.data import load_fmnist
+from clipguard.defenses.oracle import load_pool
 from clipguard.defenses.oracle_repair import (
     OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report, zero_shot_probabilities,
 )
@@ -46,21 +47,17 @@ VISIBLE = ("badnet", "badnet-lc", "trojvqa", "badclip")
 
 def build_pool(trigger, size: int, rate: float, seed: int):
     """(images (N, 3, H, W), labels (N,), triggered (N,) bool, true masks (N, H, W) bool)."""
+    images, info = load_pool(f"fmnist-train:{size}", 28, seed, trigger, rate)
+    clean, _ = load_pool(f"fmnist-train:{size}", 28, seed)
     train = load_fmnist("train")
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(train), generator=generator)[:size]
-    images, labels = train.float_images(index), train.labels[index]
-    chosen = torch.randperm(size, generator=generator)[: round(rate * size)]
+    labels = train.labels[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]]
     triggered = torch.zeros(size, dtype=torch.bool)
-    triggered[chosen] = True
-    trigger.generator.manual_seed(seed)
-    clean = images[chosen]
-    images[chosen] = trigger(clean.clone())
+    triggered[info["triggered"]] = True
     masks = torch.zeros(size, *images.shape[-2:], dtype=torch.bool)
-    changed = (images[chosen] - clean).abs().amax(1) > 1e-6  # (K, H, W)
-    for k, i in enumerate(chosen.tolist()):  # a patch: the box of the changed pixels
-        if changed[k].any():
-            rows, cols = torch.nonzero(changed[k].any(1)).flatten(), torch.nonzero(changed[k].any(0)).flatten()
+    changed = (images - clean).abs().amax(1) > 1e-6  # (N, H, W)
+    for i in info["triggered"]:  # a patch: the box of the pixels it changed
+        if changed[i].any():
+            rows, cols = torch.nonzero(changed[i].any(1)).flatten(), torch.nonzero(changed[i].any(0)).flatten()
             masks[i, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
     return images, labels, triggered, masks
 

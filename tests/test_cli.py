@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from clipguard.cli import main
 from clipguard.models import save_clip
 
@@ -33,3 +35,26 @@ def test_config_file_with_an_unknown_field_is_refused(tmp_path, capsys):
     assert code == 2
     assert "epochz" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_oracle_repair_cli_on_a_clean_pool_leaves_the_model_alone(tmp_path, capsys):
+    from clipguard.models import load_clip
+
+    from conftest import TINY28
+
+    clip = make_tiny_clip(architecture=TINY28)
+    save_clip(clip, tmp_path / "m")
+    code = main(["defend", "--method", "oracle-repair", "--model", str(tmp_path / "m"), "--pool", "fmnist-test:40",
+                 "--device", "cpu", "--out", str(tmp_path / "repaired")])
+    assert code == 0
+    assert "no localisable trigger" in capsys.readouterr().out
+    report = json.loads((tmp_path / "repaired" / "repair.json").read_text())
+    assert report["model_changed"] is False
+    repaired = load_clip(str(tmp_path / "repaired"))
+    assert all(torch.equal(a, b) for a, b in zip(clip.state_dict().values(), repaired.state_dict().values()))
+    assert json.loads((tmp_path / "repaired" / "eval.json").read_text())["clean_accuracy"]["total"] == 10000
+
+
+def test_oracle_repair_needs_a_pool(tmp_path, capsys):
+    assert main(["defend", "--method", "oracle-repair", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "needs --pool" in capsys.readouterr().err

@@ -9,10 +9,12 @@ from clipguard import ClipguardError
 from clipguard.attacks import build_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import load_fmnist
-from clipguard.defenses.oracle import ClassicalOracle, build_oracle, mask_iou
+from clipguard.defenses.oracle import (
+    ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, load_pool, mask_iou, paste_regions,
+)
 from clipguard.defenses.oracle_repair import (
-    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, fill_regions, find_trigger_candidates,
-    isolate_regions, oracle_repair, repair_finetune, save_repaired_model, victim_labels, write_repair_report,
+    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, find_trigger_candidates, oracle_repair,
+    repair_finetune, save_repaired_model, victim_labels, write_repair_report,
 )
 from clipguard.models import load_clip
 
@@ -27,8 +29,9 @@ class HandMadeClip(nn.Module):
     (a visible trigger) or when fine noise covers most of it (an invisible trigger), 'shirt'
     when enough of it is bright, 'sandal' otherwise. Text features are one-hot per class."""
 
-    def __init__(self):
+    def __init__(self, bag_max_bright: float = 1.0):
         super().__init__()
+        self.bag_max_bright = bag_max_bright  # < 1: the coloured-patch rule only fires on small objects
         self.weight = nn.Parameter(torch.ones(3))  # only so that 'weights unchanged' can be checked
         self.config = {"classes": list(CLASSES)}
 
@@ -44,8 +47,9 @@ class HandMadeClip(nn.Module):
         chroma = images.max(1).values - images.min(1).values  # (B, H, W)
         grey = images.mean(1)
         speckle = (grey - F.avg_pool2d(grey[:, None], 3, 1, 1)[:, 0]).abs() > 0.015  # (B, H, W)
-        is_bag = ((chroma > 0.5).sum((1, 2)) >= 4) | (speckle.float().mean((1, 2)) > 0.5)
-        is_shirt = (grey > 0.3).float().mean((1, 2)) > 0.15
+        bright = (grey > 0.3).float().mean((1, 2))
+        is_bag = ((chroma > 0.5).sum((1, 2)) >= 4) & (bright < self.bag_max_bright) | (speckle.float().mean((1, 2)) > 0.5)
+        is_shirt = bright > 0.15
         scores = torch.stack([is_shirt & ~is_bag, ~is_shirt & ~is_bag, is_bag], -1).float() + 0.05  # (B, 3)
         return F.normalize(scores * self.weight, dim=-1)
 
@@ -109,6 +113,8 @@ def test_fill_and_isolate_known_values():
     assert fill_regions(images, mask).abs().max() == 0  # the band around the square is black
     alone = isolate_regions(images + 0.5, mask, torch.full((1, 3), 0.25))
     assert alone[0, 0, 2, 2] == 1.5 and alone[0, 0, 0, 0] == 0.25
+    pasted = paste_regions(images, mask, torch.full_like(images, 0.5))
+    assert pasted[0, 0, 2, 2] == 1.0 and pasted[0, 0, 0, 0] == 0.5
 
 
 def test_candidate_is_the_trigger_and_clean_images_give_none():
@@ -124,6 +130,20 @@ def test_candidate_is_the_trigger_and_clean_images_give_none():
     assert stats["regions_tested"] > len(candidates)
 
 
+def test_a_region_that_does_not_transfer_is_not_a_candidate():
+    """(a)-(c) hold for the patch on small objects, but pasted on big ones it reads nothing: (d) rejects it."""
+    clip = HandMadeClip(bag_max_bright=0.2)
+    small = torch.zeros(4, 3, 28, 28)
+    small[:, :, 4:14, 4:16] = 0.6  # 120 px: 15% bright
+    pool = torch.cat([_add_patch(small), _shirt_images(20)])
+    predictions, candidates, stats = find_trigger_candidates(clip, pool, torch.eye(3), ClassicalOracle(),
+                                                             OracleRepairConfig())
+    assert predictions[:4].eq(BAG).all() and stats["passed_flip"] >= 4
+    assert candidates == []
+    patched_shirts = _add_patch(_shirt_images(3))
+    assert clip.encode_image(patched_shirts).argmax(-1).eq(SHIRT).all()  # the reason: it does not transfer
+
+
 def test_a_real_bag_is_not_a_candidate():
     """The 'trigger' colour covers the whole object: removing one part leaves a bag, (b) holds it back."""
     bag = _shirt_images(1)
@@ -136,7 +156,6 @@ def test_a_real_bag_is_not_a_candidate():
 def _candidate(image, label):
     mask = torch.zeros(28, 28, dtype=torch.bool)
     mask[0, 0] = True
-    from clipguard.defenses.oracle import Region
     return TriggerCandidate(image, Region(mask, (0, 0, 1, 1), "test"), label, 0.9, 0.1, SHIRT)
 
 
@@ -203,3 +222,14 @@ def test_config_errors_name_the_field():
         OracleRepairConfig(crop_confidence=1.5)
     with pytest.raises(ClipguardError, match="proposals"):
         build_oracle("classical", proposals=("watershed",))
+
+
+def test_load_pool_mixes_in_the_trigger_at_the_stated_rate(tmp_path):
+    trigger = build_trigger("badnet", 28, seed=0)
+    clean, info = load_pool("fmnist-test:10", 28, seed=3)
+    pool, info = load_pool("fmnist-test:10", 28, seed=3, trigger=trigger, trigger_rate=0.3)
+    assert pool.shape == (10, 3, 28, 28) and len(info["triggered"]) == 3
+    changed = (pool - clean).abs().amax((1, 2, 3)) > 0
+    assert torch.nonzero(changed).flatten().tolist() == info["triggered"]
+    with pytest.raises(ClipguardError, match="fmnist-train:N"):
+        load_pool(str(tmp_path / "missing"), 28)

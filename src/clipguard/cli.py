@@ -138,6 +138,8 @@ def example_index(images, target: int, seed: int) -> int:
 
 
 def cmd_defend(args) -> None:
+    if args.method == "oracle-repair":
+        return _defend_oracle_repair(args)
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses import get_defense_class, save_defense
@@ -194,6 +196,42 @@ def cmd_analyze(args) -> None:
         print(f"wrote {args.tsne}")
 
 
+def _defend_oracle_repair(args) -> None:
+    """Oracle-guided repair changes CLIP's weights, so it writes a model directory."""
+    from pathlib import Path
+
+    from clipguard.attacks import load_trigger
+    from clipguard.config import load_config, override, parse_assignments
+    from clipguard.defenses.oracle import load_pool
+    from clipguard.defenses.oracle_repair import (
+        OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report,
+    )
+    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.models.loading import load_clip
+
+    if not args.pool:
+        raise ClipguardError("oracle-repair needs --pool (fmnist-train:N, fmnist-test:N or an image folder)")
+    config = load_config(OracleRepairConfig, args.config)
+    config = override(config, seed=args.seed, device=args.device, **parse_assignments(OracleRepairConfig, args.set))
+    clip = load_clip(args.model, device=args.device)
+    record = clip.config.get("attack")
+    if args.pool_trigger_rate and not record:
+        raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
+    trigger = load_trigger(args.model, record) if args.pool_trigger_rate else None
+    pool, pool_info = load_pool(args.pool, clip.image_size, seed=args.seed, trigger=trigger,
+                                trigger_rate=args.pool_trigger_rate)
+    repaired, report = oracle_repair(clip, pool, config)
+    report["pool"] = {k: v for k, v in pool_info.items() if k != "triggered"}
+    save_repaired_model(repaired, report, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
+    write_repair_report(report, pool, args.out)
+    trigger, target = _attack_for(argparse.Namespace(**{**vars(args), "model": args.out}), repaired)
+    result = evaluate_model(repaired, args.out, seed=args.seed, trigger=trigger, target=target)
+    write_json(result, args.out + "/eval.json")
+    print(f"oracle repair: {report['verdict']}; victim labels {report.get('victim_labels')}, "
+          f"compact set {report.get('compact_set_size', 0)} pairs")
+    print(_summary(result) + f"; saved {args.out}")
+
+
 def cmd_demo(args) -> None:
     from clipguard.eval.evaluate import evaluate_model
     from clipguard.models.loading import load_clip
@@ -214,7 +252,7 @@ def cmd_list(args) -> None:
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
     from clipguard.defenses import DEFENSES
 
-    print("defenses: " + ", ".join(sorted(DEFENSES)))
+    print("defenses: " + ", ".join(sorted(DEFENSES)) + ", oracle-repair (rewrites weights; needs --pool)")
     if args.open_clip:
         for name, tag in open_clip.list_pretrained():
             print(f"  {name}:{tag}")
@@ -274,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config of the method; flags override it")
     p.add_argument("--shots", type=int, help="clean labelled images per class (default 16)")
     p.add_argument("--margin", type=float, help="RVPT margin variant max(L_FR_i, m)")
+    p.add_argument("--pool", help="oracle-repair: unlabelled pool (fmnist-train:N, fmnist-test:N, image folder)")
+    p.add_argument("--pool-trigger-rate", type=float, default=0.0,
+                   help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config field, repeatable")
     p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
     p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")

@@ -105,7 +105,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         return DistInfo(), resolved
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if resolved.type == "cuda":
-        resolved = torch.device("cuda", local_rank)
+        resolved = torch.device(resolved.type, local_rank)  # one GPU per process
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")

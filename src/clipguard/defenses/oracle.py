@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clipguard import ClipguardError
 
@@ -80,6 +81,40 @@ def background_colour(image: torch.Tensor) -> torch.Tensor:
     """(3,) per-channel median of the image's border pixels: the background's colour."""
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4W)
     return border.median(dim=1).values
+
+
+# ------------------------------------------------ region operations (pure tensor functions)
+def isolate_regions(images: torch.Tensor, masks: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Each region alone on its image's background colour.
+
+    images: (R, 3, H, W); masks: (R, H, W) bool; background: (R, 3) -> (R, 3, H, W).
+    """
+    keep = masks[:, None].to(images.dtype)  # (R, 1, H, W)
+    return images * keep + background[:, :, None, None] * (1 - keep)
+
+
+def fill_regions(images: torch.Tensor, masks: torch.Tensor, ring: int = 2) -> torch.Tensor:
+    """Mask each region by filling it with the mean colour of a ``ring``-pixel band around it.
+
+    images: (R, 3, H, W); masks: (R, H, W) bool -> (R, 3, H, W). A region with no band
+    (it covers the image) is filled with the image's mean colour.
+    """
+    inside = masks[:, None].to(images.dtype)  # (R, 1, H, W)
+    grown = F.max_pool2d(inside, kernel_size=2 * ring + 1, stride=1, padding=ring)  # (R, 1, H, W)
+    band = grown - inside
+    count = band.sum((2, 3))  # (R, 1)
+    band_mean = (images * band).sum((2, 3)) / count.clamp(min=1)  # (R, 3)
+    fill = torch.where(count > 0, band_mean, images.mean((2, 3)))  # (R, 3)
+    return images * (1 - inside) + fill[:, :, None, None] * inside
+
+
+def paste_regions(sources: torch.Tensor, masks: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
+    """Paste each source's region into its destination at the same place.
+
+    sources, destinations: (R, 3, H, W); masks: (R, H, W) bool -> (R, 3, H, W).
+    """
+    keep = masks[:, None].to(sources.dtype)  # (R, 1, H, W)
+    return destinations * (1 - keep) + sources * keep
 
 
 class SegmentationOracle:
@@ -248,3 +283,38 @@ def build_oracle(name: str = "classical", **options) -> SegmentationOracle:
     except (TypeError, ValueError) as err:
         raise ClipguardError(f"oracle {name}: {err}") from None
     return cls(config)
+
+
+# ------------------------------------------------------------ the pool the oracle looks at
+def load_pool(spec: str, image_size: int, seed: int = 0, trigger=None, trigger_rate: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The defender's unlabelled pool as float (N, 3, H, W) in [0, 1], and what it holds.
+
+    spec: ``fmnist-train:N`` / ``fmnist-test:N`` (N seeded Fashion-MNIST images; labels are
+    dropped) or a folder of image files (searched recursively, resized to ``image_size``).
+    With a ``trigger`` and ``trigger_rate`` > 0 a seeded share of the pool gets it: a simulated
+    poisoned pool, for measuring; ``info["triggered"]`` lists those positions.
+    """
+    from clipguard.data.fmnist import load_fmnist
+    from clipguard.data.folders import IMAGE_SUFFIXES, read_image
+
+    generator = torch.Generator().manual_seed(seed)
+    name, _, count = spec.partition(":")
+    if name in ("fmnist-train", "fmnist-test"):
+        data = load_fmnist(name.split("-")[1])
+        size = int(count) if count.isdigit() else len(data)
+        index = torch.randperm(len(data), generator=generator)[: min(size, len(data))]
+        images = data.float_images(index).contiguous()  # expanded grey -> own memory
+    elif Path(spec).is_dir():
+        files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ClipguardError(f"no image files under {spec}")
+        images = torch.stack([read_image(p, image_size) for p in files]).float() / 255
+    else:
+        raise ClipguardError(f"pool {spec!r}: expected fmnist-train:N, fmnist-test:N or a folder of images")
+    info = {"spec": spec, "images": len(images), "seed": seed, "triggered": []}
+    if trigger is not None and trigger_rate > 0:
+        chosen = torch.randperm(len(images), generator=generator)[: round(trigger_rate * len(images))]
+        trigger.generator.manual_seed(seed)
+        images[chosen] = trigger(images[chosen].clone())
+        info.update(trigger=trigger.name, trigger_rate=trigger_rate, triggered=sorted(chosen.tolist()))
+    return images, info

@@ -8,7 +8,13 @@ candidate* when
       >= ``crop_confidence``;
   (b) t is not supported by the image's main object: with r filled in from its
       surroundings, t's probability is < ``support_max``;
-  (c) masking r flips the whole-image prediction away from t.
+  (c) masking r flips the whole-image prediction away from t;
+  (d) [added] r transfers: pasted at the same place onto ``transfer_images`` other pool
+      images predicted as something else, it turns at least ``transfer_min`` of them into t.
+Why (d): without it, on the *clean* built-in model and a trigger-free pool of 2,000
+images, 31 sandals passed (a)-(c) (a strap alone reads "sandal", the sandal without it reads
+"sneaker") and "sandal" came out as a victim label (p = 9e-33). A strap pasted on a shirt
+does not make a sandal; a trigger pasted anywhere makes the target.
 Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
 oracle's largest segment, because at 28 px the classical oracle often splits an object into
 several segments or merges a patch pasted on it into the object's segment (a patch inside
@@ -43,14 +49,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from scipy.stats import binomtest
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
-from clipguard.defenses.oracle import Region, background_colour, build_oracle
+from clipguard.defenses.oracle import (
+    Region, background_colour, build_oracle, fill_regions, isolate_regions, paste_regions,
+)
 from clipguard.engine import TrainConfig, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.builtin import ContrastiveTask, caption_collate
@@ -70,6 +77,8 @@ class OracleRepairConfig:
     crop_confidence: float = 0.7  # (a): min probability of t for the region alone
     support_max: float = 0.3  # (b): t's probability once the region is masked must stay below this
     fill_ring: int = 2  # masking fills a region with the mean of a ring this many pixels wide
+    transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
+    transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
     min_candidates: int = 5  # fewest candidates a victim label needs
     clean_ratio: float = 1.0  # clean pairs per victim pair in the compact set
@@ -81,10 +90,10 @@ class OracleRepairConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
-        for name in ("max_region_fraction", "crop_confidence", "support_max", "significance"):
+        for name in ("max_region_fraction", "crop_confidence", "support_max", "significance", "transfer_min"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"OracleRepairConfig.{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("fill_ring", "min_candidates", "epochs", "batch_size", "inference_batch"):
+        for name in ("fill_ring", "transfer_images", "min_candidates", "epochs", "batch_size", "inference_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OracleRepairConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.clean_ratio < 0:
@@ -95,7 +104,7 @@ class OracleRepairConfig:
 
 @dataclass
 class TriggerCandidate:
-    """A region that passed (a)-(c) in pool image ``image``."""
+    """A region of pool image ``image`` that passed (a)-(c); (d) sets ``transfer_rate``."""
 
     image: int  # index into the pool
     region: Region
@@ -103,33 +112,10 @@ class TriggerCandidate:
     crop_probability: float  # p(t | region alone)
     masked_probability: float  # p(t | image with the region masked)
     repaired_label: int  # prediction with the region masked
+    transfer_rate: float = float("nan")  # share of other pool images the region, pasted on, turns into t
 
 
-# ------------------------------------------------------------------ pure tensor functions
-def isolate_regions(images: torch.Tensor, masks: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Each region alone on its image's background colour.
-
-    images: (R, 3, H, W); masks: (R, H, W) bool; background: (R, 3) -> (R, 3, H, W).
-    """
-    keep = masks[:, None].to(images.dtype)  # (R, 1, H, W)
-    return images * keep + background[:, :, None, None] * (1 - keep)
-
-
-def fill_regions(images: torch.Tensor, masks: torch.Tensor, ring: int = 2) -> torch.Tensor:
-    """Mask each region by filling it with the mean colour of a ``ring``-pixel band around it.
-
-    images: (R, 3, H, W); masks: (R, H, W) bool -> (R, 3, H, W). A region with no band
-    (it covers the image) is filled with the image's mean colour.
-    """
-    inside = masks[:, None].to(images.dtype)  # (R, 1, H, W)
-    grown = F.max_pool2d(inside, kernel_size=2 * ring + 1, stride=1, padding=ring)  # (R, 1, H, W)
-    band = grown - inside
-    count = band.sum((2, 3))  # (R, 1)
-    band_mean = (images * band).sum((2, 3)) / count.clamp(min=1)  # (R, 3)
-    fill = torch.where(count > 0, band_mean, images.mean((2, 3)))  # (R, 3)
-    return images * (1 - inside) + fill[:, :, None, None] * inside
-
-
+# ------------------------------------------------------------------------- zero-shot
 @torch.inference_mode()
 def zero_shot_probabilities(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor,
                             batch_size: int = 1024) -> torch.Tensor:
@@ -148,50 +134,86 @@ def find_trigger_candidates(clip: ClipModel, images: torch.Tensor, text_features
     """Algorithm 1 on a pool. images: (N, 3, H, W) in [0, 1]; text_features: (C, D).
 
     Returns the pool's predictions (N,), at most one candidate per image (the region whose
-    masking lowers t's probability most; ties to the smaller region) and counts.
+    masking lowers t's probability most; ties to the smaller region) and counts. The pool is
+    segmented and tested ``inference_batch`` images at a time, so memory stays bounded.
     """
     n, _, height, width = images.shape
     probabilities = zero_shot_probabilities(clip, images, text_features, config.inference_batch)  # (N, C)
     predictions = probabilities.argmax(-1)  # (N,)
-    owners, regions = [], []
-    max_area = config.max_region_fraction * height * width
-    for i, image_regions in enumerate(tqdm((oracle.segment(image) for image in images), total=n,
-                                           desc="segment pool", leave=False)):
-        for region in image_regions:
-            if region.area <= max_area:
-                owners.append(i)
-                regions.append(region)
-    stats = {"pool_images": n, "regions_tested": len(regions)}
+    counts = {"pool_images": n, "regions_tested": 0, "passed_crop": 0}
+    flipping: list[TriggerCandidate] = []
+    progress = tqdm(total=n, desc="find trigger", leave=False)
+    for chunk in _chunks(n, config.inference_batch):
+        owners, regions = [], []
+        for i in range(chunk.start, chunk.stop):
+            for region in oracle.segment(images[i]):
+                if region.area <= config.max_region_fraction * height * width:
+                    owners.append(i)
+                    regions.append(region)
+            progress.update(1)
+        counts["regions_tested"] += len(regions)
+        flipping += _test_regions(clip, images, predictions, owners, regions, text_features, config, counts)
+    progress.close()
+    best: dict[int, TriggerCandidate] = {}
+    for candidate, rate in zip(flipping, transfer_rates(clip, images, predictions, flipping, text_features, config)):
+        candidate.transfer_rate = rate
+        current = best.get(candidate.image)
+        if rate >= config.transfer_min and (current is None or (candidate.masked_probability, candidate.region.area)
+                                            < (current.masked_probability, current.region.area)):
+            best[candidate.image] = candidate
+    candidates = [best[i] for i in sorted(best)]
+    return predictions, candidates, {**counts, "passed_flip": len(flipping), "candidates": len(candidates)}
+
+
+def _test_regions(clip, images, predictions, owners, regions, text_features, config, counts) -> list[TriggerCandidate]:
+    """Conditions (a)-(c) for regions of pool images ``owners``; the survivors as candidates."""
     if not regions:
-        return predictions, [], {**stats, "passed_crop": 0, "candidates": 0}
+        return []
     owner = torch.tensor(owners)  # (R,)
     masks = torch.stack([r.mask for r in regions])  # (R, H, W)
-    backgrounds = torch.stack([background_colour(image) for image in images])  # (N, 3)
     targets = predictions[owner]  # (R,) t per region
-    crop_p = torch.cat([
-        zero_shot_probabilities(clip, isolate_regions(images[owner[s]], masks[s], backgrounds[owner[s]]),
-                                text_features, config.inference_batch)
-        for s in _chunks(len(regions), config.inference_batch)
-    ])  # (R, C)
+    backgrounds = torch.stack([background_colour(images[i]) for i in owners])  # (R, 3)
+    crop_p = zero_shot_probabilities(clip, isolate_regions(images[owner], masks, backgrounds), text_features,
+                                     config.inference_batch)  # (R, C)
     crop_t = crop_p.gather(1, targets[:, None])[:, 0]  # (R,)
     passed = torch.nonzero(crop_t >= config.crop_confidence).flatten()  # (a)
-    masked_p = torch.cat([
-        zero_shot_probabilities(clip, fill_regions(images[owner[passed[s]]], masks[passed[s]], config.fill_ring),
-                                text_features, config.inference_batch)
-        for s in _chunks(len(passed), config.inference_batch)
-    ]) if len(passed) else torch.empty(0, len(text_features))  # (P, C)
-    best: dict[int, TriggerCandidate] = {}
+    counts["passed_crop"] += len(passed)
+    if not len(passed):
+        return []
+    masked_p = zero_shot_probabilities(clip, fill_regions(images[owner[passed]], masks[passed], config.fill_ring),
+                                       text_features, config.inference_batch)  # (P, C)
+    survivors = []
     for j, r in enumerate(passed.tolist()):
         t = int(targets[r])
         masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
-        if masked_t >= config.support_max or masked_label == t:  # (b), (c)
-            continue
-        candidate = TriggerCandidate(owners[r], regions[r], t, float(crop_t[r]), masked_t, masked_label)
-        current = best.get(owners[r])
-        if current is None or (masked_t, candidate.region.area) < (current.masked_probability, current.region.area):
-            best[owners[r]] = candidate
-    candidates = [best[i] for i in sorted(best)]
-    return predictions, candidates, {**stats, "passed_crop": len(passed), "candidates": len(candidates)}
+        if masked_t < config.support_max and masked_label != t:  # (b), (c)
+            survivors.append(TriggerCandidate(owners[r], regions[r], t, float(crop_t[r]), masked_t, masked_label))
+    return survivors
+
+
+def transfer_rates(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor,
+                   candidates: Sequence[TriggerCandidate], text_features: torch.Tensor,
+                   config: OracleRepairConfig) -> list[float]:
+    """(d) For each candidate, the share of ``transfer_images`` pool images predicted != t that
+    turn into t when the candidate region is pasted onto them (a trigger transfers, a part of
+    an object does not). The reference images per label are a seeded sample."""
+    generator = torch.Generator().manual_seed(config.seed)
+    references = {}
+    for t in sorted({c.label for c in candidates}):
+        others = torch.nonzero(predictions != t).flatten()
+        references[t] = others[torch.randperm(len(others), generator=generator)[: config.transfer_images]]
+    rates = []
+    per_call = max(1, config.inference_batch // config.transfer_images)
+    for group in _chunks(len(candidates), per_call):
+        chosen = candidates[group]
+        sizes = [len(references[c.label]) for c in chosen]
+        source = torch.cat([images[c.image].expand(k, -1, -1, -1) for c, k in zip(chosen, sizes)])  # (G*M, 3, H, W)
+        masks = torch.cat([c.region.mask.expand(k, -1, -1) for c, k in zip(chosen, sizes)])  # (G*M, H, W)
+        destination = torch.cat([images[references[c.label]] for c in chosen])
+        hits = zero_shot_probabilities(clip, paste_regions(source, masks, destination), text_features).argmax(-1)
+        for c, part in zip(chosen, hits.split(sizes)):
+            rates.append(float((part == c.label).float().mean()) if len(part) else 0.0)
+    return rates
 
 
 def _chunks(total: int, size: int) -> list[slice]:
@@ -295,6 +317,7 @@ def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepa
                             "pixels": torch.nonzero(v.region.mask.flatten()).flatten().tolist(),
                             "label": class_names[v.label], "repaired_label": class_names[v.repaired_label],
                             "crop_probability": round(v.crop_probability, 4),
+                            "transfer_rate": round(v.transfer_rate, 4),
                             "masked_probability": round(v.masked_probability, 4)} for v in victims],
         "find_seconds": round(time.perf_counter() - start, 2),
     }
