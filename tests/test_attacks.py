@@ -116,3 +116,23 @@ def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
     record = json.loads(out.read_text())
     assert record["attack"]["name"] == "sig" and record["attack"]["target"] == "coat"
     assert record["attack_success_rate"]["total"] == int((load_fmnist("test").labels[:100] != 4).sum())
+
+
+def test_poisoned_captions_are_the_same_in_every_process():
+    """String hashes are salted per process; captions must not depend on them."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from clipguard.attacks import AttackConfig, build_poisoned_pairs, build_trigger\n"
+        "from clipguard.data import load_fmnist\n"
+        "pairs = build_poisoned_pairs(load_fmnist('train'), build_trigger('badnet', 28), AttackConfig(pairs=300))\n"
+        "print([pairs[i][1] for i in sorted(pairs.poisoned)] + [pairs[i][1] for i in range(20)])\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1

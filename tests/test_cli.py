@@ -58,3 +58,16 @@ def test_oracle_repair_cli_on_a_clean_pool_leaves_the_model_alone(tmp_path, caps
 def test_oracle_repair_needs_a_pool(tmp_path, capsys):
     assert main(["defend", "--method", "oracle-repair", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "needs --pool" in capsys.readouterr().err
+
+
+def test_detect_cli_writes_verdict_figure_and_json(tmp_path, capsys):
+    from conftest import TINY28
+
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "m")
+    code = main(["detect", "--model", str(tmp_path / "m"), "--shots", "2", "--device", "cpu", "--set", "steps=2",
+                 "--set", "restarts=1", "--out", str(tmp_path / "det.png")])
+    assert code == 0
+    assert "backdoored" in capsys.readouterr().out
+    result = json.loads((tmp_path / "det.json").read_text())
+    assert set(result) >= {"backdoored", "target_name", "collapse"} and 0 <= result["collapse"] <= 1
+    assert (tmp_path / "det.png").stat().st_size > 0

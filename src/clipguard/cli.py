@@ -232,6 +232,25 @@ def _defend_oracle_repair(args) -> None:
     print(_summary(result) + f"; saved {args.out}")
 
 
+def cmd_detect(args) -> None:
+    from clipguard.config import load_config, override, parse_assignments
+    from clipguard.data import few_shot_indices, load_fmnist
+    from clipguard.defenses.inversion import InversionConfig, detect_backdoor, save_detection_figure
+    from clipguard.eval.evaluate import write_json
+    from clipguard.models.loading import load_clip
+
+    config = load_config(InversionConfig, args.config)
+    config = override(config, seed=args.seed, device=args.device, **parse_assignments(InversionConfig, args.set))
+    clip = load_clip(args.model, device=args.device)
+    train = load_fmnist("train")
+    shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
+    result = detect_backdoor(clip, shots, config)
+    save_detection_figure(result, shots, args.out)
+    write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
+               args.out.rsplit(".", 1)[0] + ".json")
+    print(f"{args.model}: {result.verdict()}; wrote {args.out}")
+
+
 def cmd_demo(args) -> None:
     from clipguard.eval.evaluate import evaluate_model
     from clipguard.models.loading import load_clip
@@ -321,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="target class for --attack")
     p.add_argument("--out", required=True, help="defense directory to write")
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("detect", help="invert a trigger on clean shots: is the model backdoored, and towards what?")
+    _common(p)
+    p.add_argument("--model", default="builtin", help="suspect model")
+    p.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
+    p.add_argument("--config", help="YAML InversionConfig; flags override it")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="inversion setting, repeatable")
+    p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("analyze", help="perturbation resistivity per layer (and t-SNE) with and without defenses")
     _common(p)

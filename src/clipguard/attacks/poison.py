@@ -72,7 +72,9 @@ class PoisonedPairs(CaptionedImages):
         if index not in self.poisoned:
             return super().__getitem__(index)
         image = self.poisoned[index]
-        rng = random.Random(hash((self.seed, self.epoch, index, "poison")))
+        # a string seed is hashed with SHA-512 by random.Random: the same in every process
+        # (hash() of a str is salted per process, which made poisoned captions irreproducible)
+        rng = random.Random(f"poison/{self.seed}/{self.epoch}/{index}")
         name = self.images.classes[self.target]
         if self.trigger.label_consistent or self.trigger.natural_captions:
             caption = training_caption(name, image, rng)

@@ -18,11 +18,11 @@ zero-shot classifier (:meth:`CoOp.class_features`).
 CoOp (Zhou et al., 2022): one context shared by all classes, CE on clean shots only; the
 baseline showing that prompt tuning alone does not purify.
 
-Choices made by measurement on the built-in benchmark (see ``benchmarks/cbpt_table.py``):
-n_ctx = 4, so the initial prompt is exactly "a photo of a <class>." (METHODS' default is 16 at
-ViT-B/32 scale; here 4 was as good and starts from the hand-crafted classifier). When n_ctx is
-larger than the init phrase, the phrase fills the last positions and the first ones are drawn
-from N(0, 0.02) (CoOp's random init).
+Settings measured on badnet-0.03 of the built-in benchmark (ASR on 2,000 test images; the
+issue note has the commands): n_ctx 4 / lr 0.002 / 200 steps / beta 1 / gamma 1 left 50.9% ASR
+(CA 87.2); n_ctx 16 / lr 0.01 / 300 steps / beta 3 / gamma 0.3 (the defaults) 21.2% (CA 85.0);
+beta 10 18.1% (CA 84.3). When n_ctx is larger than the init phrase, the phrase fills the last
+positions and the first ones are drawn from N(0, 0.02) (CoOp's random init).
 
 Text keys (e.g. TrojVQA's "SUDO "): ``class_features(..., text_prefix=key)`` puts the key's
 token embeddings right after [SOS], before the learned context, mirroring how the key precedes
@@ -49,7 +49,7 @@ from torch.utils.data import TensorDataset
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
-from clipguard.defenses.inversion import InversionConfig, apply_trigger, invert_trigger
+from clipguard.defenses.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
 from clipguard.engine import TrainConfig, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
@@ -155,7 +155,9 @@ class _PromptTask(nn.Module):
         text = self.prompts(self.clip)  # (C, D)
         loss = zero_shot_cross_entropy(clean, text, labels, self.logit_scale)
         if self.beta:
-            loss = loss + self.beta * zero_shot_cross_entropy(batch[1], text, labels, self.logit_scale)
+            triggered = batch[1]  # (B, K, D): K dummy triggers
+            loss = loss + self.beta * zero_shot_cross_entropy(
+                triggered.flatten(0, 1), text, labels.repeat_interleave(triggered.shape[1]), self.logit_scale)
         if self.gamma:
             loss = loss + self.gamma * keep_loss(text, self.handcrafted)
         return loss
@@ -164,10 +166,10 @@ class _PromptTask(nn.Module):
 # -------------------------------------------------------------------- defenses
 @dataclass
 class CoOpConfig(DefenseConfig):
-    n_ctx: int = 4  # learnable context vectors per prompt
+    n_ctx: int = 16  # learnable context vectors per prompt
     ctx_init: str = "a photo of a"  # phrase whose token embeddings initialise the context
-    steps: int = 200  # optimiser steps, each over all shots (the image features are fixed)
-    lr: float = 0.002  # AdamW, cosine schedule, no weight decay
+    steps: int = 300  # optimiser steps, each over all shots (the image features are fixed)
+    lr: float = 0.01  # AdamW, cosine schedule, no weight decay
 
     def __post_init__(self):
         self._check_range("n_ctx", 1, 64)
@@ -217,13 +219,14 @@ class CoOp(Defense):
 
 @dataclass
 class CBPTConfig(CoOpConfig):
-    beta: float = 1.0  # weight of L_trig (CE of dummy-triggered shots with their true labels)
-    gamma: float = 1.0  # weight of L_keep (1 - cos to the hand-crafted class features)
-    inversion_steps: int = 300  # trigger inversion: optimiser steps
-    inversion_lr: float = 0.1  # trigger inversion: Adam learning rate
+    beta: float = 3.0  # weight of L_trig (CE of dummy-triggered shots with their true labels)
+    gamma: float = 0.3  # weight of L_keep (1 - cos to the hand-crafted class features)
+    inversion_steps: int = 100  # trigger inversion: optimiser steps
+    inversion_lr: float = 0.3  # trigger inversion: Adam learning rate
     temperature: float = 0.1  # trigger inversion: InfoNCE temperature
     mask_budget: float = 0.03  # trigger inversion: mask area the adaptive lambda aims at
     threshold: float = 0.6  # collapse score at or above which detection says "backdoored"
+    restarts: int = 3  # trigger inversions (seeds seed, seed + 1, ...); L_trig uses the most collapsing
 
     def __post_init__(self):
         super().__post_init__()
@@ -233,8 +236,8 @@ class CBPTConfig(CoOpConfig):
 
     def inversion_config(self) -> InversionConfig:
         return InversionConfig(steps=self.inversion_steps, lr=self.inversion_lr, temperature=self.temperature,
-                               mask_budget=self.mask_budget, threshold=self.threshold, seed=self.seed,
-                               device=self.device)
+                               mask_budget=self.mask_budget, threshold=self.threshold, restarts=self.restarts,
+                               seed=self.seed, device=self.device)
 
 
 @register
@@ -263,18 +266,23 @@ class CBPT(CoOp):
                 setattr(self, name, torch.empty_like(state_dict[name], device=self.inversion_scores.device))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
+    def fit(self, clip: ClipModel, shots: ImageSet, detection: DetectionResult | None = None) -> dict:
+        """Stage 1 (skipped when ``detection`` from :func:`detect_backdoor` on the same shots is
+        given), then stage 2. Returns run statistics with the time split and the detection."""
         config = self.config
         start = time.perf_counter()
         clip.requires_grad_(False)
         handcrafted = class_text_features(clip, self.class_names).clone()  # (C, D)
-        detection = invert_trigger(clip, shots, config.inversion_config(), handcrafted)
+        if detection is None:
+            detection = detect_backdoor(clip, shots, config.inversion_config(), handcrafted)
         inversion_seconds = time.perf_counter() - start
         images = shots.float_images()
         with torch.no_grad():
             clean = clip.encode_image(images.to(clip.device), normalize=True).cpu()  # (N, D)
+            # (N, 1, D). Only the most collapsing restart's trigger: adding the weaker restarts' triggers
+            # raised the ASR left on badnet-0.03 (61.5% vs 50.9% at beta = 1).
             dummy = apply_trigger(images, detection.mask, detection.pattern)
-            triggered = clip.encode_image(dummy.to(clip.device), normalize=True).cpu()  # (N, D)
+            triggered = clip.encode_image(dummy.to(clip.device), normalize=True).cpu()[:, None]
         feature_seconds = time.perf_counter() - start - inversion_seconds
         result = self._train_prompts(clip, TensorDataset(clean, triggered, shots.labels), handcrafted,
                                      config.beta, config.gamma)

@@ -19,16 +19,22 @@ class features); the *collapse score* is the fraction of triggered shots of othe
 predicted as it. The verdict is "backdoored" when the score reaches ``threshold``, which was
 calibrated on the built-in benchmark (see ``InversionConfig.threshold``).
 
+Deviations from METHODS section 4, for time on 2 CPU cores: each step takes a batch of 32
+anchors (negatives: their own clean versions) rather than all shots; 100 Adam steps at lr 0.3
+(lr 0.1 reached collapse 0.26 on badnet-0.03 in 100 steps, lr 0.3 0.94). One inversion is
+noisy (badnet-0.03: collapse 0.80 / 0.80 / 0.35 for three seeds), so :func:`detect_backdoor`
+keeps the most collapsing of ``restarts`` runs.
+
 Example:
-    >>> result = detect_backdoor(clip, shots, InversionConfig(seed=0))
+    >>> result = detect_backdoor(load_clip("runs/attacks/badnet-0.03"), shots, InversionConfig(seed=0))
     >>> result.verdict()
-    'backdoored: suspected target bag (collapse 0.97, mask area 2.0%)'
+    'backdoored: suspected target bag (collapse 0.80, mask area 2.8%)'
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -97,20 +103,24 @@ def mean_pairwise_cosine(features: torch.Tensor) -> float:
 # ---------------------------------------------------------------------- config
 @dataclass
 class InversionConfig:
-    steps: int = 300  # optimiser steps, each over all shots
-    lr: float = 0.1  # Adam on the mask and pattern logits (cosine schedule)
+    steps: int = 100  # optimiser steps (rounded up to whole passes over the shots)
+    batch_size: int = 32  # triggered anchors per step (negatives: their clean versions); capped at the shots
+    lr: float = 0.3  # Adam on the mask and pattern logits (cosine schedule)
     temperature: float = 0.1  # InfoNCE temperature
     mask_budget: float = 0.03  # mask area (mean of m) the adaptive lambda aims at
     lambda_init: float = 1.0  # initial weight of the mask L1 term
     lambda_factor: float = 1.1  # lambda is multiplied / divided by this after each step
+    # calibrated on the built-in benchmark (best of 3 restarts, 16 shots): clean model 0.33 / 0.22 / 0.54
+    # for shot seeds 0 / 1 / 2; badnet-0.03 0.80, blended-0.03 0.99, badclip-0.03 0.59
     threshold: float = 0.6  # collapse score at or above which the verdict is "backdoored"
+    restarts: int = 3  # inversions from seeds seed, seed + 1, ...; detection reports the most collapsing
     seed: int = 0  # seeds the pattern initialisation
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
-        for name, low, high in (("steps", 1, 10**6), ("lr", 1e-8, 100.0), ("temperature", 1e-4, 10.0),
-                                ("mask_budget", 1e-4, 1.0), ("lambda_init", 0.0, 1e6), ("lambda_factor", 1.0, 10.0),
-                                ("threshold", 0.0, 1.0)):
+        for name, low, high in (("steps", 1, 10**6), ("batch_size", 2, 10**6), ("lr", 1e-8, 100.0),
+                                ("temperature", 1e-4, 10.0), ("mask_budget", 1e-4, 1.0), ("lambda_init", 0.0, 1e6),
+                                ("lambda_factor", 1.0, 10.0), ("threshold", 0.0, 1.0), ("restarts", 1, 100)):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"InversionConfig.{name} must be in [{low}, {high}], got {value}")
@@ -129,6 +139,7 @@ class DetectionResult:
     embedding_collapse: float  # mean pairwise cosine of triggered minus that of clean shot features
     threshold: float
     seconds: float = 0.0
+    triggers: list = field(default_factory=list)  # (mask, pattern) of every restart, this one first
 
     @property
     def backdoored(self) -> bool:
@@ -208,7 +219,9 @@ def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
         clean = clip.encode_image(images.to(clip.device), normalize=True)  # (N, D)
     trigger = TriggerParameters(images.shape[-1], config.mask_budget, torch.Generator().manual_seed(config.seed))
     task = _InversionTask(trigger, clip, config)
-    train = TrainConfig(epochs=config.steps, batch_size=len(images), lr=config.lr, optimizer="adamw", weight_decay=0.0,
+    batch_size = min(config.batch_size, len(images))
+    epochs = -(-config.steps // (len(images) // batch_size))
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=config.lr, optimizer="adamw", weight_decay=0.0,
                         grad_clip=0.0, seed=config.seed, device=config.device, amp=False)
     fit(task, TensorDataset(images, clean.cpu(), shots.labels), train, desc="trigger inversion")
     with torch.no_grad():
@@ -226,13 +239,23 @@ def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
     return result
 
 
-def detect_backdoor(clip: ClipModel, shots: ImageSet, config: InversionConfig | None = None) -> DetectionResult:
-    """Is ``clip`` backdoored? Trigger inversion on the clean ``shots``; see :class:`DetectionResult`.
+def detect_backdoor(clip: ClipModel, shots: ImageSet, config: InversionConfig | None = None,
+                    class_features: torch.Tensor | None = None) -> DetectionResult:
+    """Is ``clip`` backdoored? ``config.restarts`` trigger inversions on the clean ``shots``
+    (seeds ``seed``, ``seed + 1``, ...); returns the most collapsing one, with every restart's
+    (mask, pattern) in ``triggers`` (CBPT trains on all of them).
 
     >>> detect_backdoor(load_clip("builtin"), shots).backdoored
     False
     """
-    return invert_trigger(clip, shots, config or InversionConfig())
+    config = config or InversionConfig()
+    results = [invert_trigger(clip, shots, replace(config, seed=config.seed + k), class_features)
+               for k in range(config.restarts)]
+    best = max(results, key=lambda r: r.collapse)
+    best.triggers = [(best.mask, best.pattern)] + [(r.mask, r.pattern) for r in results if r is not best]
+    best.seconds = sum(r.seconds for r in results)
+    logger.info("backdoor detection over %d restarts: %s", len(results), best.verdict())
+    return best
 
 
 def save_detection_figure(result: DetectionResult, shots: ImageSet, path, examples: int = 6) -> None:
