@@ -14,30 +14,16 @@ from typing import ClassVar
 import torch
 
 from clipguard import ClipguardError
+from clipguard.registry import RangeChecked, Registry
 
-ATTACKS: dict[str, type["Trigger"]] = {}
+ATTACKS = Registry("attack")
+register = ATTACKS.register  # class decorator: add a trigger under ``cls.name``
+get_trigger_class = ATTACKS.get_class
 
 
 @dataclass
-class TriggerConfig:
+class TriggerConfig(RangeChecked):
     seed: int = 0  # seeds every random element of the trigger
-
-    def _check_range(self, name: str, low: float, high: float) -> None:
-        value = getattr(self, name)
-        if not low <= value <= high:
-            raise ValueError(f"{type(self).__name__}.{name} must be in [{low}, {high}], got {value}")
-
-
-def register(cls: type["Trigger"]) -> type["Trigger"]:
-    """Class decorator: add a trigger to :data:`ATTACKS` under ``cls.name``."""
-    ATTACKS[cls.name] = cls
-    return cls
-
-
-def get_trigger_class(name: str) -> type["Trigger"]:
-    if name not in ATTACKS:
-        raise ClipguardError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
 
 
 def scaled(pixels_at_224: float, image_size: int, minimum: int = 1) -> int:

@@ -27,32 +27,19 @@ from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import publish_directory
 from clipguard.models.prompted import run_blocks, vision_stem
+from clipguard.registry import RangeChecked, Registry
 
-DEFENSES: dict[str, type["Defense"]] = {}
+DEFENSES = Registry("defense")
+register = DEFENSES.register  # class decorator: add a defense under ``cls.name``
+get_defense_class = DEFENSES.get_class
 DEFENSE_FORMAT = "clipguard.defense"
 
 
-def register(cls: type["Defense"]) -> type["Defense"]:
-    DEFENSES[cls.name] = cls
-    return cls
-
-
-def get_defense_class(name: str) -> type["Defense"]:
-    if name not in DEFENSES:
-        raise ClipguardError(f"unknown defense {name!r}; choose one of: {', '.join(sorted(DEFENSES))}")
-    return DEFENSES[name]
-
-
 @dataclass
-class DefenseConfig:
+class DefenseConfig(RangeChecked):
     shots: int = 16  # clean labelled images per class the defender holds
     seed: int = 0  # seeds the shot sample, the initialisation and the batch order
     device: str = "auto"  # auto | cpu | cuda
-
-    def _check_range(self, name: str, low: float, high: float) -> None:
-        value = getattr(self, name)
-        if not low <= value <= high:
-            raise ValueError(f"{type(self).__name__}.{name} must be in [{low}, {high}], got {value}")
 
 
 class Defense(nn.Module):
