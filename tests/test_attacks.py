@@ -136,3 +136,13 @@ def test_poisoned_captions_are_the_same_in_every_process():
         for seed in ("1", "2")
     }
     assert len(outputs) == 1
+
+
+@pytest.mark.slow
+def test_issba_encoder_hides_a_decodable_nonzero_residual():
+    trigger = build_trigger("issba", 28, steps=150)
+    trigger.fit(None, load_fmnist("train"), BAG)
+    images = load_fmnist("test").float_images(slice(0, 64))
+    residual = trigger(images.clone()) - images
+    assert trigger.bit_accuracy > 0.9
+    assert 0.005 < residual.abs().mean() and residual.abs().max() <= trigger.config.epsilon + 1e-6
