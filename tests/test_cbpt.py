@@ -27,8 +27,7 @@ def _shots(per_class=4, seed=0):
 def _planted(target: str):
     """A tiny 28-px CLIP with a BadNet backdoor towards ``target`` (contrastive fine-tune, ~5 s).
 
-    Poisoned captions depend on Python's per-process string hash, so the model differs between
-    runs; 4 epochs give ASR 94-99% (measured over PYTHONHASHSEED 1-4), 2 epochs only 22-71%.
+    4 epochs give ASR 98-99.9 % (bag, sandal); 2 epochs were measured at only 22-71 %.
     """
     clip = make_tiny_clip(architecture=TINY28)
     config = AttackConfig(attack="badnet", target=target, poison_rate=0.2, pairs=1024, seed=0,
@@ -130,9 +129,11 @@ def test_inversion_finds_the_planted_target(planted_bag):
 
 
 def test_inversion_follows_the_planted_target_not_a_class_bias():
-    clip, _ = _planted("sandal")
-    result = detect_backdoor(clip, _shots(), InversionConfig(**TINY_INVERSION))
-    assert result.target_name == "sandal"  # measured collapse 0.42-0.50
+    clip, _ = _planted("sandal")  # planted ASR 99.9 %
+    # one restart misses this backdoor (collapse 0.22-0.36, "t-shirt", even at 200 steps);
+    # the library default of 3 restarts finds it (collapse 0.67): this is why restarts exist
+    result = detect_backdoor(clip, _shots(), InversionConfig(**{**TINY_INVERSION, "restarts": 3}))
+    assert result.target_name == "sandal"
 
 
 def test_inversion_is_seeded_and_leaves_clip_unchanged(tiny_clip28):
