@@ -1,4 +1,8 @@
-"""WaNet (Nguyen & Tran, 2021): warp the image with a smooth, seeded random field via grid_sample."""
+"""WaNet (Nguyen & Tran, 2021): warp the image with a smooth, seeded random field via grid_sample.
+
+The mean displacement is about strength / 2 pixels. The paper's s = 0.5 (a quarter pixel) does
+not take as a CLIP backdoor at 28 px; measured on the built-in model (3 % poisoned, 5 epochs):
+s = 0.5: ASR 1.03 %; s = 4: ASR 85.63 % (CA 89.38); s = 8: ASR 95.40 % (CA 89.43). Default 8."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from clipguard.attacks.base import Trigger, TriggerConfig, register
 @dataclass
 class WaNetConfig(TriggerConfig):
     grid_k: int = 4  # control-grid size k (k x k random displacements, upsampled)
-    strength: float = 0.5  # s: peak displacement in units of (2 / image size), as in the paper
+    strength: float = 8.0  # s: displacement scale; ~s/2 px on average (paper: 0.5, too weak here)
 
     def __post_init__(self):
         self._check_range("grid_k", 2, 64)
