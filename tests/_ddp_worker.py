@@ -4,8 +4,6 @@ import json
 import sys
 
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
 sys.path.insert(0, sys.argv[1])  # tests/ directory, for the shared task definition
 from test_engine import RegressionTask, regression_data  # noqa: E402

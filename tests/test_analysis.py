@@ -2,10 +2,9 @@ import json
 
 import torch
 
-from clipguard.attacks import build_trigger
 from clipguard.cli import main
 from clipguard.defenses import DefendedClip
-from clipguard.eval.analysis import blur, colour_jitter, gaussian_noise, horizontal_flip, perturbations, resistivity
+from clipguard.eval.analysis import blur, colour_jitter, gaussian_noise, horizontal_flip, resistivity
 from clipguard.models import save_clip
 
 

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -10,7 +9,6 @@ from clipguard.attacks.poison import fit_trigger, save_backdoored
 from clipguard.cli import main
 from clipguard.data import load_fmnist
 from clipguard.engine import TrainConfig
-from clipguard.models import load_clip
 
 EXPECTED = {"badnet", "badnet-lc", "blended", "sig", "wanet", "issba", "trojvqa", "badclip"}
 FAST = {"steps": 3}  # learned triggers: a few optimisation steps are enough to test the mechanics

@@ -8,7 +8,6 @@ from clipguard.cli import main
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, load_defense, save_defense
 from clipguard.defenses.rvpt import feature_repelling_loss
-from clipguard.eval.evaluate import evaluate_model
 from clipguard.models import save_clip
 
 from conftest import TINY28, make_tiny_clip

@@ -7,7 +7,6 @@ import torch
 
 from clipguard import ClipguardError
 from clipguard.models import load_clip, save_clip
-from clipguard.models.clip import ClipModel
 
 from conftest import TINY
 

@@ -10,8 +10,6 @@ are encoded and how class features are built. A learned defense is saved as a di
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -25,7 +23,7 @@ from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
-from clipguard.models.loading import publish_directory
+from clipguard.models.loading import staged_directory
 from clipguard.models.prompted import run_blocks, vision_stem
 from clipguard.registry import RangeChecked, Registry
 
@@ -119,15 +117,9 @@ def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats
         "trainable_parameters": defense.trainable_parameters(), "stats": stats or {},
     }
     weights = {k: v.detach().cpu().contiguous() for k, v in defense.state_dict().items()}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         save_file(weights, str(staging / "weights.safetensors"))
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        publish_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -39,9 +39,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -59,6 +57,7 @@ from clipguard.defenses.oracle import (
     Region, background_colour, build_oracle, fill_regions, isolate_regions, paste_regions,
 )
 from clipguard.engine import TrainConfig, fit
+from clipguard.eval.evaluate import write_json
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.builtin import ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
@@ -368,9 +367,7 @@ def write_repair_report(report: dict, pool_images: torch.Tensor, directory: str 
         fig.suptitle(f"found trigger regions (victim label: {', '.join(report['victim_labels'])})", fontsize=8)
         save_figure(fig, directory / EXAMPLES_NAME)
         paths["examples"] = str(directory / EXAMPLES_NAME)
-    tmp = directory / f".{REPORT_NAME}.tmp"
-    tmp.write_text(json.dumps({**report, "files": paths}, indent=2))
-    os.replace(tmp, directory / REPORT_NAME)
+    write_json({**report, "files": paths}, directory / REPORT_NAME)
     return paths
 
 

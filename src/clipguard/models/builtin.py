@@ -99,7 +99,7 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         image = self.images.float_images(index)[0]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
+        rng = random.Random(hash((self.seed, self.epoch, index)))  # int tuples hash alike in every process
         name = self.images.classes[int(self.images.labels[index])]
         return image, training_caption(name, image, rng)
 
@@ -137,7 +137,6 @@ def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resu
     train = load_fmnist("train")
     if recipe.train_images < len(train):
         train = train.subset(torch.arange(recipe.train_images))
-    # hash() of int tuples is stable across processes, so captions follow the seed.
     dataset = CaptionedImages(train, recipe.train.seed)
     result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin")
     clip.config["train_recipe"] = asdict(recipe)

@@ -14,6 +14,7 @@ checkpoint cannot run code while it loads. Pickled TorchScript archives are refu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -267,22 +268,29 @@ def save_clip(
         for k, v in clip.model.state_dict().items()
         if not k.endswith("attn_mask")
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         save_file(state, str(staging / WEIGHTS_NAME))
         for name, tensors in (tensor_files or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        publish_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
-def publish_directory(staging: Path, directory: Path) -> None:
-    """Give a finished temp directory normal permissions and move it to ``directory``."""
+@contextlib.contextmanager
+def staged_directory(directory: Path):
+    """Yield a temp directory beside ``directory``; on success it replaces ``directory`` (normal
+    permissions), on any error it is removed: an interrupted save leaves nothing behind."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield staging
+        _publish(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, directory: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
