@@ -15,7 +15,8 @@ from conftest import TINY28, make_tiny_clip
 FAST = {"rvpt": dict(epochs=3, batch_size=10, prompt_length=4, start_block=1, lr=0.05),
         "vpt": dict(epochs=3, batch_size=10, prompt_length=4, start_block=1, lr=0.05),
         "coop": dict(steps=3, n_ctx=2, lr=0.05),
-        "cbpt": dict(steps=3, n_ctx=2, lr=0.05, inversion_steps=3)}
+        "cbpt": dict(steps=3, n_ctx=2, lr=0.05, inversion_steps=3),
+        "linear-probe": dict(epochs=3, batch_size=10, lr=0.05)}
 
 
 def _shots(per_class=2, seed=0):

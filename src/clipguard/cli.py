@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import sys
 
@@ -36,6 +38,7 @@ def cmd_train_builtin(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from clipguard.engine import is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
 
@@ -49,7 +52,7 @@ def cmd_evaluate(args) -> None:
         defense = load_defense(args.defense, clip, load_dataset(args.dataset, args.split, clip.image_size).classes)
     record = evaluate_model(clip, args.model, args.dataset, args.split, args.limit, args.seed, args.batch_size,
                             trigger=trigger, target=target, defense=defense)
-    if args.json:
+    if args.json and is_main_process():
         write_json(record, args.json)
     print(_summary(record) + f" in {record['seconds']:.1f} s")
 
@@ -114,7 +117,7 @@ def cmd_show_triggers(args) -> None:
     from clipguard.attacks import ATTACKS, build_trigger
     from clipguard.attacks.poison import class_index, fit_trigger
     from clipguard.data import load_fmnist
-    from clipguard.eval.plots import plot_trigger_grid
+    from clipguard.eval.plots import example_index, plot_trigger_grid
     from clipguard.models.loading import load_clip
 
     clip = load_clip(args.model, device="cpu")
@@ -129,20 +132,15 @@ def cmd_show_triggers(args) -> None:
     print(f"wrote {args.out} ({len(triggers)} attacks)")
 
 
-def example_index(images, target: int, seed: int) -> int:
-    """A seeded test image of a non-target class (the trigger grid's example)."""
-    import torch
-
-    others = torch.nonzero(images.labels != target).flatten()
-    return int(others[torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed))])
-
-
 def cmd_defend(args) -> None:
     if args.method == "oracle-repair":
         return _defend_oracle_repair(args)
+    if args.method in ("cleanclip", "finetune"):
+        return _defend_finetune(args)
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses import get_defense_class, save_defense
+    from clipguard.engine import is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
 
@@ -158,8 +156,9 @@ def cmd_defend(args) -> None:
     trigger, target = _attack_for(args, clip)
     result = evaluate_model(clip, args.model, seed=args.seed, trigger=trigger, target=target, defense=defense)
     stats["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy") if k in result}
-    save_defense(defense, clip, args.out, stats)
-    write_json(result, args.out + "/eval.json")
+    if is_main_process():
+        save_defense(defense, clip, args.out, stats)
+        write_json(result, args.out + "/eval.json")
     share = 100 * stats["trainable_parameters"] / stats["clip_parameters"] if "clip_parameters" in stats else float("nan")
     print(_summary(result) + f" | {args.method}: {stats['trainable_parameters']:,} trainable parameters "
           f"({share:.2f}% of CLIP), {stats['seconds']:.0f} s; saved {args.out}")
@@ -206,6 +205,7 @@ def _defend_oracle_repair(args) -> None:
     from clipguard.defenses.oracle_repair import (
         OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report,
     )
+    from clipguard.engine import barrier, is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
 
@@ -222,14 +222,42 @@ def _defend_oracle_repair(args) -> None:
                                 trigger_rate=args.pool_trigger_rate)
     repaired, report = oracle_repair(clip, pool, config)
     report["pool"] = {k: v for k, v in pool_info.items() if k != "triggered"}
-    save_repaired_model(repaired, report, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
-    write_repair_report(report, pool, args.out)
+    if is_main_process():
+        save_repaired_model(repaired, report, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
+        write_repair_report(report, pool, args.out)
+    barrier()  # the others read the trigger from the directory rank 0 wrote
     trigger, target = _attack_for(argparse.Namespace(**{**vars(args), "model": args.out}), repaired)
     result = evaluate_model(repaired, args.out, seed=args.seed, trigger=trigger, target=target)
-    write_json(result, args.out + "/eval.json")
+    if is_main_process():
+        write_json(result, args.out + "/eval.json")
     print(f"oracle repair: {report['verdict']}; victim labels {report.get('victim_labels')}, "
           f"compact set {report.get('compact_set_size', 0)} pairs")
     print(_summary(result) + f"; saved {args.out}")
+
+
+def _defend_finetune(args) -> None:
+    """CleanCLIP and plain fine-tuning change CLIP's weights, so they write a model directory."""
+    from pathlib import Path
+
+    from clipguard.config import load_config, override, parse_assignments
+    from clipguard.defenses.cleanclip import cleanclip_finetune, config_for, save_finetuned_model
+    from clipguard.engine import is_main_process
+    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.models.loading import load_clip
+
+    cls = type(config_for(args.method))
+    config = load_config(cls, args.config)
+    config = override(config, seed=args.seed, device=args.device, **parse_assignments(cls, args.set))
+    clip = load_clip(args.model, device=args.device)
+    tuned, stats = cleanclip_finetune(clip, config)
+    trigger, target = _attack_for(args, clip)
+    result = evaluate_model(tuned, args.out, seed=args.seed, trigger=trigger, target=target)
+    stats["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy") if k in result}
+    if is_main_process():
+        save_finetuned_model(tuned, stats, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
+        write_json(result, args.out + "/eval.json")
+    print(_summary(result) + f" | {args.method}: {stats['pairs']} clean pairs, {stats['steps']} steps, "
+          f"{stats['seconds']:.0f} s, peak memory {stats['peak_memory_mb']:.0f} MB; saved {args.out}")
 
 
 def cmd_detect(args) -> None:
@@ -251,14 +279,42 @@ def cmd_detect(args) -> None:
     print(f"{args.model}: {result.verdict()}; wrote {args.out}")
 
 
-def cmd_demo(args) -> None:
-    from clipguard.eval.evaluate import evaluate_model
-    from clipguard.models.loading import load_clip
+def cmd_bench(args) -> None:
+    from clipguard.bench import BenchConfig, all_defenses, parse_bench_settings, run_bench
+    from clipguard.attacks import ATTACKS
 
-    clip = load_clip("builtin", device=args.device)
-    record = evaluate_model(clip, "builtin", "fmnist", "test", None, args.seed)
-    ca = record["clean_accuracy"]
-    print(f"built-in CLIP, Fashion-MNIST test, zero-shot: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})")
+    attacks = sorted(ATTACKS) if args.attacks in (None, ["all"]) else args.attacks
+    defenses = all_defenses() if args.defenses in (None, ["all"]) else args.defenses
+    try:
+        config = BenchConfig(model=args.model, attacks=attacks, defenses=defenses, seeds=args.seeds or [args.seed],
+                             shots=args.shots, limit=args.limit, pool=args.pool, pool_trigger_rate=args.pool_trigger_rate,
+                             pr_images=args.pr_images, device=args.device)
+    except ValueError as err:
+        raise ClipguardError(str(err)) from None
+    config = parse_bench_settings(config, args.set)
+    run_bench(config, args.out)
+    _print_report(args.out)
+
+
+def _print_report(out: str) -> None:
+    from pathlib import Path
+
+    from clipguard.eval.report import REPORT_HTML, RESULTS_MD
+
+    if Path(out, RESULTS_MD).is_file():  # rank 0 wrote it (the others only computed)
+        print(Path(out, RESULTS_MD).read_text(), end="")
+        print(f"wrote {out}/{RESULTS_MD}, {out}/results.json, {out}/{REPORT_HTML} and the figures")
+
+
+def cmd_demo(args) -> None:
+    """The main job on the built-in model: attack (BadNet, BadCLIP), defend (RVPT, CBPT), report."""
+    from clipguard.bench import demo_config, run_bench
+
+    config = demo_config(seed=args.seed, device=args.device)
+    print(f"clipguard demo: {', '.join(config.attacks)} x {', '.join(config.defenses)} on the built-in CLIP "
+          f"(a shortened attack recipe, first {config.limit} test images; `clipguard bench` runs the full one)")
+    run_bench(config, args.out)
+    _print_report(args.out)
 
 
 def cmd_list(args) -> None:
@@ -271,7 +327,8 @@ def cmd_list(args) -> None:
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
     from clipguard.defenses import DEFENSES
 
-    print("defenses: " + ", ".join(sorted(DEFENSES)) + ", oracle-repair (rewrites weights; needs --pool)")
+    print("defenses: " + ", ".join(sorted(DEFENSES)) + ", oracle-repair (rewrites weights; needs --pool), "
+          "cleanclip, finetune (rewrite weights; clean pairs)")
     if args.open_clip:
         for name, tag in open_clip.list_pretrained():
             print(f"  {name}:{tag}")
@@ -324,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("defend", help="purify a suspect model with a few clean shots")
+    p = sub.add_parser("defend", help="purify a suspect model (few clean shots; cleanclip/finetune: clean pairs)")
     _common(p)
     p.add_argument("--model", default="builtin", help="suspect model (a backdoored model directory)")
     p.add_argument("--method", required=True, help="defense name (clipguard list)")
@@ -338,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
     p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
-    p.add_argument("--out", required=True, help="defense directory to write")
+    p.add_argument("--out", required=True, help="defense directory to write (a model directory for weight-rewriting methods)")
     p.set_defaults(func=cmd_defend)
 
     p = sub.add_parser("detect", help="invert a trigger on clean shots: is the model backdoored, and towards what?")
@@ -371,8 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="triggers.png")
     p.set_defaults(func=cmd_show_triggers)
 
-    p = sub.add_parser("demo", help="the main job on the built-in model")
+    p = sub.add_parser("bench", help="every attack x every defense x seeds: cached, resumable, with a report")
     _common(p)
+    p.add_argument("--model", default="builtin", help="the clean model every attack starts from")
+    p.add_argument("--attacks", nargs="+", help="attack names or 'all' (default)")
+    p.add_argument("--defenses", nargs="+", help="defense names, 'none' = no defense, or 'all' (default)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: --seed)")
+    p.add_argument("--shots", type=int, default=16, help="clean labelled images per class for few-shot defenses")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images (default: all 10k)")
+    p.add_argument("--pool", default="fmnist-train:2000", help="oracle-repair's unlabelled pool")
+    p.add_argument("--pool-trigger-rate", type=float, default=0.1, help="oracle-repair: triggered share of the pool")
+    p.add_argument("--pr-images", type=int, default=200, help="images for the PR curves (0: none)")
+    p.add_argument("--set", action="append", metavar="attack.FIELD=V|METHOD.FIELD=V",
+                   help="attack or defense setting, repeatable (attack.train.epochs=3, rvpt.lr=0.05)")
+    p.add_argument("--out", default="runs/bench", help="results directory (also the cache: re-run to resume)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job on the built-in model: attack, defend, report (~10 min on 2 cores)")
+    _common(p)
+    p.add_argument("--out", default="runs/demo", help="results directory (re-run to resume)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("list", help="what can be loaded and run")
@@ -381,11 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _torchrun_processes(args):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group before any model is loaded (so
+    each process loads onto its own GPU), print from rank 0 only, and end all processes together.
+    Nothing happens in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from clipguard.engine import close_distributed, init_distributed
+
+    info, _ = init_distributed(getattr(args, "device", "auto"))
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if info.is_main else quiet):
+        yield
+    close_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        with _torchrun_processes(args):
+            args.func(args)
     except ClipguardError as err:
         print(f"clipguard: error: {err}", file=sys.stderr)
         return 2

@@ -73,12 +73,21 @@ def to_yaml(config: Any) -> str:
 
 
 def parse_assignments(cls: type, assignments: list[str] | None) -> dict[str, Any]:
-    """``["steps=100", "location=random"]`` -> typed values for dataclass ``cls``'s fields."""
+    """``["steps=100", "location=random"]`` -> typed values for dataclass ``cls``'s fields.
+
+    Dotted names reach nested dataclasses (``train.epochs=1``) and keep their dotted key,
+    which :func:`override` understands.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for item in assignments or []:
         name, sep, raw = item.partition("=")
+        head, dot, rest = name.partition(".")
+        if sep and dot and head in fields and dataclasses.is_dataclass(hints[head]):
+            nested = parse_assignments(hints[head], [f"{rest}={raw}"])
+            values.update({f"{head}.{key}": value for key, value in nested.items()})
+            continue
         if not sep or name not in fields:
             raise ClipguardError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         kind = hints[name]

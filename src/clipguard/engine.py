@@ -7,6 +7,10 @@ parameters with ``requires_grad`` are optimised and checkpointed.
 
 Batches are drawn by :class:`EpochBatchSampler`, whose order depends only on (seed, epoch),
 so a run resumed from a checkpoint sees exactly the batches it would have seen.
+
+Under ``torchrun`` the small helpers below (:func:`is_main_process`, :func:`barrier`,
+:func:`shard`, :func:`gather_rows`, :func:`broadcast_from_main`) let evaluation split its
+batches over the processes and let commands write files from rank 0 only.
 """
 
 from __future__ import annotations
@@ -112,12 +116,97 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local_rank), resolved
 
 
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def current_process() -> DistInfo:
+    """Rank and world size of the joined process group; ``DistInfo()`` (rank 0 of 1) outside one."""
+    if not _grouped():
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in a single process: the one process that writes files and prints."""
+    return current_process().is_main
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op in a single process), e.g. before reading what
+    rank 0 wrote."""
+    if _grouped():
+        dist.barrier()
+
+
+def close_distributed() -> None:
+    """Wait for every process, then leave the process group (no-op outside one), so that a
+    command run under ``torchrun`` ends in all processes together."""
+    if _grouped():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor of counts over DDP processes (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def shard(count: int) -> range:
+    """The items of ``range(count)`` (e.g. batch numbers) this process handles: rank, rank +
+    world_size, ... Every item belongs to exactly one process; in a single process, to it.
+
+    >>> list(shard(5))  # outside torchrun
+    [0, 1, 2, 3, 4]
+    """
+    info = current_process()
+    return range(info.rank, count, info.world_size)
+
+
+def gather_rows(blocks: list[tuple[int, torch.Tensor]], total: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Assemble a (total, D) tensor from row blocks computed on different processes.
+
+    blocks: this process's ``(first_row, rows)`` pairs, rows (b, D); together the processes
+    cover every row exactly once. In a single process the blocks (in row order) are simply
+    concatenated. Under DDP each process writes its rows into zeros and the tensors are summed:
+    every element is one process's value plus exact zeros, so the result is bit-identical to
+    what one process computing all blocks would hold (for integer and float rows alike).
+
+    >>> gather_rows([(0, torch.ones(2, 3)), (2, torch.zeros(1, 3))], 3).shape  # one process
+    torch.Size([3, 3])
+    """
+    if not _grouped():
+        return torch.cat([rows for _, rows in sorted(blocks, key=lambda block: block[0])])
+    # a process with no block (fewer blocks than processes) does not know D: take the largest
+    width = torch.tensor([blocks[0][1].shape[1] if blocks else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    out = torch.zeros(total, int(width), device=device, dtype=dtype)
+    for first, rows in blocks:
+        out[first : first + len(rows)] = rows
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (no-op in a single process).
+
+    For results every process computes redundantly (e.g. a trigger inversion) that must be
+    identical everywhere even where a GPU kernel is not bit-reproducible.
+    """
+    if not _grouped():
+        return
+    # nccl moves only CUDA tensors; gloo moves both
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    with torch.no_grad():
+        for tensor in tensors:
+            buffer = tensor.data.to(on) if on is not None else tensor.data
+            dist.broadcast(buffer, src=0)
+            if buffer is not tensor.data:
+                tensor.data.copy_(buffer)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -214,6 +303,7 @@ def fit(
     resume: bool = False,
     collate_fn=None,
     desc: str = "train",
+    split_batches: bool = True,
 ) -> FitResult:
     """Train ``task``'s trainable parameters on ``dataset``; ``task(batch)`` returns the loss.
 
@@ -224,18 +314,24 @@ def fit(
         config: optimisation settings (see :class:`TrainConfig`).
         run_dir: where ``checkpoint.pt`` is written (every ``checkpoint_every`` steps and at
             epoch ends); ``resume=True`` continues from it.
+        split_batches: under DDP, each process takes its slice of every batch and gradients
+            are averaged, which equals the full-batch gradient only for a loss that is a mean
+            over samples. ``False`` for a loss that does not split (e.g. a contrastive loss
+            within the batch): every process then trains on the whole batch, redundantly,
+            and computes what one process would.
     Returns:
         :class:`FitResult`. The task is left in eval mode with its trained parameters.
     """
     dist_info, device = init_distributed(config.device)
+    data_parallel = dist_info if split_batches else DistInfo()  # how batches are split over processes
     seed_everything(config.seed)
-    if config.batch_size % dist_info.world_size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {dist_info.world_size} processes")
+    if config.batch_size % data_parallel.world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {data_parallel.world_size} processes")
     task.to(device).train()
     params = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the task has no trainable parameters")
-    sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, dist_info)
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, data_parallel)
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * config.epochs
     optimizer = _make_optimizer(params, config)
@@ -248,7 +344,7 @@ def fit(
     if checkpoint and dist_info.is_main:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model = task
-    if dist_info.world_size > 1:
+    if data_parallel.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(task, device_ids=ids)
     use_amp = config.amp and device.type == "cuda"

@@ -25,7 +25,7 @@ from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, build_trigger
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
 from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.engine import FitResult, TrainConfig, fit
+from clipguard.engine import FitResult, TrainConfig, broadcast_from_main, fit, is_main_process
 from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import save_clip
@@ -109,15 +109,18 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int)
     key = json.dumps([trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "triggers" / f"{trigger.name}-{digest}.safetensors"
-    if path.exists():
+    cached = path.exists()
+    if cached:
         trigger.load_state_dict(load_file(str(path)))
         logger.info("reused cached %s trigger %s", trigger.name, path)
-        return trigger
-    trigger.fit(clip, train, target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in trigger.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    else:
+        trigger.fit(clip, train, target)
+    broadcast_from_main(list(trigger.state_dict().values()))  # under torchrun: every process keeps rank 0's
+    if not cached and is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in trigger.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
     return trigger
 
 
@@ -147,8 +150,10 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     pairs = build_poisoned_pairs(train, trigger, config)
     train_config = dataclasses.replace(config.train, seed=config.seed)
     clip.requires_grad_(True)
+    # The contrastive loss does not split over samples: under DDP every process takes the whole
+    # batch (same model as one process; no speed-up) until features are gathered across processes.
     result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
-                            f"attack {config.attack}")
+                            f"attack {config.attack}", split_batches=False)
     clip.requires_grad_(False)
     record = attack_record(trigger, config, target)
     record.update(poisoned_pairs=len(pairs.poisoned), total_pairs=len(pairs), trigger_seconds=round(trigger_seconds, 1),

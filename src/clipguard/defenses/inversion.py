@@ -42,7 +42,7 @@ from torch.utils.data import TensorDataset
 
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
-from clipguard.engine import TrainConfig, fit
+from clipguard.engine import TrainConfig, broadcast_from_main, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 
@@ -222,7 +222,10 @@ def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
     epochs = -(-config.steps // (len(images) // batch_size))
     train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=config.lr, optimizer="adamw", weight_decay=0.0,
                         grad_clip=0.0, seed=config.seed, device=config.device, amp=False)
-    fit(task, TensorDataset(images, clean.cpu(), shots.labels), train, desc="trigger inversion")
+    # the InfoNCE of a batch does not split over DDP processes: each runs the whole batch, and
+    # rank 0's trigger is kept so that all hold the same one even if a GPU kernel is not reproducible
+    fit(task, TensorDataset(images, clean.cpu(), shots.labels), train, desc="trigger inversion", split_batches=False)
+    broadcast_from_main([trigger.mask_logits, trigger.pattern_logits])
     with torch.no_grad():
         mask, pattern = trigger.mask().cpu(), trigger.pattern().cpu()
         triggered = clip.encode_image(apply_trigger(images, mask, pattern).to(clip.device), normalize=True)

@@ -56,7 +56,7 @@ from clipguard.data.captions import training_caption
 from clipguard.defenses.oracle import (
     Region, background_colour, build_oracle, fill_regions, isolate_regions, paste_regions,
 )
-from clipguard.engine import TrainConfig, fit
+from clipguard.engine import TrainConfig, broadcast_from_main, fit
 from clipguard.eval.evaluate import write_json
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.builtin import ContrastiveTask, caption_collate
@@ -280,7 +280,11 @@ def repair_finetune(clip: ClipModel, pairs: RepairPairs, config: OracleRepairCon
                         weight_decay=0.0, warmup_steps=0, seed=config.seed, device=config.device)
     clip.requires_grad_(True)
     try:
-        result = fit(ContrastiveTask(clip), pairs, train, collate_fn=caption_collate(clip), desc="oracle repair")
+        # a contrastive batch does not split over DDP processes: each fine-tunes on the whole (small)
+        # compact set, and rank 0's weights are kept so that all hold the same model
+        result = fit(ContrastiveTask(clip), pairs, train, collate_fn=caption_collate(clip), desc="oracle repair",
+                     split_batches=False)
+        broadcast_from_main(list(clip.parameters()))
     finally:
         clip.requires_grad_(False)
     return {"steps": result.steps, "seconds": round(result.seconds, 2), "last_loss": round(result.last_loss, 4)}

@@ -34,7 +34,9 @@ def evaluate_model(
 
     ``limit`` keeps the first N images (a fixed subset, the same for every model). ASR and PA
     are computed on triggered images of non-target classes only. ``seed`` fixes any random
-    trigger placement. Returns a record ready for JSON.
+    trigger placement. Returns a record ready for JSON. Under ``torchrun`` every process calls
+    it, encodes its share of the batches and gets the record of one process (see
+    :func:`~clipguard.eval.zeroshot.image_features`).
     """
     start = time.perf_counter()
     images = load_dataset(dataset, split, clip.image_size)

@@ -21,6 +21,12 @@ def save_figure(fig, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def example_index(images, target: int, seed: int) -> int:
+    """A seeded image of a non-target class from ``images`` (an ImageSet): the trigger grid's example."""
+    others = torch.nonzero(images.labels != target).flatten()
+    return int(others[torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed))])
+
+
 def plot_trigger_grid(image: torch.Tensor, triggers: list, path: str | Path) -> None:
     """Row 1: the clean image and each triggered version; row 2: the amplified difference."""
     image = image.reshape(1, 3, *image.shape[-2:])

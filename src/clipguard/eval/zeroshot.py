@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.data.fmnist import ImageSet
+from clipguard.engine import gather_rows, is_main_process, shard
 from clipguard.models.clip import ClipModel
 
 ImageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, indices) -> images
@@ -40,16 +41,30 @@ def image_features(
     """(N, D) normalised features of ``images`` (optionally a subset ``indices``).
 
     ``transform(batch, batch_indices)`` is applied to each float batch first (e.g. a trigger).
+    Under ``torchrun`` (a joined process group) this is a collective: every process must call
+    it. The batches are dealt out over the processes (batch k to rank k mod world size), each
+    encodes its own, and :func:`~clipguard.engine.gather_rows` assembles all N rows on every
+    process, bit-identical to one process (same batches, exact combination). ``transform`` runs
+    on every batch in every process, so a random one (a trigger at random spots) draws from its
+    generator exactly as in one process.
     """
     indices = torch.arange(len(images)) if indices is None else indices
-    chunks = []
-    for start in tqdm(range(0, len(indices), batch_size), desc="encode", disable=not progress, leave=False):
+    starts = range(0, len(indices), batch_size)
+    mine = set(shard(len(starts)))  # this process's batch numbers: all of them in one process
+    blocks = []
+    bar = tqdm(total=len(mine), desc="encode", disable=not (progress and is_main_process()), leave=False)
+    for number, start in enumerate(starts):
+        if number not in mine and transform is None:
+            continue
         batch_idx = indices[start : start + batch_size]
         batch = images.float_images(batch_idx)
         if transform is not None:
             batch = transform(batch, batch_idx)
-        chunks.append(clip.encode_image(batch.to(clip.device), normalize=True).float())
-    return torch.cat(chunks)
+        if number in mine:
+            blocks.append((start, clip.encode_image(batch.to(clip.device), normalize=True).float()))
+            bar.update()
+    bar.close()
+    return gather_rows(blocks, len(indices), clip.device)
 
 
 def zero_shot_logits(clip: ClipModel, features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,369 @@
+"""The benchmark: every attack x every defense x seeds, cached by config hash, resumable.
+
+``run_bench`` backdoors the clean model once per (attack, seed), applies every defense to
+each backdoored model, and evaluates each cell (CA, ASR, PA with integer counts, wall time,
+peak memory, trainable parameters). Every finished piece is on disk before the next starts:
+
+    OUT/models/{attack}-s{seed}/         backdoored model directory (as ``clipguard attack``)
+    OUT/defenses/{attack}-s{seed}/{m}/   learned prompt defense directory (prompt methods)
+    OUT/cells/{attack}-s{seed}/{m}.json  one evaluated cell
+    OUT/results.json, results.md, *.png, report.html
+
+Each model and cell stores the hash of the configuration that made it; a re-run reuses
+what matches and recomputes only what is missing or was made with other settings, so an
+interrupted run resumes where it stopped. Under ``torchrun`` every process runs the same
+cells (training and evaluation are DDP-sharded) and only rank 0 writes.
+
+Example::
+
+    config = BenchConfig(attacks=["badnet"], defenses=["none", "rvpt"], seeds=[0])
+    records = run_bench(config, "runs/bench")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import clipguard
+from clipguard import ClipguardError
+from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_class, load_trigger, run_attack, save_backdoored
+from clipguard.attacks.poison import attack_record, class_index
+from clipguard.config import override, parse_assignments
+from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.defenses import DEFENSES, get_defense_class, save_defense
+from clipguard.engine import barrier, init_distributed, is_main_process, peak_memory_mb
+from clipguard.eval.evaluate import evaluate_model, write_json
+from clipguard.models.clip import ClipModel
+from clipguard.models.loading import load_clip, resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Defenses that rewrite CLIP's weights (a model, not a prompt directory, comes out).
+WEIGHT_DEFENSES = ("oracle-repair", "cleanclip", "finetune")
+NO_DEFENSE = "none"
+METRICS = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
+
+
+def all_defenses() -> list[str]:
+    """``none`` first, then the prompt defenses, then the weight-rewriting ones."""
+    return [NO_DEFENSE, *sorted(DEFENSES), *WEIGHT_DEFENSES]
+
+
+@dataclass
+class BenchConfig:
+    model: str = "builtin"  # the clean model every attack starts from
+    attacks: list[str] = field(default_factory=lambda: sorted(ATTACKS))  # attack names
+    defenses: list[str] = field(default_factory=all_defenses)  # defense names, "none" = the backdoored model
+    seeds: list[int] = field(default_factory=lambda: [0])  # each seed re-runs attack and defense
+    shots: int = 16  # clean labelled images per class for the few-shot defenses
+    limit: int | None = None  # evaluate on the first N test images only (None: all 10k)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # attack settings (name and seed set per cell)
+    trigger_settings: dict[str, dict] = field(default_factory=dict)  # attack -> {trigger field: value} overrides
+    defense_settings: dict[str, dict] = field(default_factory=dict)  # method -> {field: value} overrides
+    pool: str = "fmnist-train:2000"  # oracle-repair: the defender's unlabelled pool
+    pool_trigger_rate: float = 0.1  # oracle-repair: share of the pool carrying the model's trigger
+    pr_images: int = 200  # test images for the PR curves (suspect vs VPT vs RVPT); 0: no PR figure
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"BenchConfig.attacks: unknown {unknown}; choose from {sorted(ATTACKS)}")
+        bad = [d for d in self.defenses if d not in all_defenses()]
+        if bad:
+            raise ValueError(f"BenchConfig.defenses: unknown {bad}; choose from {all_defenses()}")
+        if not self.seeds:
+            raise ValueError("BenchConfig.seeds must name at least one seed")
+        if self.shots < 1:
+            raise ValueError(f"BenchConfig.shots must be >= 1, got {self.shots}")
+
+
+def config_hash(settings: dict) -> str:
+    """A short stable hash of a JSON-able settings dict (the cache key)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _without_device(settings: dict) -> dict:
+    """Settings minus where they run: the device does not change what is computed."""
+    return {k: (_without_device(v) if isinstance(v, dict) else v) for k, v in settings.items() if k != "device"}
+
+
+def attack_settings(config: BenchConfig, attack: str, seed: int) -> AttackConfig:
+    return dataclasses.replace(config.attack, attack=attack, seed=seed)
+
+
+def attack_key(config: BenchConfig, attack: AttackConfig) -> str:
+    """The key of the model ``attack`` makes from ``config.model``: a hash of the attack record
+    it will store, so a directory made by ``clipguard attack`` with the same settings counts too."""
+    train = load_fmnist("train")
+    overrides = config.trigger_settings.get(attack.attack, {})
+    trigger = build_trigger(attack.attack, train.image_size, **{"seed": attack.seed, **overrides})
+    return record_key(clean_source(config.model), attack_record(trigger, attack, class_index(train.classes, attack.target)))
+
+
+@functools.lru_cache(maxsize=8)
+def clean_source(model: str) -> str:
+    """The ``source`` a model directory made from ``model`` records (what the key compares)."""
+    return load_clip(model, device="cpu").config.get("source", model)
+
+
+def record_key(source: str, record: dict) -> str:
+    """Hash of what made a backdoored model: its source model and attack settings (not timings)."""
+    fields = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
+    return config_hash({"model": source, **_without_device({k: record.get(k) for k in fields})})
+
+
+def defense_settings(config: BenchConfig, method: str, seed: int):
+    """The method's config dataclass (or a dict for weight defenses) for one cell."""
+    overrides = dict(config.defense_settings.get(method, {}))
+    if method == NO_DEFENSE:
+        return {}
+    if method in DEFENSES:
+        cls = get_defense_class(method).config_class
+        return override(cls(), shots=config.shots, seed=seed, device=config.device, **overrides)
+    if method == "oracle-repair":
+        from clipguard.defenses.oracle_repair import OracleRepairConfig
+
+        return override(OracleRepairConfig(), seed=seed, device=config.device, **overrides)
+    from clipguard.defenses.cleanclip import config_for
+
+    return override(config_for(method), seed=seed, device=config.device, **overrides)
+
+
+def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
+    settings = settings if isinstance(settings, dict) else asdict(settings)
+    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if method == "oracle-repair" else {}
+    return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
+                        "limit": config.limit, **extra})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or half-written by an older, non-atomic writer: recompute
+
+
+# ------------------------------------------------------------------------- the models
+def model_directory(out: Path, attack: str, poison_rate: float, seed: int) -> Path:
+    return out / "models" / f"{attack}-p{poison_rate:g}-s{seed}"
+
+
+def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> tuple[ClipModel, Path, str, dict]:
+    """The backdoored model of (attack, seed): from the cache when its settings match, else made now."""
+    settings = attack_settings(config, attack, seed)
+    key = attack_key(config, settings)
+    directory = model_directory(out, attack, settings.poison_rate, seed)
+    saved = _read_json(directory / "config.json")
+    if saved and "attack" in saved and record_key(saved.get("source", ""), saved["attack"]) == key:
+        return load_clip(str(directory), device=config.device), directory, key, {"cached": True}
+    logger.info("backdooring %s (seed %d) -> %s", attack, seed, directory)
+    clip = load_clip(config.model, device=config.device)
+    start = time.perf_counter()
+    clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack),
+                                       run_dir=out / "runs" / directory.name)
+    clip.eval()
+    record["bench_seconds"] = round(time.perf_counter() - start, 1)
+    clip.config["attack"] = record  # as a reload of the directory would have it
+    if is_main_process():
+        save_backdoored(clip, trigger, record, directory)  # atomic: a directory is there only when finished
+    barrier()
+    return clip, directory, key, {"cached": False, "seconds": record["bench_seconds"]}
+
+
+# ------------------------------------------------------------------------ the defenses
+def apply_defense(method: str, settings, clip: ClipModel, model_dir: Path, config: BenchConfig,
+                  save_to: Path | None = None) -> tuple[ClipModel, object, dict]:
+    """Apply ``method`` to the suspect ``clip``: (model to evaluate, prompt defense or None, stats)."""
+    if method == NO_DEFENSE:
+        return clip, None, {"seconds": 0.0, "trainable_parameters": 0}
+    if method in DEFENSES:
+        train = load_fmnist("train")
+        shots = train.subset(few_shot_indices(train.labels, settings.shots, settings.seed, len(train.classes)))
+        defense = get_defense_class(method)(settings, clip, train.classes).to(clip.device)
+        stats = defense.fit(clip, shots)
+        if save_to is not None and is_main_process():
+            save_defense(defense, clip, save_to, stats)
+        return clip, defense, stats
+    if method == "oracle-repair":
+        from clipguard.defenses.oracle import load_pool
+        from clipguard.defenses.oracle_repair import oracle_repair, report_summary
+
+        trigger = load_trigger(model_dir, clip.config["attack"])
+        pool, _ = load_pool(config.pool, clip.image_size, seed=settings.seed, trigger=trigger,
+                            trigger_rate=config.pool_trigger_rate)
+        repaired, report = oracle_repair(clip, pool, settings)
+        changed = sum(p.numel() for p in repaired.parameters()) if report["model_changed"] else 0
+        return repaired, None, {**report_summary(report), "trainable_parameters": changed}
+    from clipguard.defenses.cleanclip import cleanclip_finetune
+
+    repaired, stats = cleanclip_finetune(clip, settings)
+    return repaired, None, stats
+
+
+def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: ClipModel, model_dir: Path,
+             model_key: str, out: Path) -> dict:
+    """One evaluated (attack, seed, defense) cell, from the cache when its settings match."""
+    settings = defense_settings(config, method, seed)
+    key = cell_key(config, model_key, method, settings)
+    path = out / "cells" / f"{attack}-s{seed}" / f"{method}.json"
+    cached = _read_json(path)
+    if cached and cached.get("key") == key:
+        return cached
+    logger.info("cell %s / %s / seed %d", attack, method, seed)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    save_to = out / "defenses" / f"{attack}-s{seed}" / method
+    model, defense, stats = apply_defense(method, settings, clip, model_dir, config, save_to)
+    defense_seconds = time.perf_counter() - start
+    trigger = load_trigger(model_dir, clip.config["attack"])
+    target = clip.config["attack"]["target_index"]
+    result = evaluate_model(model, f"{attack}-s{seed}", limit=config.limit, seed=seed, trigger=trigger,
+                            target=target, defense=defense, progress=False)
+    record = {
+        "attack": attack, "defense": method, "seed": seed, "key": key,
+        **{name: result[name] for name in METRICS},
+        "target": result["attack"]["target"], "test_images": result["clean_accuracy"]["total"],
+        "defense_seconds": round(defense_seconds, 2), "eval_seconds": result["seconds"],
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process peak RSS so far (CPU)",
+        "trainable_parameters": int(stats.get("trainable_parameters", 0)),
+        "settings": settings if isinstance(settings, dict) else asdict(settings),
+        "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))},
+        "clipguard_version": clipguard.__version__,
+    }
+    if is_main_process():
+        write_json(record, path)
+    return record
+
+
+def run_bench(config: BenchConfig, out: str | Path,
+              on_cell: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) the whole matrix; returns every cell record and writes the report."""
+    from tqdm.auto import tqdm
+
+    from clipguard.eval.report import write_report
+
+    out = Path(out)
+    init_distributed(config.device)  # under torchrun: join the group before any collective
+    records: list[dict] = []
+    jobs = [(attack, seed) for seed in config.seeds for attack in config.attacks]
+    bar = tqdm(total=len(jobs) * len(config.defenses), desc="bench", unit="cell", disable=not is_main_process())
+    for attack, seed in jobs:
+        bar.set_postfix_str(f"{attack} seed {seed}: backdoor")
+        suspect, model_dir, model_key, _ = backdoored_model(config, attack, seed, out)
+        for method in config.defenses:
+            bar.set_postfix_str(f"{attack} seed {seed}: {method}")
+            # a defense never sees another defense's changes
+            clip = suspect if method in DEFENSES or method == NO_DEFENSE else copy.deepcopy(suspect)
+            record = run_cell(config, attack, seed, method, clip, model_dir, model_key, out)
+            records.append(record)
+            if on_cell is not None:
+                on_cell(record)
+            bar.update()
+    bar.close()
+    if is_main_process():
+        figures = write_figures(config, out)
+        write_report(records, out, config_summary(config), extra_images=figures)
+    barrier()
+    return records
+
+
+TRIGGERS_PNG = "triggers.png"
+
+
+def write_figures(config: BenchConfig, out: Path) -> list[str]:
+    """The trigger grid of the first seed's models, and PR curves (suspect vs VPT vs RVPT) per attack."""
+    from clipguard.defenses import DefendedClip, load_defense
+    from clipguard.eval.analysis import perturbations, plot_resistivity, resistivity
+    from clipguard.eval.plots import example_index, plot_trigger_grid
+
+    seed, test = config.seeds[0], load_fmnist("test")
+    models = {a: model_directory(out, a, config.attack.poison_rate, seed) for a in config.attacks}
+    records = {a: json.loads((d / "config.json").read_text())["attack"] for a, d in models.items()}
+    triggers = [load_trigger(models[a], records[a]) for a in config.attacks]
+    target = records[config.attacks[0]]["target_index"]
+    plot_trigger_grid(test.float_images(example_index(test, target, seed)), triggers, out / TRIGGERS_PNG)
+    names = [TRIGGERS_PNG]
+    compared = [m for m in ("vpt", "rvpt") if m in config.defenses]
+    if not compared or config.pr_images < 1:
+        return names
+    for attack in config.attacks:
+        clip = load_clip(str(models[attack]), device=config.device)
+        keep = torch.nonzero(test.labels != records[attack]["target_index"]).flatten()
+        chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[: config.pr_images]]
+        images = test.float_images(chosen)
+        views = {"suspect": DefendedClip(clip)}
+        for method in compared:
+            views[method] = DefendedClip(clip, load_defense(out / "defenses" / f"{attack}-s{seed}" / method, clip,
+                                                            test.classes))
+        trigger = load_trigger(models[attack], records[attack])
+        results = {label: resistivity(view, images, perturbations(trigger, seed)) for label, view in views.items()}
+        plot_resistivity(results, out / f"pr-{attack}.png")
+        names.append(f"pr-{attack}.png")
+    return names
+
+
+def config_summary(config: BenchConfig) -> dict:
+    return {"model": config.model, "attacks": config.attacks, "defenses": config.defenses, "seeds": config.seeds,
+            "shots": config.shots, "limit": config.limit, "attack": _without_device(asdict(config.attack)),
+            "trigger_settings": config.trigger_settings, "defense_settings": config.defense_settings,
+            "pool": config.pool,
+            "pool_trigger_rate": config.pool_trigger_rate, "clipguard_version": clipguard.__version__}
+
+
+def parse_bench_settings(config: BenchConfig, assignments: list[str] | None) -> BenchConfig:
+    """``--set attack.FIELD=V`` (AttackConfig, dotted for train.*), ``--set ATTACK.FIELD=V`` (that
+    attack's trigger) or ``--set METHOD.FIELD=V`` (a defense's config)."""
+    attack_items, per_method, per_trigger = [], {}, {}
+    for item in assignments or []:
+        head, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise ClipguardError(f"--set {item!r}: expected attack.FIELD=VALUE or METHOD.FIELD=VALUE")
+        if head == "attack":
+            attack_items.append(rest)
+        elif head in ATTACKS:
+            per_trigger.setdefault(head, []).append(rest)
+        elif head in all_defenses() and head != NO_DEFENSE:
+            per_method.setdefault(head, []).append(rest)
+        else:
+            raise ClipguardError(f"--set {item!r}: {head!r} is neither 'attack', an attack nor a defense "
+                                 f"({all_defenses()[1:]})")
+    attack = override(config.attack, **parse_assignments(AttackConfig, attack_items)) if attack_items else config.attack
+    settings = dict(config.defense_settings)
+    for method, items in per_method.items():
+        probe = defense_settings(config, method, 0)
+        settings[method] = {**settings.get(method, {}), **parse_assignments(type(probe), items)}
+    triggers = dict(config.trigger_settings)
+    for name, items in per_trigger.items():
+        triggers[name] = {**triggers.get(name, {}), **parse_assignments(get_trigger_class(name).config_class, items)}
+    return dataclasses.replace(config, attack=attack, trigger_settings=triggers, defense_settings=settings)
+
+
+# The demo's shortened attack recipe (BenchConfig.attack): measured to fit the 10-minute budget
+# on 2 CPU cores together with the defenses; see README "Demo".
+DEMO_ATTACK = {"pairs": 2000, "poison_rate": 0.15, "train.epochs": 5}  # 300 poisoned pairs, as the default
+DEMO_TRIGGERS = {"badclip": {"steps": 100}}
+DEMO_LIMIT = 2000
+
+
+def demo_config(seed: int = 0, device: str = "auto") -> BenchConfig:
+    """``clipguard demo``: BadNet and BadCLIP on the built-in model x {none, RVPT, CBPT}."""
+    return BenchConfig(attacks=["badnet", "badclip"], defenses=[NO_DEFENSE, "rvpt", "cbpt"], seeds=[seed],
+                       limit=DEMO_LIMIT, attack=override(AttackConfig(), **DEMO_ATTACK), trigger_settings=DEMO_TRIGGERS,
+                       pr_images=0, device=device)

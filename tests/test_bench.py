@@ -1,0 +1,150 @@
+"""The benchmark matrix: cells, cache keys, resume after an interruption, the report."""
+
+import json
+
+import pytest
+
+from clipguard import ClipguardError, bench
+from clipguard.bench import BenchConfig, parse_bench_settings, run_bench
+from clipguard.cli import main
+from clipguard.data import load_fmnist
+from clipguard.eval.report import markdown_table, mean_std
+from clipguard.models import save_clip
+from conftest import TINY28, make_tiny_clip
+
+TINY_ATTACK = ["attack.pairs=64", "attack.train.epochs=1", "attack.train.batch_size=32", "attack.train.warmup_steps=0"]
+
+
+def tiny_config(model: str, **changes) -> BenchConfig:
+    config = BenchConfig(model=model, attacks=["badnet"], defenses=["none", "vpt"], seeds=[0], shots=1, limit=60,
+                         pr_images=0, device="cpu", **changes)
+    return parse_bench_settings(config, TINY_ATTACK + ["vpt.epochs=1", "vpt.prompt_length=2"])
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "clean")
+    return str(tmp_path / "clean")
+
+
+def test_matrix_writes_one_record_per_cell_and_the_report(tmp_path, tiny_model):
+    records = run_bench(tiny_config(tiny_model), tmp_path / "out")
+    assert [(r["attack"], r["defense"], r["seed"]) for r in records] == [("badnet", "none", 0), ("badnet", "vpt", 0)]
+    non_target = int((load_fmnist("test").labels[:60] != 8).sum())  # 8 = bag, the default target
+    for record in records:
+        asr = record["attack_success_rate"]
+        assert asr["total"] == record["poisoned_accuracy"]["total"] == non_target < 60
+        assert 0 <= asr["hits"] <= asr["total"] and record["clean_accuracy"]["total"] == 60
+    assert records[0]["trainable_parameters"] == 0 < records[1]["trainable_parameters"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["cells"]) == 2 and "excluded" in saved["note"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| badnet |" in table and "excluded" in table
+    for name in ("report.html", "asr_ca.png", "triggers.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_work(tmp_path, tiny_model, monkeypatch):
+    config = tiny_config(tiny_model)
+    real_apply = bench.apply_defense
+
+    def crash_on_vpt(method, *args, **kwargs):
+        if method == "vpt":
+            raise KeyboardInterrupt  # the user kills the run during the second cell
+        return real_apply(method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "apply_defense", crash_on_vpt)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, tmp_path / "out")
+    assert (tmp_path / "out" / "cells" / "badnet-s0" / "none.json").is_file()
+    assert not (tmp_path / "out" / "cells" / "badnet-s0" / "vpt.json").exists()
+    first = json.loads((tmp_path / "out" / "cells" / "badnet-s0" / "none.json").read_text())
+
+    calls = []
+    monkeypatch.setattr(bench, "apply_defense", lambda method, *a, **k: calls.append(method) or real_apply(method, *a, **k))
+    monkeypatch.setattr(bench, "run_attack", lambda *a, **k: pytest.fail("the backdoored model was recomputed"))
+    records = run_bench(config, tmp_path / "out")
+    assert calls == ["vpt"]  # only the unfinished cell
+    assert records[0] == first
+
+    calls.clear()
+    run_bench(config, tmp_path / "out")  # everything finished: nothing at all is recomputed
+    assert calls == []
+
+
+def test_changed_settings_invalidate_only_the_cells_they_touch(tmp_path, tiny_model, monkeypatch):
+    run_bench(tiny_config(tiny_model), tmp_path / "out")
+    calls = []
+    real_apply = bench.apply_defense
+    monkeypatch.setattr(bench, "apply_defense", lambda method, *a, **k: calls.append(method) or real_apply(method, *a, **k))
+    monkeypatch.setattr(bench, "run_attack", lambda *a, **k: pytest.fail("the backdoored model was recomputed"))
+    changed = parse_bench_settings(tiny_config(tiny_model), ["vpt.lr=0.5"])
+    run_bench(changed, tmp_path / "out")
+    assert calls == ["vpt"]
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path, tiny_model):
+    one = run_bench(tiny_config(tiny_model), tmp_path / "a")
+    two = run_bench(tiny_config(tiny_model), tmp_path / "b")
+    metrics = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
+    assert [[r[m] for m in metrics] for r in one] == [[r[m] for m in metrics] for r in two]
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown"):
+        BenchConfig(attacks=["nope"])
+    with pytest.raises(ClipguardError, match="neither"):
+        parse_bench_settings(BenchConfig(), ["rvqt.lr=1"])
+    with pytest.raises(ClipguardError, match="FIELD"):
+        parse_bench_settings(BenchConfig(), ["rvpt.lrr=1"])
+    assert parse_bench_settings(BenchConfig(), ["attack.train.epochs=2"]).attack.train.epochs == 2
+
+
+def test_markdown_table_gives_mean_and_std_over_seeds():
+    def cell(seed, asr, ca):
+        rate = lambda v: {"value": v}  # noqa: E731
+        return {"attack": "badnet", "defense": "rvpt", "seed": seed, "attack_success_rate": rate(asr),
+                "clean_accuracy": rate(ca), "poisoned_accuracy": rate(0.0), "test_images": 100,
+                "defense_seconds": 1.0, "peak_memory_mb": 10.0, "trainable_parameters": 5}
+
+    table = markdown_table([cell(0, 0.10, 0.80), cell(1, 0.20, 0.90), cell(2, 0.30, 1.00)])
+    assert "| badnet | 20.00±10.00 (90.00±10.00) n=3 |" in table
+    assert mean_std([1.0]) == (1.0, 0.0)
+
+
+def test_bench_cli_prints_the_table(tmp_path, tiny_model, capsys):
+    code = main(["bench", "--model", tiny_model, "--attacks", "badnet", "--defenses", "none", "--shots", "1",
+                 "--limit", "40", "--pr-images", "0", "--device", "cpu", "--out", str(tmp_path / "out"),
+                 *[x for item in TINY_ATTACK for x in ("--set", item)]])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| attack | none |" in out and "results.json" in out
+    assert main(["bench", "--attacks", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_trigger_settings_reach_the_attack_and_its_key(tmp_path, tiny_model):
+    base = tiny_config(tiny_model)
+    moved = parse_bench_settings(base, ["badnet.location=random"])
+    assert moved.trigger_settings == {"badnet": {"location": "random"}}
+    attack = bench.attack_settings(base, "badnet", 0)
+    assert bench.attack_key(base, attack) != bench.attack_key(moved, attack)
+    model, directory, _, _ = bench.backdoored_model(moved, "badnet", 0, tmp_path / "out")
+    assert json.loads((directory / "config.json").read_text())["attack"]["trigger"]["location"] == "random"
+
+
+def test_two_process_bench_matches_one_process(tmp_path, tiny_model):
+    """`clipguard bench` under torchrun (2 gloo processes): the same cells as one process."""
+    from test_ddp import _run, _torchrun, one_thread
+
+    flags = ["bench", "--model", tiny_model, "--attacks", "badnet", "--defenses", "none", "vpt", "--shots", "2",
+             "--limit", "64", "--pr-images", "0", "--device", "cpu",
+             *[x for item in TINY_ATTACK + ["vpt.epochs=2", "vpt.prompt_length=2", "vpt.batch_size=4"]
+               for x in ("--set", item)]]
+    with one_thread():
+        assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    two = _run([*_torchrun(2), "-m", "clipguard.cli", *flags, "--out", str(tmp_path / "two")])
+    assert two.stdout.count("results.json") == 1  # rank 0 alone reports
+    single, split = (json.loads((tmp_path / n / "results.json").read_text())["cells"] for n in ("one", "two"))
+    metrics = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
+    assert [[c[m] for m in metrics] for c in split] == [[c[m] for m in metrics] for c in single]
+    assert [c["defense"] for c in split] == ["none", "vpt"]
