@@ -357,7 +357,7 @@ def parse_bench_settings(config: BenchConfig, assignments: list[str] | None) -> 
 
 # The demo's shortened attack recipe (BenchConfig.attack): measured to fit the 10-minute budget
 # on 2 CPU cores together with the defenses; see README "Demo".
-DEMO_ATTACK = {"pairs": 2000, "poison_rate": 0.15, "train.epochs": 5}  # 300 poisoned pairs, as the default
+DEMO_ATTACK = {"pairs": 2000, "poison_rate": 0.15, "train.epochs": 10}  # 300 poisoned pairs, as the default
 DEMO_TRIGGERS = {"badclip": {"steps": 100}}
 DEMO_LIMIT = 2000
 
