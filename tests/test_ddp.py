@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from clipguard.attacks import build_trigger
+from clipguard.attacks.poison import AttackConfig, run_attack
 from clipguard.cli import main
 from clipguard.data import load_fmnist
-from clipguard.engine import gather_rows, shard
+from clipguard.defenses.cleanclip import CleanCLIPConfig, cleanclip_finetune
+from clipguard.engine import TrainConfig, gather_batch, gather_rows, shard
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.eval.zeroshot import image_features
 from clipguard.models import save_clip
@@ -58,8 +60,27 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+# 64 pairs in 4 batches of 16. The attack steps with plain SGD, unclipped, where a wrong gradient
+# scale would show (AdamW and clipping would hide it); CleanCLIP adds its in-modal terms.
+ATTACK = AttackConfig(attack="badnet", poison_rate=0.25, pairs=64, train=TrainConfig(
+    epochs=1, batch_size=16, lr=0.01, optimizer="sgd", grad_clip=0.0, weight_decay=0.0, device="cpu"))
+CLEANCLIP = CleanCLIPConfig(pairs=64, epochs=1, batch_size=16, lr=1e-3, warmup_steps=0, device="cpu")
+
+
+def contrastive_finetune(kind: str) -> dict[str, torch.Tensor]:
+    """The tiny model's weights after the "attack" or "cleanclip" fine-tune above."""
+    clip = make_tiny_clip(architecture=TINY28)
+    if kind == "attack":
+        run_attack(clip, ATTACK)
+    else:
+        clip, _ = cleanclip_finetune(clip, CLEANCLIP)
+    return {name: value.detach().clone().contiguous() for name, value in clip.model.state_dict().items()}
+
+
 def test_single_process_helpers_cover_everything():
     assert list(shard(4)) == [0, 1, 2, 3]
+    features = torch.ones(2, 3, requires_grad=True)
+    assert gather_batch(features) is features  # no gather outside a split fit
     rows = gather_rows([(2, torch.full((1, 2), 2.0)), (0, torch.zeros(2, 2))], 3)
     assert torch.equal(rows[:, 0], torch.tensor([0.0, 0.0, 2.0]))
 
@@ -103,3 +124,20 @@ def test_two_process_defend_matches_one_process(tmp_path):
         # DDP averages the two half-batch gradients: the full-batch gradient up to float rounding
         assert torch.allclose(weights[1][name], value, atol=1e-5)
         assert (value - start[name]).abs().max() > 1e-3  # training moved them: the comparison means something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["attack", "cleanclip"])
+def test_two_process_contrastive_finetune_matches_one_process(tmp_path, kind):
+    # fails if the loss sees only each process's half batch, if the gradient scale is off (attack:
+    # by 0.16 for a halved gradient) or if caption ids of the two halves collide (by 0.05)
+    with one_thread():
+        single = contrastive_finetune(kind)
+    _run([*_torchrun(2), str(TESTS / "_ddp_finetune_worker.py"), str(TESTS), kind, str(tmp_path / "two.safetensors")])
+    split = load_file(str(tmp_path / "two.safetensors"))
+    start = make_tiny_clip(architecture=TINY28).model.state_dict()
+    moved = max((value - start[name]).abs().max().item() for name, value in single.items())
+    assert moved > 1e-3  # training moved the weights: the comparison means something
+    for name, value in single.items():
+        # each process encodes half of every batch; the loss and gradient are the whole batch's
+        assert torch.allclose(split[name], value, atol=1e-5), name

@@ -10,17 +10,21 @@ so a run resumed from a checkpoint sees exactly the batches it would have seen.
 
 Under ``torchrun`` the small helpers below (:func:`is_main_process`, :func:`barrier`,
 :func:`shard`, :func:`gather_rows`, :func:`broadcast_from_main`) let evaluation split its
-batches over the processes and let commands write files from rank 0 only.
+batches over the processes and let commands write files from rank 0 only;
+:func:`gather_batch` lets a contrastive task's loss see the whole batch while each process
+encodes only its slice of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -209,6 +213,43 @@ def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
                 tensor.data.copy_(buffer)
 
 
+_batch_split = DistInfo()  # how the running fit deals out its batches (world_size > 1: split over DDP)
+
+
+@contextlib.contextmanager
+def _splitting(split: DistInfo):
+    global _batch_split
+    previous, _batch_split = _batch_split, split
+    try:
+        yield
+    finally:
+        _batch_split = previous
+
+
+def gather_batch(rows: torch.Tensor) -> torch.Tensor:
+    """This process's slice (b, ...) of the running fit's batch -> the whole batch (B, ...).
+
+    For a loss over the whole batch (a contrastive one; open_clip's ``gather_features`` with
+    ``gather_with_grad``) under :func:`fit` with DDP and split batches: the processes' contiguous
+    slices are concatenated in rank order, i.e. the batch's own order, with autograd for rows
+    that require grad. The loss L of the gathered batch is then the same in every process; each
+    slice receives the sum over processes of dL/dslice (world_size times its gradient), and DDP's
+    average over world_size processes cancels that: every parameter gets the one-process dL/dtheta.
+    Identity (the same tensor) in one process, outside :func:`fit` and with ``split_batches=False``.
+    """
+    if _batch_split.world_size == 1:
+        return rows
+    if rows.requires_grad:
+        from torch.distributed.nn.functional import all_gather  # with autograd
+
+        with warnings.catch_warnings():  # deprecated for a private module's; the same gather
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(rows))
+    slices = [torch.empty_like(rows) for _ in range(_batch_split.world_size)]
+    dist.all_gather(slices, rows.contiguous())
+    return torch.cat(slices)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -315,10 +356,10 @@ def fit(
         run_dir: where ``checkpoint.pt`` is written (every ``checkpoint_every`` steps and at
             epoch ends); ``resume=True`` continues from it.
         split_batches: under DDP, each process takes its slice of every batch and gradients
-            are averaged, which equals the full-batch gradient only for a loss that is a mean
-            over samples. ``False`` for a loss that does not split (e.g. a contrastive loss
-            within the batch): every process then trains on the whole batch, redundantly,
-            and computes what one process would.
+            are averaged, which equals the full-batch gradient for a loss that is a mean over
+            samples, or one computed on the whole batch's features from :func:`gather_batch`
+            (a contrastive loss). ``False`` for another loss that does not split: every process
+            then trains on the whole batch, redundantly, and computes what one process would.
     Returns:
         :class:`FitResult`. The task is left in eval mode with its trained parameters.
     """
@@ -362,7 +403,7 @@ def fit(
         losses = []
         for batch in loader:
             batch = _to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), _splitting(data_parallel):
                 loss = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")

@@ -150,10 +150,9 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     pairs = build_poisoned_pairs(train, trigger, config)
     train_config = dataclasses.replace(config.train, seed=config.seed)
     clip.requires_grad_(True)
-    # The contrastive loss does not split over samples: under DDP every process takes the whole
-    # batch (same model as one process; no speed-up) until features are gathered across processes.
+    # under DDP each process encodes its slice of a batch; the loss gathers the whole batch
     result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
-                            f"attack {config.attack}", split_batches=False)
+                            f"attack {config.attack}")
     clip.requires_grad_(False)
     record = attack_record(trigger, config, target)
     record.update(poisoned_pairs=len(pairs.poisoned), total_pairs=len(pairs), trigger_seconds=round(trigger_seconds, 1),

@@ -57,7 +57,7 @@ from torch import nn
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
 from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.engine import TrainConfig, fit
+from clipguard.engine import TrainConfig, fit, gather_batch
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.builtin import CaptionedImages
 from clipguard.models.clip import ClipModel
@@ -269,13 +269,17 @@ class _CleanCLIPTask(nn.Module):
         n = len(images)
         if len(batch) == 4:  # one image and one text pass for both views
             images, tokens = torch.cat([images, batch[2]]), torch.cat([tokens, batch[3]])
-        image_features = self.clip.encode_image(images, normalize=True)  # (B or 2B, D)
+        image_features = self.clip.encode_image(images, normalize=True)  # (n or 2n, D)
         # identical captions are frequent here: encode each once
-        unique_tokens, ids = torch.unique(tokens, dim=0, return_inverse=True)
-        text_features = self.clip.encode_text(unique_tokens, normalize=True)[ids]  # (B or 2B, D)
-        views = (image_features[n:], text_features[n:]) if len(batch) == 4 else (None, None)
-        return cleanclip_loss(image_features[:n], text_features[:n], self.clip.logit_scale, ids[:n], *views,
-                              lambda_=self.lambda_)
+        unique_tokens, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        text_features = self.clip.encode_text(unique_tokens, normalize=True)[inverse]  # (n or 2n, D)
+        # under DDP each process encoded its slice (n rows) of the batch: every term is taken over
+        # the whole batch (gather_batch), with caption ids that match across processes
+        _, caption_ids = torch.unique(gather_batch(batch[1]), dim=0, return_inverse=True)  # (N,)
+        views = ((gather_batch(image_features[n:]), gather_batch(text_features[n:])) if len(batch) == 4
+                 else (None, None))
+        return cleanclip_loss(gather_batch(image_features[:n]), gather_batch(text_features[:n]), self.clip.logit_scale,
+                              caption_ids, *views, lambda_=self.lambda_)
 
 
 def clean_pairs(config: CleanCLIPConfig, class_names: Sequence[str] | None = None) -> CleanPairs:
@@ -312,9 +316,9 @@ def cleanclip_finetune(clip: ClipModel, config: CleanCLIPConfig | None = None,
                         device=config.device)
     tuned.requires_grad_(True)
     try:
-        # contrastive terms do not split over samples: every DDP process takes the whole batch
+        # under DDP each process encodes its slice of a batch; the losses gather the whole batch
         result = fit(_CleanCLIPTask(tuned, config.lambda_), pairs, train, run_dir, resume, _collate(tuned),
-                     desc=config.method, split_batches=False)
+                     desc=config.method)
         trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     finally:
         tuned.requires_grad_(False)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from clipguard.data.captions import training_caption
 from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
-from clipguard.engine import FitResult, TrainConfig, fit
+from clipguard.engine import FitResult, TrainConfig, fit, gather_batch
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import MODEL_FORMAT, build_from_config
@@ -105,19 +105,26 @@ class CaptionedImages(Dataset):
 
 
 class ContrastiveTask(nn.Module):
-    """CLIP's contrastive loss on a batch ``(images (B, 3, H, W), token_ids (B, L))``."""
+    """CLIP's contrastive loss on a batch ``(images (B, 3, H, W), token_ids (B, L))``.
+
+    Under DDP with split batches each process encodes its slice and the loss is taken over the
+    whole batch (:func:`clipguard.engine.gather_batch`): the same loss and gradient as one process.
+    """
 
     def __init__(self, clip: ClipModel):
         super().__init__()
         self.clip = clip
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        images, token_ids = batch
+        images, token_ids = batch  # under DDP: this process's slice (b rows) of the batch
         # Identical captions are frequent here: encode each once (exact, and ~2x less text work).
-        unique_ids, caption_ids = torch.unique(token_ids, dim=0, return_inverse=True)
-        image_features = self.clip.encode_image(images, normalize=True)
-        text_features = self.clip.encode_text(unique_ids, normalize=True)[caption_ids]
-        return clip_contrastive_loss(image_features, text_features, self.clip.logit_scale, caption_ids)
+        unique_ids, inverse = torch.unique(token_ids, dim=0, return_inverse=True)
+        image_features = self.clip.encode_image(images, normalize=True)  # (b, D)
+        text_features = self.clip.encode_text(unique_ids, normalize=True)[inverse]  # (b, D)
+        # ids over the whole batch, so identical captions held by different processes match
+        _, caption_ids = torch.unique(gather_batch(token_ids), dim=0, return_inverse=True)  # (B,)
+        return clip_contrastive_loss(gather_batch(image_features), gather_batch(text_features),
+                                     self.clip.logit_scale, caption_ids)
 
 
 def caption_collate(clip: ClipModel):

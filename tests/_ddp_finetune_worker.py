@@ -1,0 +1,16 @@
+"""Run by test_ddp under torchrun: a contrastive fine-tune (argv[2]: "attack" or "cleanclip")
+of the tiny CLIP with split batches; rank 0 saves the weights to argv[3]."""
+
+import sys
+
+from safetensors.torch import save_file
+
+sys.path.insert(0, sys.argv[1])  # tests/ directory, for the shared setup
+from test_ddp import contrastive_finetune  # noqa: E402
+
+from clipguard.engine import init_distributed, is_main_process  # noqa: E402
+
+init_distributed("cpu")
+weights = contrastive_finetune(sys.argv[2])
+if is_main_process():
+    save_file(weights, sys.argv[3])
