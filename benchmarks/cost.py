@@ -138,10 +138,13 @@ def main() -> None:
                 a, b = rows[reference], rows[method]
                 ratio = {"time": round(a["seconds"] / b["seconds"], 2),
                          "memory": round(a["peak_rss_mb"] / b["peak_rss_mb"], 2),
-                         "memory_above_load": round(a["defense_memory_mb"] / max(b["defense_memory_mb"], 1.0), 2)}
+                         # None: the defense never grew past the load-time peak (no ratio to give)
+                         "memory_above_load": (round(a["defense_memory_mb"] / b["defense_memory_mb"], 2)
+                                               if b["defense_memory_mb"] >= 1 else None)}
                 results.setdefault("ratios", {})[f"{reference}/{method}"] = ratio
                 print(f"{reference} / {method}: {ratio['time']}x the wall time, {ratio['memory']}x the peak RSS, "
-                      f"{ratio['memory_above_load']}x the memory above the loaded model")
+                      + (f"{ratio['memory_above_load']}x the memory above the loaded model"
+                         if ratio["memory_above_load"] is not None else f"{method} needs nothing above the loaded model"))
     t = results["eval_throughput"]
     print(f"eval throughput: {t['evaluate_images_per_s']} img/s vs bare loop {t['bare_images_per_s']} img/s "
           f"({t['overhead_percent']:+.1f}%)")
