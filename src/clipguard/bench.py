@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,13 +173,14 @@ def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> 
     logger.info("backdooring %s (seed %d) -> %s", attack, seed, directory)
     clip = load_clip(config.model, device=config.device)
     start = time.perf_counter()
-    clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack),
-                                       run_dir=out / "runs" / directory.name)
+    run_dir = out / "runs" / directory.name  # checkpoints of an unfinished fine-tune
+    clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack), run_dir=run_dir)
     clip.eval()
     record["bench_seconds"] = round(time.perf_counter() - start, 1)
     clip.config["attack"] = record  # as a reload of the directory would have it
     if is_main_process():
         save_backdoored(clip, trigger, record, directory)  # atomic: a directory is there only when finished
+        shutil.rmtree(run_dir, ignore_errors=True)
     barrier()
     return clip, directory, key, {"cached": False, "seconds": record["bench_seconds"]}
 

@@ -111,10 +111,10 @@ def plot_asr_ca(records: Sequence[dict], path: str | Path) -> None:
         ax.set_ylabel(title)
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=min(len(defenses), 5), loc="upper center", bbox_to_anchor=(0.5, 1.3))
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[1].set_xticks(range(len(attacks)))
     axes[1].set_xticklabels(attacks, rotation=30, ha="right")
-    axes[0].set_title("target-class images excluded from ASR", fontsize=8, pad=30)
+    axes[0].set_title("target-class images excluded from ASR", fontsize=8)
     save_figure(fig, path)
 
 
