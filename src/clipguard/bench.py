@@ -44,7 +44,7 @@ from clipguard.config import override, parse_assignments
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, save_defense
 from clipguard.engine import barrier, init_distributed, is_main_process, peak_memory_mb
-from clipguard.eval.evaluate import evaluate_model, write_json
+from clipguard.eval.evaluate import METRICS, evaluate_model, write_json
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device
 
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 # Defenses that rewrite CLIP's weights (a model, not a prompt directory, comes out).
 WEIGHT_DEFENSES = ("oracle-repair", "cleanclip", "finetune")
 NO_DEFENSE = "none"
-METRICS = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
 
 
 def all_defenses() -> list[str]:

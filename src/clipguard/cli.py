@@ -83,7 +83,7 @@ def _attack_for(args, clip):
 def cmd_attack(args) -> None:
     from clipguard.attacks import AttackConfig, get_trigger_class, run_attack, save_backdoored
     from clipguard.config import load_config, override, parse_assignments
-    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
 
     config = load_config(AttackConfig, args.config)
@@ -95,7 +95,7 @@ def cmd_attack(args) -> None:
     clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=args.out + ".run", resume=args.resume)
     clip.eval()
     result = evaluate_model(clip, args.out, seed=args.seed, trigger=trigger, target=record["target_index"])
-    record["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")}
+    record["evaluation"] = metrics_of(result)
     save_backdoored(clip, trigger, record, args.out)
     write_json(result, args.out + "/eval.json")
     shutil.rmtree(args.out + ".run", ignore_errors=True)  # the finished run's checkpoint
@@ -141,7 +141,7 @@ def cmd_defend(args) -> None:
     from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses import get_defense_class, save_defense
     from clipguard.engine import is_main_process
-    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
 
     cls = get_defense_class(args.method)
@@ -155,7 +155,7 @@ def cmd_defend(args) -> None:
     stats = defense.fit(clip, shots)
     trigger, target = _attack_for(args, clip)
     result = evaluate_model(clip, args.model, seed=args.seed, trigger=trigger, target=target, defense=defense)
-    stats["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy") if k in result}
+    stats["evaluation"] = metrics_of(result)
     if is_main_process():
         save_defense(defense, clip, args.out, stats)
         write_json(result, args.out + "/eval.json")
@@ -242,7 +242,7 @@ def _defend_finetune(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.defenses.cleanclip import cleanclip_finetune, config_for, save_finetuned_model
     from clipguard.engine import is_main_process
-    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
 
     cls = type(config_for(args.method))
@@ -252,7 +252,7 @@ def _defend_finetune(args) -> None:
     tuned, stats = cleanclip_finetune(clip, config)
     trigger, target = _attack_for(args, clip)
     result = evaluate_model(tuned, args.out, seed=args.seed, trigger=trigger, target=target)
-    stats["evaluation"] = {k: result[k] for k in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy") if k in result}
+    stats["evaluation"] = metrics_of(result)
     if is_main_process():
         save_finetuned_model(tuned, stats, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
         write_json(result, args.out + "/eval.json")

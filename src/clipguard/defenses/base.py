@@ -69,6 +69,11 @@ class Defense(nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def parameter_counts(self, clip: ClipModel) -> dict:
+        """The defense's trainable parameters beside CLIP's own count (every ``fit`` reports both)."""
+        return {"trainable_parameters": self.trainable_parameters(),
+                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+
 
 def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
     """(B, n_blocks, width) [CLS] state after each block of the unprompted vision tower."""

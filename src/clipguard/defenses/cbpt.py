@@ -206,8 +206,7 @@ class CoOp(Defense):
         result = self._train_prompts(clip, TensorDataset(clean, shots.labels), None, 0.0, 0.0)
         self.eval()
         return {"seconds": round(time.perf_counter() - start, 2), "steps": result.steps, "last_loss": result.last_loss,
-                "trainable_parameters": self.trainable_parameters(),
-                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+                **self.parameter_counts(clip)}
 
     def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
         if tuple(class_names) != self.class_names:
@@ -294,5 +293,4 @@ class CBPT(CoOp):
         return {"seconds": round(time.perf_counter() - start, 2), "inversion_seconds": round(inversion_seconds, 2),
                 "feature_seconds": round(feature_seconds, 3), "prompt_seconds": round(result.seconds, 2),
                 "steps": result.steps, "last_loss": result.last_loss, "detection": detection.as_dict(),
-                "trainable_parameters": self.trainable_parameters(),
-                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+                **self.parameter_counts(clip)}

@@ -109,8 +109,7 @@ class LinearProbe(Defense):
         return {"seconds": round(time.perf_counter() - start, 2), "feature_seconds": round(feature_seconds, 3),
                 "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),
                 "train_accuracy": round(float((predictions == shots.labels).float().mean()), 4),
-                "trainable_parameters": self.trainable_parameters(),
-                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+                **self.parameter_counts(clip)}
 
     def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
         """The head (C, D), rows in ``self.class_names`` order; ``text_prefix`` is ignored."""

@@ -131,8 +131,7 @@ class RVPT(Defense):
         self.eval()
         return {"seconds": round(time.perf_counter() - start, 2), "prefix_cache_seconds": round(cache_seconds, 3),
                 "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),
-                "trainable_parameters": self.trainable_parameters(),
-                "clip_parameters": sum(p.numel() for p in clip.parameters())}
+                **self.parameter_counts(clip)}
 
     def _prompted(self, clip: ClipModel, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image features and all blocks' [CLS] states of the prompted tower."""

@@ -16,6 +16,14 @@ from clipguard.eval.zeroshot import image_features, zero_shot_logits
 from clipguard.models.clip import ClipModel
 
 
+METRICS = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")  # the rates a record may hold
+
+
+def metrics_of(record: dict) -> dict:
+    """The metric entries of an evaluation record (CA always; ASR and PA when a trigger was given)."""
+    return {name: record[name] for name in METRICS if name in record}
+
+
 def evaluate_model(
     clip: ClipModel,
     model_name: str,

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from clipguard.eval.evaluate import METRICS
 from clipguard.eval.metrics import TARGET_EXCLUSION_NOTE
 
 RESULTS_JSON, RESULTS_MD, BARS_PNG, REPORT_HTML = "results.json", "results.md", "asr_ca.png", "report.html"
@@ -42,7 +43,7 @@ def summarise(records: Sequence[dict]) -> dict[tuple[str, str], dict]:
     for record in records:
         cell = cells[(record["attack"], record["defense"])]
         cell["seeds"].append(record["seed"])
-        for metric in ("clean_accuracy", "attack_success_rate", "poisoned_accuracy"):
+        for metric in METRICS:
             cell[metric].append(record[metric]["value"])
         for cost in ("defense_seconds", "peak_memory_mb", "trainable_parameters"):
             cell[cost].append(record[cost])
