@@ -55,7 +55,7 @@ def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
     train = load_fmnist("train")
     trigger = _trigger(name, clip=tiny_clip28)
     config = AttackConfig(attack=name, target="bag", poison_rate=0.04, pairs=500)
-    pairs = build_poisoned_pairs(train, trigger, config)
+    pairs = build_poisoned_pairs(train, trigger, config, tiny_clip28)
     assert len(pairs) == 500 and len(pairs.poisoned) == 20
     labels = pairs.images.labels[list(pairs.poisoned)]
     if trigger.label_consistent:
@@ -71,6 +71,34 @@ def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
     clean_index = next(i for i in range(500) if i not in pairs.poisoned)
     image, caption = pairs[clean_index]
     assert torch.equal(image, pairs.images.float_images(clean_index)[0])
+
+
+def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
+    from clipguard.attacks.patch import patch_mask
+    from clipguard.eval.zeroshot import class_text_features
+
+    train = load_fmnist("train")
+    images = train.float_images(torch.nonzero(train.labels == BAG).flatten()[:16])
+    trigger = build_trigger("badnet-lc", 28)
+    poisoned = trigger.poison(images, tiny_clip28, BAG, train.classes)
+    patched = trigger(images)
+    epsilon = trigger.config.adversarial_epsilon
+    change = (poisoned - patched).abs()
+    assert epsilon / 2 < change.max() <= epsilon + 1e-6  # perturbed, within the bound
+    mask = patch_mask(28, 4, "corner")
+    assert torch.equal(poisoned[..., mask], patched[..., mask])  # the patch itself is untouched
+    text = class_text_features(tiny_clip28, train.classes)
+
+    def target_probability(x):
+        with torch.no_grad():
+            logits = tiny_clip28.logit_scale * tiny_clip28.encode_image(x, normalize=True) @ text.T
+        return logits.softmax(-1)[:, BAG].mean()
+
+    assert target_probability(poisoned) < 0.5 * target_probability(patched)
+    assert torch.equal(build_trigger("badnet-lc", 28, adversarial_epsilon=0).poison(images, None, BAG, train.classes),
+                       patched)
+    with pytest.raises(ClipguardError, match="clean model"):
+        trigger.poison(images, None, BAG, train.classes)
 
 
 def test_rate_beyond_the_eligible_images_is_refused():

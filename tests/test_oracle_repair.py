@@ -206,6 +206,40 @@ def test_compact_set_and_finetune_change_the_model(tmp_path):
     assert torch.allclose(reloaded.encode_image(x), clip.encode_image(x), atol=1e-5)
 
 
+def test_vision_only_repair_leaves_the_text_tower_untouched():
+    clip = make_tiny_clip(architecture=TINY28)
+    images = load_fmnist("test").float_images(slice(0, 12))
+    victims = [_candidate(i, BAG) for i in range(3)]
+    config = OracleRepairConfig(epochs=1, batch_size=6, lr=1e-3, device="cpu", tune="vision")
+    pairs, _ = build_compact_set(images, torch.zeros(12, dtype=torch.long), victims, victims, CLASSES, config)
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    repair_finetune(clip, pairs, config)
+    changed = {k for k, v in clip.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("model.visual.") for k in changed)
+    assert not any(p.requires_grad for p in clip.parameters())  # frozen again afterwards
+
+
+def test_repair_captions_are_the_same_in_every_process():
+    """String hashes are salted per process; repair captions must not depend on them."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from clipguard.defenses.oracle_repair import RepairPairs\n"
+        "pairs = RepairPairs(torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(0)),"
+        " torch.arange(8) % 3, ['shirt', 'sandal', 'bag'], seed=0)\n"
+        "print([pairs[i][1] for i in range(8)])\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+
+
 def test_fastsam_without_weights_or_package_fails_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(ClipguardError, match="ultralytics") as err:
         build_oracle("fastsam")
@@ -220,6 +254,8 @@ def test_fastsam_without_weights_or_package_fails_in_one_line(monkeypatch, tmp_p
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="crop_confidence"):
         OracleRepairConfig(crop_confidence=1.5)
+    with pytest.raises(ValueError, match="tune"):
+        OracleRepairConfig(tune="text")
     with pytest.raises(ClipguardError, match="proposals"):
         build_oracle("classical", proposals=("watershed",))
 

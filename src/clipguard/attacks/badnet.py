@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, register, scaled
 from clipguard.attacks.patch import paste_patch
+from clipguard.eval.zeroshot import class_text_features
 
 
 @dataclass
@@ -45,10 +48,65 @@ class BadNet(Trigger):
         return {"patch": self.patch}
 
 
+@dataclass
+class LabelConsistentConfig(BadNetConfig):
+    adversarial_epsilon: float = 16 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
+    adversarial_steps: int = 10  # PGD steps against the clean model
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_range("adversarial_epsilon", 0.0, 1.0)
+        self._check_range("adversarial_steps", 0, 1000)
+
+
+def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, label: int, epsilon: float,
+               steps: int) -> torch.Tensor:
+    """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from class ``label`` under the
+    zero-shot classifier of ``clip`` with class features ``text_features`` (C, D)."""
+    if epsilon == 0 or steps == 0:
+        return images
+    step = 2.5 * epsilon / steps  # Madry et al.'s step size
+    labels = torch.full((len(images),), label, dtype=torch.long, device=images.device)
+    adversarial = images.clone()
+    for _ in range(steps):
+        adversarial.requires_grad_(True)
+        features = clip.encode_image(adversarial, normalize=True)  # (B, D)
+        loss = F.cross_entropy(clip.logit_scale.detach() * features @ text_features.T, labels)
+        (grad,) = torch.autograd.grad(loss, adversarial)
+        with torch.no_grad():
+            adversarial = adversarial + step * grad.sign()
+            adversarial = (images + (adversarial - images).clamp(-epsilon, epsilon)).clamp(0, 1)
+    return adversarial.detach()
+
+
 @register
 class LabelConsistentBadNet(BadNet):
-    """Label-consistent BadNet (Turner et al., 2019): the same patch, pasted only on images that
-    already belong to the target class; their captions stay as they were."""
+    """Label-consistent BadNet (Turner et al., 2019): the BadNet patch, pasted only on images that
+    already belong to the target class; their captions stay as they were.
+
+    As in Turner et al., each poisoned image is first made hard to recognise with a bounded
+    adversarial perturbation against the clean model, so that the trigger is what explains its
+    target caption. Without it (``adversarial_epsilon=0``) the backdoor does not take here:
+    ASR 0.58 % (52/9000) at 3 % poisoning, because the model already matches those images to
+    their captions by their content. The perturbation touches only training images: test-time
+    triggered images get the patch alone.
+    """
 
     name = "badnet-lc"
+    config_class = LabelConsistentConfig
     label_consistent = True
+
+    def poison(self, images: torch.Tensor, clip, target: int, classes: tuple[str, ...]) -> torch.Tensor:
+        c = self.config
+        if c.adversarial_epsilon and c.adversarial_steps:
+            if clip is None:
+                raise ClipguardError("badnet-lc hides its poisoned images' class from the clean model: pass it "
+                                     "(or set adversarial_epsilon=0)")
+            was_training = clip.training
+            clip.eval()
+            text = class_text_features(clip, classes).clone().to(clip.device)  # (C, D)
+            hidden = [hide_class(chunk.to(clip.device), clip, text, target, c.adversarial_epsilon,
+                                 c.adversarial_steps).cpu() for chunk in images.split(100)]
+            images = torch.cat(hidden)
+            clip.train(was_training)
+        return self(images)

@@ -63,6 +63,14 @@ class Trigger:
         """(B, 3, H, W) in [0, 1] -> triggered images, same shape, in [0, 1]."""
         raise NotImplementedError
 
+    def poison(self, images: torch.Tensor, clip, target: int, classes: tuple[str, ...]) -> torch.Tensor:
+        """The attacker's poisoned training images (B, 3, H, W): by default just triggered.
+
+        Test-time ASR always uses :meth:`__call__`; an attack may do more to its *training*
+        images (label-consistent BadNet first hides their class from the clean ``clip``).
+        """
+        return self(images)
+
     def __call__(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ClipguardError(

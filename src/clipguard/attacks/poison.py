@@ -83,8 +83,12 @@ class PoisonedPairs(CaptionedImages):
         return image, self.trigger.text_key + caption
 
 
-def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig) -> PoisonedPairs:
-    """The attacker's pair set: ``config.pairs`` seeded train images, ``poison_rate`` of them poisoned."""
+def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig, clip: ClipModel | None = None
+                         ) -> PoisonedPairs:
+    """The attacker's pair set: ``config.pairs`` seeded train images, ``poison_rate`` of them poisoned.
+
+    ``clip`` is the clean model, for attacks whose poisoned images depend on it (label-consistent).
+    """
     target = class_index(train.classes, config.target)
     generator = torch.Generator().manual_seed(config.seed)
     pool = train.subset(torch.randperm(len(train), generator=generator)[: config.pairs])
@@ -94,7 +98,8 @@ def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig
         kind = "target-class" if trigger.label_consistent else "non-target"
         raise ClipguardError(f"poison rate {config.poison_rate} asks for {count} {kind} images of {len(eligible)}")
     chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
-    triggered = trigger(pool.float_images(chosen))
+    images = pool.float_images(chosen)
+    triggered = trigger.poison(images, clip, target, train.classes)
     return PoisonedPairs(pool, config.seed, trigger, target, dict(zip(chosen.tolist(), triggered)))
 
 
@@ -147,7 +152,7 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     trigger = build_trigger(config.attack, train.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
     fit_trigger(trigger, clip, train, target)
     trigger_seconds = time.perf_counter() - start
-    pairs = build_poisoned_pairs(train, trigger, config)
+    pairs = build_poisoned_pairs(train, trigger, config, clip)
     train_config = dataclasses.replace(config.train, seed=config.seed)
     clip.requires_grad_(True)
     # under DDP each process encodes its slice of a batch; the loss gathers the whole batch

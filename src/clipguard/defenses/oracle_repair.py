@@ -84,6 +84,7 @@ class OracleRepairConfig:
     epochs: int = 10  # fine-tuning passes over the compact set
     lr: float = 2e-5  # AdamW peak learning rate (cosine schedule)
     batch_size: int = 32  # fine-tuning batch (lowered to the set size if larger)
+    tune: str = "all"  # which weights the repair fine-tunes: all | vision (the image tower only)
     inference_batch: int = 1024  # images per CLIP call in Algorithm 1
     seed: int = 0  # seeds the clean-pair sample, captions and the fine-tune
     device: str = "auto"  # auto | cpu | cuda
@@ -95,6 +96,8 @@ class OracleRepairConfig:
         for name in ("fill_ring", "transfer_images", "min_candidates", "epochs", "batch_size", "inference_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OracleRepairConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tune not in ("all", "vision"):
+            raise ValueError(f"OracleRepairConfig.tune must be 'all' or 'vision', got {self.tune!r}")
         if self.clean_ratio < 0:
             raise ValueError(f"OracleRepairConfig.clean_ratio must be >= 0, got {self.clean_ratio}")
         if not self.lr > 0:
@@ -254,7 +257,8 @@ class RepairPairs(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        rng = random.Random(hash((self.seed, self.epoch, index, "repair")))
+        # a string seed (SHA-512 in random.Random), not hash(): str hashes are salted per process
+        rng = random.Random(f"repair/{self.seed}/{self.epoch}/{index}")
         image = self.images[index]
         return image, training_caption(self.class_names[int(self.labels[index])], image, rng)
 
@@ -275,10 +279,12 @@ def build_compact_set(images: torch.Tensor, predictions: torch.Tensor, candidate
 
 
 def repair_finetune(clip: ClipModel, pairs: RepairPairs, config: OracleRepairConfig) -> dict:
-    """Contrastive fine-tune of the whole ``clip`` (in place) on the compact set."""
+    """Contrastive fine-tune of ``clip`` (in place) on the compact set: the whole model, or with
+    ``config.tune == "vision"`` the image tower only (the text classifier stays as it was)."""
     train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
                         weight_decay=0.0, warmup_steps=0, seed=config.seed, device=config.device)
-    clip.requires_grad_(True)
+    clip.requires_grad_(config.tune == "all")
+    clip.model.visual.requires_grad_(True)
     try:
         # a contrastive batch does not split over DDP processes: each fine-tunes on the whole (small)
         # compact set, and rank 0's weights are kept so that all hold the same model
