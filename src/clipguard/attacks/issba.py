@@ -5,7 +5,12 @@ with it must recover the bits, which forces the residual to carry a consistent s
 Invisibility is enforced by the hard bound ``epsilon`` (tanh output). An energy penalty on
 top collapsed the encoder here: with weight 0.01 the residual went to 0 and the decoder
 read the secret at chance level (bit accuracy 0.69); with no penalty, bit accuracy 1.0 and
-mean |residual| 0.037 (max 0.06) on Fashion-MNIST. So the penalty defaults to 0."""
+mean |residual| 0.037 (max 0.06) on Fashion-MNIST. So the penalty defaults to 0.
+
+The bound defaults to 0.1 (25.5/255). At 0.06 the backdoor did not take at this scale: ASR
+31.49 % (2834/9000) at 3 % poisoning; at 0.1 it did: ASR 99.61 % (8965/9000), CA 89.35 %, with
+mean |residual| 0.072 and PSNR 21.6 dB on the test images (ISSBA reports ~27 dB at 224 px
+ImageNet; a 28 px grey image has far fewer pixels to spread the secret over)."""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ISSBAConfig(TriggerConfig):
     secret_bits: int = 16  # length of the hidden secret
-    epsilon: float = 0.06  # max residual per pixel, in [0, 1] image units (invisibility bound)
+    epsilon: float = 0.1  # max residual per pixel, in [0, 1] image units (invisibility bound)
     steps: int = 600  # encoder/decoder training steps
     batch_size: int = 128  # images per step
     lr: float = 2e-3  # Adam learning rate
