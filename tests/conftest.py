@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,3 +43,13 @@ def tiny_clip28():
 def isolated_cache(tmp_path, monkeypatch):
     """Learned triggers are cached per test, never in the user's cache."""
     monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+
+
+def outputs_under_hash_seeds(script: str, seeds=("1", "2")) -> set[str]:
+    """What ``script`` prints in fresh interpreters with different PYTHONHASHSEEDs (str hashes
+    are salted per process; anything seeded from them differs between DDP processes)."""
+    return {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in seeds
+    }

@@ -10,6 +10,8 @@ from clipguard.cli import main
 from clipguard.data import load_fmnist
 from clipguard.engine import TrainConfig
 
+from conftest import outputs_under_hash_seeds
+
 EXPECTED = {"badnet", "badnet-lc", "blended", "sig", "wanet", "issba", "trojvqa", "badclip"}
 FAST = {"steps": 3}  # learned triggers: a few optimisation steps are enough to test the mechanics
 BAG = 8
@@ -145,23 +147,13 @@ def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
 
 
 def test_poisoned_captions_are_the_same_in_every_process():
-    """String hashes are salted per process; captions must not depend on them."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "from clipguard.attacks import AttackConfig, build_poisoned_pairs, build_trigger\n"
         "from clipguard.data import load_fmnist\n"
         "pairs = build_poisoned_pairs(load_fmnist('train'), build_trigger('badnet', 28), AttackConfig(pairs=300))\n"
         "print([pairs[i][1] for i in sorted(pairs.poisoned)] + [pairs[i][1] for i in range(20)])\n"
     )
-    outputs = {
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
-        for seed in ("1", "2")
-    }
-    assert len(outputs) == 1
+    assert len(outputs_under_hash_seeds(script)) == 1
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from clipguard.defenses.oracle_repair import (
 )
 from clipguard.models import load_clip
 
-from conftest import TINY28, make_tiny_clip
+from conftest import TINY28, make_tiny_clip, outputs_under_hash_seeds
 
 CLASSES = ("shirt", "sandal", "bag")
 SHIRT, SANDAL, BAG = range(3)
@@ -220,11 +220,6 @@ def test_vision_only_repair_leaves_the_text_tower_untouched():
 
 
 def test_repair_captions_are_the_same_in_every_process():
-    """String hashes are salted per process; repair captions must not depend on them."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import torch\n"
         "from clipguard.defenses.oracle_repair import RepairPairs\n"
@@ -232,12 +227,7 @@ def test_repair_captions_are_the_same_in_every_process():
         " torch.arange(8) % 3, ['shirt', 'sandal', 'bag'], seed=0)\n"
         "print([pairs[i][1] for i in range(8)])\n"
     )
-    outputs = {
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
-        for seed in ("1", "2")
-    }
-    assert len(outputs) == 1
+    assert len(outputs_under_hash_seeds(script)) == 1
 
 
 def test_fastsam_without_weights_or_package_fails_in_one_line(monkeypatch, tmp_path):
