@@ -187,7 +187,7 @@ def test_compact_set_and_finetune_change_the_model(tmp_path):
     clip.config["attack"] = {"name": "badnet", "target": "bag"}
     images = load_fmnist("test").float_images(slice(0, 12))
     victims = [_candidate(i, BAG) for i in range(3)]
-    config = OracleRepairConfig(epochs=1, batch_size=6, lr=1e-3, device="cpu")
+    config = OracleRepairConfig(epochs=1, batch_size=6, lr=1e-3, device="cpu", clean_ratio=1)
     pairs, sizes = build_compact_set(images, torch.zeros(12, dtype=torch.long), victims, victims, CLASSES, config)
     assert sizes == {"victim_pairs": 3, "clean_pairs": 3} and len(pairs) == 6
     assert pairs[0][1].count("shirt") == 1  # victims are captioned with their repaired label

@@ -28,8 +28,13 @@ candidate points to a victim label; their repaired label is the prediction after
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
 own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
-with the shared engine. With no victim label the verdict is "no localisable trigger found"
-and the model is returned unchanged (invisible triggers: Blended, WaNet, ISSBA, SIG).
+with the shared engine. Deviation from METHODS ("an equal number of clean pairs"): 3 clean
+pairs per victim. On the BadNet model (pool of 2,000 train images, 10 % triggered) one clean
+pair per victim cost 1.42 CA points (89.36 -> 87.94), and 1.48 with only the image tower tuned
+(``tune="vision"``, -> 87.88), so the loss is not on the text side; three cost 0.69 (-> 88.67)
+with ASR 98.34 -> 3.10; the compact set (696 pairs) is still 7 % of the 10,000 poisoned
+training pairs. With no victim label the verdict is "no localisable trigger found" and the
+model is returned unchanged (invisible triggers: Blended, WaNet, ISSBA, SIG).
 
 Example:
     >>> repaired, report = oracle_repair(clip, pool, OracleRepairConfig(seed=0))
@@ -80,7 +85,7 @@ class OracleRepairConfig:
     transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
     min_candidates: int = 5  # fewest candidates a victim label needs
-    clean_ratio: float = 1.0  # clean pairs per victim pair in the compact set
+    clean_ratio: float = 3.0  # clean pairs per victim pair in the compact set
     epochs: int = 10  # fine-tuning passes over the compact set
     lr: float = 2e-5  # AdamW peak learning rate (cosine schedule)
     batch_size: int = 32  # fine-tuning batch (lowered to the set size if larger)
