@@ -94,8 +94,8 @@ class LabelConsistentBadNet(BadNet):
     already matches those images to their captions by their content; epsilon 8/255: 8.60 %,
     16/255: 25.51 %, 32/255: 6.68 % (a strong perturbation becomes the bag cue itself), so 16/255
     is the default. With a 6 px patch (``patch_at_224=48``): 36.87 %, and with 6 % / 9 % of the
-    pairs poisoned 48.94 % / 50.36 %. PGD towards a seeded other class instead of away from the
-    target: 12.61 %. Label-consistent poisoning stays well short of the dirty-label BadNet here.
+    pairs poisoned 48.94 % / 50.36 %. PGD towards a seeded other class per image instead of away
+    from the target (tried, not kept): 12.61 %. Label-consistent poisoning stays well short of the dirty-label BadNet here.
     """
 
     name = "badnet-lc"
