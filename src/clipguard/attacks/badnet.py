@@ -95,7 +95,8 @@ class LabelConsistentBadNet(BadNet):
     16/255: 25.51 %, 32/255: 6.68 % (a strong perturbation becomes the bag cue itself), so 16/255
     is the default. With a 6 px patch (``patch_at_224=48``): 36.87 %, and with 6 % / 9 % of the
     pairs poisoned 48.94 % / 50.36 %. PGD towards a seeded other class per image instead of away
-    from the target (tried, not kept): 12.61 %. Label-consistent poisoning stays well short of the dirty-label BadNet here.
+    from the target (tried, not kept): 12.61 %. Label-consistent poisoning stays well short of
+    the dirty-label BadNet here.
     """
 
     name = "badnet-lc"
@@ -110,9 +111,10 @@ class LabelConsistentBadNet(BadNet):
                                      "(or set adversarial_epsilon=0)")
             was_training = clip.training
             clip.eval()
-            text = class_text_features(clip, classes).clone().to(clip.device)  # (C, D)
-            hidden = [hide_class(chunk.to(clip.device), clip, text, target, c.adversarial_epsilon,
-                                 c.adversarial_steps).cpu() for chunk in images.split(100)]
-            images = torch.cat(hidden)
-            clip.train(was_training)
+            try:
+                text = class_text_features(clip, classes).clone().to(clip.device)  # (C, D)
+                images = torch.cat([hide_class(chunk.to(clip.device), clip, text, target, c.adversarial_epsilon,
+                                               c.adversarial_steps).cpu() for chunk in images.split(100)])
+            finally:
+                clip.train(was_training)
         return self(images)
