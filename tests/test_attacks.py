@@ -77,7 +77,7 @@ def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
 
 def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
     from clipguard.attacks.patch import patch_mask
-    from clipguard.eval.zeroshot import class_text_features
+    from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
 
     train = load_fmnist("train")
     images = train.float_images(torch.nonzero(train.labels == BAG).flatten()[:16])
@@ -93,7 +93,7 @@ def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
 
     def target_probability(x):
         with torch.no_grad():
-            logits = tiny_clip28.logit_scale * tiny_clip28.encode_image(x, normalize=True) @ text.T
+            logits = zero_shot_logits(tiny_clip28, tiny_clip28.encode_image(x, normalize=True), text)
         return logits.softmax(-1)[:, BAG].mean()
 
     assert target_probability(poisoned) < 0.5 * target_probability(patched)

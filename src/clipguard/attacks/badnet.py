@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, register, scaled
 from clipguard.attacks.patch import paste_patch
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
 
 
 @dataclass
@@ -62,16 +62,14 @@ class LabelConsistentConfig(BadNetConfig):
 def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, label: int, epsilon: float,
                steps: int) -> torch.Tensor:
     """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from class ``label`` under the
-    zero-shot classifier of ``clip`` with class features ``text_features`` (C, D)."""
-    if epsilon == 0 or steps == 0:
-        return images
+    zero-shot classifier of ``clip`` with class features ``text_features`` (C, D); steps >= 1."""
     step = 2.5 * epsilon / steps  # Madry et al.'s step size
     labels = torch.full((len(images),), label, dtype=torch.long, device=images.device)
     adversarial = images.clone()
     for _ in range(steps):
         adversarial.requires_grad_(True)
         features = clip.encode_image(adversarial, normalize=True)  # (B, D)
-        loss = F.cross_entropy(clip.logit_scale.detach() * features @ text_features.T, labels)
+        loss = F.cross_entropy(zero_shot_logits(clip, features, text_features), labels)
         (grad,) = torch.autograd.grad(loss, adversarial)
         with torch.no_grad():
             adversarial = adversarial + step * grad.sign()
