@@ -1,4 +1,4 @@
-"""``clipguard`` command line: subcommands only parse arguments and call the library."""
+"""The ``clipguard`` parser, the smaller subcommands and ``main``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ import shutil
 import sys
 
 from clipguard import ClipguardError, __version__
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
+from clipguard.cli.common import add_common_args, attack_for, summary_line
+from clipguard.cli.defend import cmd_defend
 
 
 def cmd_train_builtin(args) -> None:
@@ -43,7 +40,7 @@ def cmd_evaluate(args) -> None:
     from clipguard.models.loading import load_clip
 
     clip = load_clip(args.model, device=args.device)
-    trigger, target = _attack_for(args, clip)
+    trigger, target = attack_for(args, clip)
     defense = None
     if args.defense:
         from clipguard.data import load_dataset
@@ -54,30 +51,7 @@ def cmd_evaluate(args) -> None:
                             trigger=trigger, target=target, defense=defense)
     if args.json and is_main_process():
         write_json(record, args.json)
-    print(_summary(record) + f" in {record['seconds']:.1f} s")
-
-
-def _attack_for(args, clip):
-    """(trigger, target index) to evaluate: from --attack/--target, else from the model directory."""
-    from clipguard.attacks import build_trigger, load_trigger
-    from clipguard.attacks.poison import class_index, fit_trigger
-    from clipguard.data import load_dataset
-
-    record = clip.config.get("attack")
-    if args.attack:
-        if not args.target:
-            raise ClipguardError("--attack needs --target CLASS (the class the trigger should push images to)")
-        images = load_dataset(args.dataset, "test", clip.image_size)
-        target = class_index(images.classes, args.target)
-        trigger = build_trigger(args.attack, images.image_size, seed=args.seed)
-        if trigger.learned:
-            from clipguard.data import load_fmnist
-
-            fit_trigger(trigger, clip, load_fmnist("train"), target)
-        return trigger, target
-    if record:
-        return load_trigger(args.model, record), record["target_index"]
-    return None, None
+    print(summary_line(record) + f" in {record['seconds']:.1f} s")
 
 
 def cmd_attack(args) -> None:
@@ -99,18 +73,8 @@ def cmd_attack(args) -> None:
     save_backdoored(clip, trigger, record, args.out)
     write_json(result, args.out + "/eval.json")
     shutil.rmtree(args.out + ".run", ignore_errors=True)  # the finished run's checkpoint
-    print(_summary(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned, "
+    print(summary_line(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned, "
           f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; saved {args.out}")
-
-
-def _summary(record: dict) -> str:
-    ca = record["clean_accuracy"]
-    line = f"{record['model']} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
-    if "attack_success_rate" in record:
-        asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
-        line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "
-                 f"PA {100 * pa['value']:.2f}% [target-class images excluded]")
-    return line
 
 
 def cmd_show_triggers(args) -> None:
@@ -132,38 +96,6 @@ def cmd_show_triggers(args) -> None:
     print(f"wrote {args.out} ({len(triggers)} attacks)")
 
 
-def cmd_defend(args) -> None:
-    if args.method == "oracle-repair":
-        return _defend_oracle_repair(args)
-    if args.method in ("cleanclip", "finetune"):
-        return _defend_finetune(args)
-    from clipguard.config import load_config, override, parse_assignments
-    from clipguard.data import few_shot_indices, load_fmnist
-    from clipguard.defenses import get_defense_class, save_defense
-    from clipguard.engine import is_main_process
-    from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
-    from clipguard.models.loading import load_clip
-
-    cls = get_defense_class(args.method)
-    config = load_config(cls.config_class, args.config)
-    config = override(config, shots=args.shots, seed=args.seed, device=args.device, margin=args.margin,
-                      **parse_assignments(cls.config_class, args.set))
-    clip = load_clip(args.model, device=args.device)
-    train = load_fmnist("train")
-    shots = train.subset(few_shot_indices(train.labels, config.shots, config.seed, len(train.classes)))
-    defense = cls(config, clip, train.classes).to(clip.device)
-    stats = defense.fit(clip, shots)
-    trigger, target = _attack_for(args, clip)
-    result = evaluate_model(clip, args.model, seed=args.seed, trigger=trigger, target=target, defense=defense)
-    stats["evaluation"] = metrics_of(result)
-    if is_main_process():
-        save_defense(defense, clip, args.out, stats)
-        write_json(result, args.out + "/eval.json")
-    share = 100 * stats["trainable_parameters"] / stats["clip_parameters"] if "clip_parameters" in stats else float("nan")
-    print(_summary(result) + f" | {args.method}: {stats['trainable_parameters']:,} trainable parameters "
-          f"({share:.2f}% of CLIP), {stats['seconds']:.0f} s; saved {args.out}")
-
-
 def cmd_analyze(args) -> None:
     import torch
 
@@ -174,7 +106,7 @@ def cmd_analyze(args) -> None:
     from clipguard.models.loading import load_clip
 
     clip = load_clip(args.model, device=args.device)
-    trigger, target = _attack_for(args, clip)
+    trigger, target = attack_for(args, clip)
     test = load_fmnist("test")
     keep = torch.nonzero(test.labels != target).flatten() if target is not None else torch.arange(len(test))
     chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(args.seed))[: args.images]]
@@ -193,71 +125,6 @@ def cmd_analyze(args) -> None:
             trigger.generator.manual_seed(args.seed)
         plot_tsne(models, images, labels, trigger(images.clone()), test.classes, args.tsne, args.seed)
         print(f"wrote {args.tsne}")
-
-
-def _defend_oracle_repair(args) -> None:
-    """Oracle-guided repair changes CLIP's weights, so it writes a model directory."""
-    from pathlib import Path
-
-    from clipguard.attacks import load_trigger
-    from clipguard.config import load_config, override, parse_assignments
-    from clipguard.defenses.oracle import load_pool
-    from clipguard.defenses.oracle_repair import (
-        OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report,
-    )
-    from clipguard.engine import barrier, is_main_process
-    from clipguard.eval.evaluate import evaluate_model, write_json
-    from clipguard.models.loading import load_clip
-
-    if not args.pool:
-        raise ClipguardError("oracle-repair needs --pool (fmnist-train:N, fmnist-test:N or an image folder)")
-    config = load_config(OracleRepairConfig, args.config)
-    config = override(config, seed=args.seed, device=args.device, **parse_assignments(OracleRepairConfig, args.set))
-    clip = load_clip(args.model, device=args.device)
-    record = clip.config.get("attack")
-    if args.pool_trigger_rate and not record:
-        raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
-    trigger = load_trigger(args.model, record) if args.pool_trigger_rate else None
-    pool, pool_info = load_pool(args.pool, clip.image_size, seed=args.seed, trigger=trigger,
-                                trigger_rate=args.pool_trigger_rate)
-    repaired, report = oracle_repair(clip, pool, config)
-    report["pool"] = {k: v for k, v in pool_info.items() if k != "triggered"}
-    if is_main_process():
-        save_repaired_model(repaired, report, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
-        write_repair_report(report, pool, args.out)
-    barrier()  # the others read the trigger from the directory rank 0 wrote
-    trigger, target = _attack_for(argparse.Namespace(**{**vars(args), "model": args.out}), repaired)
-    result = evaluate_model(repaired, args.out, seed=args.seed, trigger=trigger, target=target)
-    if is_main_process():
-        write_json(result, args.out + "/eval.json")
-    print(f"oracle repair: {report['verdict']}; victim labels {report.get('victim_labels')}, "
-          f"compact set {report.get('compact_set_size', 0)} pairs")
-    print(_summary(result) + f"; saved {args.out}")
-
-
-def _defend_finetune(args) -> None:
-    """CleanCLIP and plain fine-tuning change CLIP's weights, so they write a model directory."""
-    from pathlib import Path
-
-    from clipguard.config import load_config, override, parse_assignments
-    from clipguard.defenses.cleanclip import cleanclip_finetune, config_for, save_finetuned_model
-    from clipguard.engine import is_main_process
-    from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
-    from clipguard.models.loading import load_clip
-
-    cls = type(config_for(args.method))
-    config = load_config(cls, args.config)
-    config = override(config, seed=args.seed, device=args.device, **parse_assignments(cls, args.set))
-    clip = load_clip(args.model, device=args.device)
-    tuned, stats = cleanclip_finetune(clip, config)
-    trigger, target = _attack_for(args, clip)
-    result = evaluate_model(tuned, args.out, seed=args.seed, trigger=trigger, target=target)
-    stats["evaluation"] = metrics_of(result)
-    if is_main_process():
-        save_finetuned_model(tuned, stats, args.out, source_dir=args.model if Path(args.model).is_dir() else None)
-        write_json(result, args.out + "/eval.json")
-    print(_summary(result) + f" | {args.method}: {stats['pairs']} clean pairs, {stats['steps']} steps, "
-          f"{stats['seconds']:.0f} s, peak memory {stats['peak_memory_mb']:.0f} MB; saved {args.out}")
 
 
 def cmd_detect(args) -> None:
@@ -341,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-builtin", help="train the built-in Fashion-MNIST CLIP from scratch")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--config", help="YAML recipe (BuiltinRecipe fields); flags override it")
     p.add_argument("--out", default="runs/builtin", help="run directory (checkpoint + model/)")
     p.add_argument("--epochs", type=int)
@@ -354,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_builtin)
 
     p = sub.add_parser("evaluate", help="zero-shot clean accuracy of a model")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", default="builtin", help="model spec (see 'clipguard list')")
     p.add_argument("--dataset", default="fmnist", help="fmnist or an ImageFolder path")
     p.add_argument("--split", default="test", choices=["train", "test"])
@@ -367,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="backdoor a model by poisoned contrastive fine-tuning")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--config", help="YAML AttackConfig; flags override it")
     p.add_argument("--model", default="builtin", help="clean model spec")
     p.add_argument("--attack", help="attack name (clipguard list)")
@@ -382,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("defend", help="purify a suspect model (few clean shots; cleanclip/finetune: clean pairs)")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", default="builtin", help="suspect model (a backdoored model directory)")
     p.add_argument("--method", required=True, help="defense name (clipguard list)")
     p.add_argument("--config", help="YAML config of the method; flags override it")
@@ -399,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_defend)
 
     p = sub.add_parser("detect", help="invert a trigger on clean shots: is the model backdoored, and towards what?")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", default="builtin", help="suspect model")
     p.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
     p.add_argument("--config", help="YAML InversionConfig; flags override it")
@@ -408,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("analyze", help="perturbation resistivity per layer (and t-SNE) with and without defenses")
-    _common(p)
+    add_common_args(p)
     p.add_argument("what", choices=["pr"], help="pr: perturbation resistivity")
     p.add_argument("--model", default="builtin", help="suspect model (its own attack's trigger is one perturbation)")
     p.add_argument("--defense", action="append", help="a defense directory to compare, repeatable")
@@ -421,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("show-triggers", help="draw a clean image and its triggered version per attack")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", default="builtin", help="clean model (learned triggers are fitted against it)")
     p.add_argument("--target", default="bag")
     p.add_argument("--attacks", nargs="*", help="attack names (default: all)")
@@ -429,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show_triggers)
 
     p = sub.add_parser("bench", help="every attack x every defense x seeds: cached, resumable, with a report")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--model", default="builtin", help="the clean model every attack starts from")
     p.add_argument("--attacks", nargs="+", help="attack names or 'all' (default)")
     p.add_argument("--defenses", nargs="+", help="defense names, 'none' = no defense, or 'all' (default)")
@@ -445,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the built-in model: attack, defend, report (~10 min on 2 cores)")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--out", default="runs/demo", help="results directory (re-run to resume)")
     p.set_defaults(func=cmd_demo)
 
@@ -484,7 +351,3 @@ def main(argv: list[str] | None = None) -> int:
         print("clipguard: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,79 @@
+"""What RVPT's prefix cache saves: the same RVPT fit with and without it.
+
+With the cache (what ``clipguard defend --method rvpt`` does), the unprompted blocks' output
+and the frozen model's [CLS] states (the repelled targets) are computed once for the shots.
+Without it, every step runs the frozen tower on its batch again (under ``no_grad``), as a
+naive implementation would. Both runs use the same seed, batches and schedule, so their
+losses must agree; the script checks that and prints the two wall times and their ratio.
+
+    OMP_NUM_THREADS=1 python benchmarks/prefix_cache.py --model runs/attacks/badnet-0.03 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+
+from clipguard.config import override, parse_assignments
+from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.defenses.rvpt import RVPT, RVPTConfig, _RVPTTask
+from clipguard.engine import TrainConfig, fit
+from clipguard.eval.zeroshot import class_text_features
+from clipguard.models import load_clip
+from clipguard.models.prompted import frozen_prefix
+
+
+class _UncachedTask(_RVPTTask):
+    """RVPT's loss on raw pixels: the frozen prefix and targets are recomputed every step."""
+
+    def forward(self, batch) -> torch.Tensor:
+        pixels, labels = batch
+        prefix, frozen_cls = frozen_prefix(self.visual, pixels, self.prompts.start_block)
+        return super().forward((prefix, frozen_cls, labels))
+
+
+def run(args, cached: bool) -> tuple[float, float]:
+    clip = load_clip(args.model, device="cpu").eval()
+    clip.requires_grad_(False)
+    train = load_fmnist("train")
+    shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
+    config = override(RVPTConfig(shots=args.shots, seed=args.seed, device="cpu"),
+                      **parse_assignments(RVPTConfig, args.set or []))
+    defense = RVPT(config, clip, train.classes)
+    texts = class_text_features(clip, train.classes, templates=(config.prompt,)).clone()
+    start = time.perf_counter()
+    pixels = clip.preprocess(shots.float_images())
+    if cached:
+        prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, defense.prompts.start_block)
+        task, dataset = _RVPTTask(defense.prompts, clip, texts, config, None), TensorDataset(prefix, frozen_cls,
+                                                                                             shots.labels)
+    else:
+        task, dataset = _UncachedTask(defense.prompts, clip, texts, config, None), TensorDataset(pixels, shots.labels)
+    train_config = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
+                               optimizer="sgd", weight_decay=0.0, seed=config.seed, device="cpu", grad_clip=0.0)
+    result = fit(task, dataset, train_config, desc="rvpt " + ("cached" if cached else "uncached"))
+    return time.perf_counter() - start, result.last_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a (backdoored) model directory or spec")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE", help="RVPT config field, repeatable")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    cached_seconds, cached_loss = run(args, cached=True)
+    uncached_seconds, uncached_loss = run(args, cached=False)
+    if abs(cached_loss - uncached_loss) > 1e-4 * max(1.0, abs(cached_loss)):
+        raise SystemExit(f"the two runs disagree: last loss {cached_loss} vs {uncached_loss}")
+    print(json.dumps({"cached_seconds": round(cached_seconds, 2), "uncached_seconds": round(uncached_seconds, 2),
+                      "speedup": round(uncached_seconds / cached_seconds, 2), "last_loss": cached_loss}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""``python -m clipguard.cli`` (what ``torchrun`` runs)."""
+
+import sys
+
+from clipguard.cli.main import main
+
+sys.exit(main())
