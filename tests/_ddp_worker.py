@@ -8,7 +8,8 @@ import torch
 sys.path.insert(0, sys.argv[1])  # tests/ directory, for the shared task definition
 from test_engine import RegressionTask, regression_data  # noqa: E402
 
-from clipguard.engine import TrainConfig, all_reduce_sum, fit, init_distributed  # noqa: E402
+from clipguard.distributed import all_reduce_sum, init_distributed  # noqa: E402
+from clipguard.engine import TrainConfig, fit  # noqa: E402
 
 task = RegressionTask()
 config = TrainConfig(epochs=2, batch_size=8, lr=0.02, grad_clip=0.0, optimizer="sgd", weight_decay=0.0, device="cpu", seed=0)

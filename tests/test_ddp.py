@@ -16,7 +16,8 @@ from clipguard.attacks.poison import AttackConfig, run_attack
 from clipguard.cli import main
 from clipguard.data import load_fmnist
 from clipguard.defenses.cleanclip import CleanCLIPConfig, cleanclip_finetune
-from clipguard.engine import TrainConfig, gather_batch, gather_rows, shard
+from clipguard.distributed import gather_batch, gather_rows, shard
+from clipguard.engine import TrainConfig
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.eval.zeroshot import image_features
 from clipguard.models import save_clip

@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, optimizer):
 
 
 def test_sampler_skips_finished_batches_and_shards_ranks():
-    from clipguard.engine import DistInfo
+    from clipguard.distributed import DistInfo
 
     full = list(EpochBatchSampler(16, 4, seed=0))
     sampler = EpochBatchSampler(16, 4, seed=0)

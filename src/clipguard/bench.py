@@ -43,7 +43,8 @@ from clipguard.attacks.poison import attack_record, class_index
 from clipguard.config import override, parse_assignments
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, save_defense
-from clipguard.engine import barrier, init_distributed, is_main_process, peak_memory_mb
+from clipguard.distributed import barrier, init_distributed, is_main_process
+from clipguard.engine import peak_memory_mb
 from clipguard.eval.evaluate import METRICS, evaluate_model, write_json
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device

@@ -25,7 +25,8 @@ from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, build_trigger
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
 from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.engine import FitResult, TrainConfig, broadcast_from_main, fit, is_main_process
+from clipguard.distributed import broadcast_from_main, is_main_process
+from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import save_clip

@@ -17,7 +17,7 @@ def cmd_defend(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses import get_defense_class, save_defense
-    from clipguard.engine import is_main_process
+    from clipguard.distributed import is_main_process
     from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
 
@@ -51,7 +51,7 @@ def _defend_oracle_repair(args) -> None:
     from clipguard.defenses.oracle_repair import (
         OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report,
     )
-    from clipguard.engine import barrier, is_main_process
+    from clipguard.distributed import barrier, is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
 
@@ -87,7 +87,7 @@ def _defend_finetune(args) -> None:
 
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.defenses.cleanclip import cleanclip_finetune, config_for, save_finetuned_model
-    from clipguard.engine import is_main_process
+    from clipguard.distributed import is_main_process
     from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
 

@@ -35,7 +35,7 @@ def cmd_train_builtin(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from clipguard.engine import is_main_process
+    from clipguard.distributed import is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
 
@@ -330,7 +330,7 @@ def _torchrun_processes(args):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
-    from clipguard.engine import close_distributed, init_distributed
+    from clipguard.distributed import close_distributed, init_distributed
 
     info, _ = init_distributed(getattr(args, "device", "auto"))
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if info.is_main else quiet):

@@ -57,7 +57,8 @@ from torch import nn
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
 from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.engine import TrainConfig, fit, gather_batch
+from clipguard.distributed import gather_batch
+from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.builtin import CaptionedImages
 from clipguard.models.clip import ClipModel

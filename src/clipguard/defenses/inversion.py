@@ -42,7 +42,8 @@ from torch.utils.data import TensorDataset
 
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
-from clipguard.engine import TrainConfig, broadcast_from_main, fit
+from clipguard.distributed import broadcast_from_main
+from clipguard.engine import TrainConfig, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 

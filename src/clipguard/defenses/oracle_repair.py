@@ -61,7 +61,8 @@ from clipguard.data.captions import training_caption
 from clipguard.defenses.oracle import (
     Region, background_colour, build_oracle, fill_regions, isolate_regions, paste_regions,
 )
-from clipguard.engine import TrainConfig, broadcast_from_main, fit
+from clipguard.distributed import broadcast_from_main
+from clipguard.engine import TrainConfig, fit
 from clipguard.eval.evaluate import write_json
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.builtin import ContrastiveTask, caption_collate

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.data.fmnist import ImageSet
-from clipguard.engine import gather_rows, is_main_process, shard
+from clipguard.distributed import gather_rows, is_main_process, shard
 from clipguard.models.clip import ClipModel
 
 ImageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, indices) -> images
@@ -43,7 +43,7 @@ def image_features(
     ``transform(batch, batch_indices)`` is applied to each float batch first (e.g. a trigger).
     Under ``torchrun`` (a joined process group) this is a collective: every process must call
     it. The batches are dealt out over the processes (batch k to rank k mod world size), each
-    encodes its own, and :func:`~clipguard.engine.gather_rows` assembles all N rows on every
+    encodes its own, and :func:`~clipguard.distributed.gather_rows` assembles all N rows on every
     process, bit-identical to one process (same batches, exact combination). ``transform`` runs
     on every batch in every process, so a random one (a trigger at random spots) draws from its
     generator exactly as in one process.

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from clipguard.data.captions import training_caption
 from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
-from clipguard.engine import FitResult, TrainConfig, fit, gather_batch
+from clipguard.distributed import gather_batch
+from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import MODEL_FORMAT, build_from_config
@@ -108,7 +109,7 @@ class ContrastiveTask(nn.Module):
     """CLIP's contrastive loss on a batch ``(images (B, 3, H, W), token_ids (B, L))``.
 
     Under DDP with split batches each process encodes its slice and the loss is taken over the
-    whole batch (:func:`clipguard.engine.gather_batch`): the same loss and gradient as one process.
+    whole batch (:func:`clipguard.distributed.gather_batch`): the same loss and gradient as one process.
     """
 
     def __init__(self, clip: ClipModel):
