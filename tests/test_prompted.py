@@ -3,7 +3,7 @@ import torch
 
 from clipguard import ClipguardError
 from clipguard.models.prompted import (
-    DeepVisualPrompts, check_prompt_support, frozen_prefix, run_blocks, vision_head, vision_stem,
+    DeepVisualPrompts, check_prompt_support, frozen_prefix, prompted_block, run_blocks, vision_head, vision_stem,
 )
 
 
@@ -31,6 +31,23 @@ def test_cached_prefix_gives_the_same_prompted_features_as_a_full_pass(tiny_clip
     assert not torch.allclose(cached, visual(pixels), atol=1e-3)
     cached.sum().backward()
     assert prompts.prompts.grad is not None and prompts.prompts.grad.abs().sum() > 0
+
+
+def test_prompts_as_keys_only_equal_inserting_them(tiny_clip, images16):
+    """The fast prompted block (prompts as extra keys/values only) is the literal VPT-deep block:
+    insert the prompts after [CLS], run the block, drop their outputs. Gradients agree too."""
+    visual = tiny_clip.model.visual
+    x = vision_stem(visual, tiny_clip.preprocess(images16))  # (B, 1 + N, width)
+    prompt = torch.randn(5, x.shape[-1], generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for block in visual.transformer.resblocks:
+        literal = block(torch.cat([x[:, :1], prompt.expand(len(x), -1, -1), x[:, 1:]], dim=1))
+        literal = torch.cat([literal[:, :1], literal[:, 1 + len(prompt):]], dim=1)
+        fast = prompted_block(block, x, prompt)
+        assert fast.shape == x.shape and torch.allclose(fast, literal, atol=1e-5)
+        (grad_literal,) = torch.autograd.grad(literal.square().sum(), prompt)
+        (grad_fast,) = torch.autograd.grad(fast.square().sum(), prompt)
+        assert torch.allclose(grad_fast, grad_literal, rtol=1e-4, atol=1e-5)
+        x = fast.detach()
 
 
 def test_non_vit_towers_are_refused():
