@@ -1,4 +1,6 @@
-"""What RVPT's prefix cache saves: the same RVPT fit with and without it.
+"""What RVPT's two shortcuts save: the prefix cache (training) and prompts as keys only (every pass).
+
+1. The prefix cache: the same RVPT fit with and without it.
 
 With the cache (what ``clipguard defend --method rvpt`` does), the unprompted blocks' output
 and the frozen model's [CLS] states (the repelled targets) are computed once for the shots.
@@ -6,7 +8,12 @@ Without it, every step runs the frozen tower on its batch again (under ``no_grad
 naive implementation would. Both runs use the same seed, batches and schedule, so their
 losses must agree; the script checks that and prints the two wall times and their ratio.
 
-    OMP_NUM_THREADS=1 python benchmarks/prefix_cache.py --model runs/attacks/badnet-0.03 --seed 0
+2. Prompts as keys only (:func:`clipguard.models.prompted.prompted_block`): the fitted prompts'
+zero-shot evaluation on ``--images`` test images, against the literal VPT-deep pass that
+inserts the prompts into each block's sequence and drops their outputs; the script checks that
+both give the same predictions and prints both throughputs.
+
+    OMP_NUM_THREADS=1 python benchmarks/rvpt_cost.py --model runs/attacks/badnet-0.03 --seed 0
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from clipguard.defenses.rvpt import RVPT, RVPTConfig, _RVPTTask
 from clipguard.engine import TrainConfig, fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models import load_clip
+import clipguard.models.prompted as prompted
+from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.prompted import frozen_prefix
 
 
@@ -36,7 +45,19 @@ class _UncachedTask(_RVPTTask):
         return super().forward((prefix, frozen_cls, labels))
 
 
-def run(args, cached: bool) -> tuple[float, float]:
+def literal_block(block, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """VPT-deep as written: insert the prompts after [CLS], run the block, drop their outputs."""
+    out = block(torch.cat([x[:, :1], prompt.to(x.dtype).expand(len(x), -1, -1), x[:, 1:]], dim=1))
+    return torch.cat([out[:, :1], out[:, 1 + len(prompt):]], dim=1)
+
+
+def eval_throughput(clip, defense, images: int, seed: int) -> tuple[float, dict]:
+    """Images per second of a zero-shot evaluation (clean + triggered) with ``defense``."""
+    result = evaluate_model(clip, "rvpt", limit=images, seed=seed, defense=defense, progress=False)
+    return images / result["seconds"], result["clean_accuracy"]
+
+
+def run(args, cached: bool) -> tuple[float, float, RVPT]:
     clip = load_clip(args.model, device="cpu").eval()
     clip.requires_grad_(False)
     train = load_fmnist("train")
@@ -56,7 +77,8 @@ def run(args, cached: bool) -> tuple[float, float]:
     train_config = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
                                optimizer="sgd", weight_decay=0.0, seed=config.seed, device="cpu", grad_clip=0.0)
     result = fit(task, dataset, train_config, desc="rvpt " + ("cached" if cached else "uncached"))
-    return time.perf_counter() - start, result.last_loss
+    defense.eval()
+    return time.perf_counter() - start, result.last_loss, defense
 
 
 def main() -> None:
@@ -64,16 +86,29 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a (backdoored) model directory or spec")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=2000, help="test images for the throughput comparison")
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE", help="RVPT config field, repeatable")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    cached_seconds, cached_loss = run(args, cached=True)
-    uncached_seconds, uncached_loss = run(args, cached=False)
+    cached_seconds, cached_loss, defense = run(args, cached=True)
+    uncached_seconds, uncached_loss, _ = run(args, cached=False)
     if abs(cached_loss - uncached_loss) > 1e-4 * max(1.0, abs(cached_loss)):
         raise SystemExit(f"the two runs disagree: last loss {cached_loss} vs {uncached_loss}")
-    print(json.dumps({"cached_seconds": round(cached_seconds, 2), "uncached_seconds": round(uncached_seconds, 2),
-                      "speedup": round(uncached_seconds / cached_seconds, 2), "last_loss": cached_loss}))
-
+    clip = load_clip(args.model, device="cpu").eval()
+    fast_rate, fast_ca = eval_throughput(clip, defense, args.images, args.seed)
+    keys_only, prompted.prompted_block = prompted.prompted_block, literal_block
+    try:
+        literal_rate, literal_ca = eval_throughput(clip, defense, args.images, args.seed)
+    finally:
+        prompted.prompted_block = keys_only
+    if fast_ca["correct"] != literal_ca["correct"]:
+        raise SystemExit(f"the two passes disagree: {fast_ca['correct']} vs {literal_ca['correct']} correct")
+    print(json.dumps({
+        "fit_cached_seconds": round(cached_seconds, 2), "fit_uncached_seconds": round(uncached_seconds, 2),
+        "prefix_cache_speedup": round(uncached_seconds / cached_seconds, 2), "last_loss": cached_loss,
+        "eval_images_per_second_keys_only": round(fast_rate, 1), "eval_images_per_second_literal": round(literal_rate, 1),
+        "keys_only_speedup": round(fast_rate / literal_rate, 2), "clean_correct": fast_ca["correct"],
+    }))
 
 if __name__ == "__main__":
     main()
