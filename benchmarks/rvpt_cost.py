@@ -27,8 +27,8 @@ from torch.utils.data import TensorDataset
 
 from clipguard.config import override, parse_assignments
 from clipguard.data import few_shot_indices, load_fmnist
-from clipguard.defenses.rvpt import RVPT, RVPTConfig, _RVPTTask
-from clipguard.engine import TrainConfig, fit
+from clipguard.defenses.rvpt import RVPT, RVPTConfig, RVPTTask
+from clipguard.engine import fit
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models import load_clip
 import clipguard.models.prompted as prompted
@@ -36,7 +36,7 @@ from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.prompted import frozen_prefix
 
 
-class _UncachedTask(_RVPTTask):
+class _UncachedTask(RVPTTask):
     """RVPT's loss on raw pixels: the frozen prefix and targets are recomputed every step."""
 
     def forward(self, batch) -> torch.Tensor:
@@ -70,13 +70,12 @@ def run(args, cached: bool) -> tuple[float, float, RVPT]:
     pixels = clip.preprocess(shots.float_images())
     if cached:
         prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, defense.prompts.start_block)
-        task, dataset = _RVPTTask(defense.prompts, clip, texts, config, None), TensorDataset(prefix, frozen_cls,
-                                                                                             shots.labels)
+        task = RVPTTask(defense.prompts, clip, texts, config, None)
+        dataset = TensorDataset(prefix, frozen_cls, shots.labels)
     else:
-        task, dataset = _UncachedTask(defense.prompts, clip, texts, config, None), TensorDataset(pixels, shots.labels)
-    train_config = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
-                               optimizer="sgd", weight_decay=0.0, seed=config.seed, device="cpu", grad_clip=0.0)
-    result = fit(task, dataset, train_config, desc="rvpt " + ("cached" if cached else "uncached"))
+        task = _UncachedTask(defense.prompts, clip, texts, config, None)
+        dataset = TensorDataset(pixels, shots.labels)
+    result = fit(task, dataset, defense.train_config(len(dataset)), desc="rvpt " + ("cached" if cached else "uncached"))
     defense.eval()
     return time.perf_counter() - start, result.last_loss, defense
 

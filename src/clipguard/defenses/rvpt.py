@@ -74,7 +74,7 @@ class RVPTConfig(DefenseConfig):
             self._check_range("margin", -1.0, 1.0)
 
 
-class _RVPTTask(nn.Module):
+class RVPTTask(nn.Module):
     """Loss of one batch (prefix tokens, frozen [CLS] states, labels) for the engine."""
 
     def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig,
@@ -123,15 +123,19 @@ class RVPT(Defense):
         cache_seconds = time.perf_counter() - start
         texts = class_text_features(clip, self.class_names, templates=(config.prompt,)).clone()
         centre = frozen_cls.mean(0) if config.centred else None  # (n_blocks, width), fixed
-        task = _RVPTTask(self.prompts, clip, texts, config, centre)
+        task = RVPTTask(self.prompts, clip, texts, config, centre)
         dataset = TensorDataset(prefix.cpu(), frozen_cls.cpu(), shots.labels)
-        train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), lr=config.lr,
-                            optimizer="sgd", weight_decay=0.0, seed=config.seed, device=config.device, grad_clip=0.0)
-        result = fit(task, dataset, train, desc=self.name)
+        result = fit(task, dataset, self.train_config(len(dataset)), desc=self.name)
         self.eval()
         return {"seconds": round(time.perf_counter() - start, 2), "prefix_cache_seconds": round(cache_seconds, 3),
                 "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),
                 **self.parameter_counts(clip)}
+
+    def train_config(self, examples: int) -> TrainConfig:
+        """The engine settings of a fit on ``examples`` shots: SGD, cosine schedule, no decay."""
+        c = self.config
+        return TrainConfig(epochs=c.epochs, batch_size=min(c.batch_size, examples), lr=c.lr, optimizer="sgd",
+                           weight_decay=0.0, seed=c.seed, device=c.device, grad_clip=0.0)
 
     def _prompted(self, clip: ClipModel, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image features and all blocks' [CLS] states of the prompted tower."""
