@@ -25,14 +25,14 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
+import clipguard.models.prompted as prompted
 from clipguard.config import override, parse_assignments
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses.rvpt import RVPT, RVPTConfig, RVPTTask
 from clipguard.engine import fit
+from clipguard.eval.evaluate import evaluate_model
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models import load_clip
-import clipguard.models.prompted as prompted
-from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.prompted import frozen_prefix
 
 
@@ -45,12 +45,6 @@ class _UncachedTask(RVPTTask):
         return super().forward((prefix, frozen_cls, labels))
 
 
-def literal_block(block, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """VPT-deep as written: insert the prompts after [CLS], run the block, drop their outputs."""
-    out = block(torch.cat([x[:, :1], prompt.to(x.dtype).expand(len(x), -1, -1), x[:, 1:]], dim=1))
-    return torch.cat([out[:, :1], out[:, 1 + len(prompt):]], dim=1)
-
-
 def eval_throughput(clip, defense, images: int, seed: int) -> tuple[float, dict]:
     """Images per second of a zero-shot evaluation (clean + triggered) with ``defense``."""
     result = evaluate_model(clip, "rvpt", limit=images, seed=seed, defense=defense, progress=False)
@@ -58,24 +52,22 @@ def eval_throughput(clip, defense, images: int, seed: int) -> tuple[float, dict]
 
 
 def run(args, cached: bool) -> tuple[float, float, RVPT]:
+    """One RVPT fit: ``RVPT.fit`` itself (cached), or the same loss recomputing the frozen tower."""
     clip = load_clip(args.model, device="cpu").eval()
-    clip.requires_grad_(False)
     train = load_fmnist("train")
     shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
     config = override(RVPTConfig(shots=args.shots, seed=args.seed, device="cpu"),
                       **parse_assignments(RVPTConfig, args.set or []))
     defense = RVPT(config, clip, train.classes)
-    texts = class_text_features(clip, train.classes, templates=(config.prompt,)).clone()
-    start = time.perf_counter()
-    pixels = clip.preprocess(shots.float_images())
     if cached:
-        prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, defense.prompts.start_block)
-        task = RVPTTask(defense.prompts, clip, texts, config, None)
-        dataset = TensorDataset(prefix, frozen_cls, shots.labels)
-    else:
-        task = _UncachedTask(defense.prompts, clip, texts, config, None)
-        dataset = TensorDataset(pixels, shots.labels)
-    result = fit(task, dataset, defense.train_config(len(dataset)), desc="rvpt " + ("cached" if cached else "uncached"))
+        stats = defense.fit(clip, shots)
+        return stats["seconds"], stats["last_loss"], defense
+    clip.requires_grad_(False)
+    start = time.perf_counter()
+    texts = class_text_features(clip, train.classes, templates=(config.prompt,)).clone()
+    task = _UncachedTask(defense.prompts, clip, texts, config, None)
+    dataset = TensorDataset(clip.preprocess(shots.float_images()), shots.labels)
+    result = fit(task, dataset, defense.train_config(len(dataset)), desc="rvpt uncached")
     defense.eval()
     return time.perf_counter() - start, result.last_loss, defense
 
@@ -95,7 +87,7 @@ def main() -> None:
         raise SystemExit(f"the two runs disagree: last loss {cached_loss} vs {uncached_loss}")
     clip = load_clip(args.model, device="cpu").eval()
     fast_rate, fast_ca = eval_throughput(clip, defense, args.images, args.seed)
-    keys_only, prompted.prompted_block = prompted.prompted_block, literal_block
+    keys_only, prompted.prompted_block = prompted.prompted_block, prompted.inserted_block
     try:
         literal_rate, literal_ca = eval_throughput(clip, defense, args.images, args.seed)
     finally:
@@ -108,6 +100,7 @@ def main() -> None:
         "eval_images_per_second_keys_only": round(fast_rate, 1), "eval_images_per_second_literal": round(literal_rate, 1),
         "keys_only_speedup": round(fast_rate / literal_rate, 2), "clean_correct": fast_ca["correct"],
     }))
+
 
 if __name__ == "__main__":
     main()

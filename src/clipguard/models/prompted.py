@@ -67,17 +67,23 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> t
 
     The prompts enter only as keys and values: queries, the MLP and the residuals run on the T
     image tokens, and the prompts' layer norm once per call (they do not depend on the image).
-    Blocks other than open_clip's standard ``ResidualAttentionBlock`` take the literal path
-    (insert, run, drop).
+    Blocks other than open_clip's standard ``ResidualAttentionBlock`` take the literal path,
+    :func:`inserted_block`.
     """
     prompt = prompt.to(x.dtype)
     if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or not block.attn.batch_first:
-        out = block(torch.cat([x[:, :1], prompt.expand(len(x), -1, -1), x[:, 1:]], dim=1))
-        return torch.cat([out[:, :1], out[:, 1 + len(prompt):]], dim=1)
+        return inserted_block(block, x, prompt)
     h = block.ln_1(x)  # (B, T, width)
     keys = torch.cat([h[:, :1], block.ln_1(prompt).expand(len(x), -1, -1), h[:, 1:]], dim=1)  # (B, b + T, width)
     x = x + block.ls_1(block.attn(h, keys, keys, need_weights=False)[0])
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def inserted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """VPT-deep as written, for any block: insert ``prompt`` (b, width) after [CLS] in x
+    (B, T, width), run the block on all b + T tokens, drop the prompts' outputs."""
+    out = block(torch.cat([x[:, :1], prompt.to(x.dtype).expand(len(x), -1, -1), x[:, 1:]], dim=1))
+    return torch.cat([out[:, :1], out[:, 1 + len(prompt):]], dim=1)
 
 
 def vision_head(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
