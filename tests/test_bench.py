@@ -101,6 +101,19 @@ def test_bad_settings_are_refused_by_name():
     assert parse_bench_settings(BenchConfig(), ["attack.train.epochs=2"]).attack.train.epochs == 2
 
 
+def test_an_added_setting_at_its_old_behaviour_keeps_old_cell_keys():
+    from dataclasses import asdict
+
+    from clipguard.bench import cell_key
+    from clipguard.defenses.rvpt import RVPTConfig
+
+    settings = asdict(RVPTConfig(seed=0))
+    before = {k: v for k, v in settings.items() if k != "alpha_schedule"}  # as cached before the option existed
+    assert cell_key(BenchConfig(), "m", "rvpt", settings) == cell_key(BenchConfig(), "m", "rvpt", before)
+    ramp = {**settings, "alpha_schedule": "ramp"}
+    assert cell_key(BenchConfig(), "m", "rvpt", ramp) != cell_key(BenchConfig(), "m", "rvpt", before)
+
+
 def test_markdown_table_gives_mean_and_std_over_seeds():
     def cell(seed, asr, ca):
         rate = lambda v: {"value": v}  # noqa: E731

@@ -9,7 +9,7 @@ from clipguard.defenses import load_defense, save_defense
 from clipguard.defenses.cbpt import CBPT, CBPTConfig, ClassPrompts, CoOp, CoOpConfig, keep_loss, zero_shot_cross_entropy
 from clipguard.defenses.inversion import (
     InversionConfig, apply_trigger, collapse_score, contrastive_inversion_loss, detect_backdoor, mean_pairwise_cosine,
-    save_detection_figure,
+    save_detection_figure, total_variation,
 )
 from clipguard.engine import TrainConfig
 from clipguard.eval.zeroshot import class_text_features, image_features, zero_shot_logits
@@ -69,6 +69,16 @@ def test_collapse_score_and_pairwise_cosine_known_values():
     assert target == 1 and score == pytest.approx(1 / 3)
     assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
     assert mean_pairwise_cosine(torch.ones(3, 2) / math.sqrt(2)) == pytest.approx(1.0)
+
+
+def test_total_variation_prefers_one_blob_to_scattered_pixels():
+    blob, scattered = torch.zeros(8, 8), torch.zeros(8, 8)
+    blob[:2, :2] = 1  # 4 pixels in a square: 2 + 2 boundary differences out of 56 per direction
+    scattered[[0, 2, 4, 6], [1, 3, 5, 7]] = 1  # 4 isolated pixels
+    assert total_variation(blob).item() == pytest.approx(4 / 56)
+    assert total_variation(scattered).item() == pytest.approx((4 + 3 + 4 + 3) / 56)
+    assert total_variation(torch.full((8, 8), 0.3)).item() == 0.0
+    assert CBPTConfig(mask_tv=2.0).inversion_config().tv_weight == 2.0
 
 
 def test_prompt_losses_known_values():

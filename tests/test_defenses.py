@@ -7,7 +7,7 @@ from clipguard import ClipguardError
 from clipguard.cli import main
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, load_defense, save_defense
-from clipguard.defenses.rvpt import feature_repelling_loss
+from clipguard.defenses.rvpt import RVPTTask, alpha_at, feature_repelling_loss
 from clipguard.models import save_clip
 
 from conftest import TINY28, make_tiny_clip
@@ -48,6 +48,20 @@ def test_centred_repulsion_sees_through_a_shared_component():
     assert feature_repelling_loss(prompted, frozen).item() > 0.9  # the shared part dominates
     centre = shared[0].expand(2, 8)
     assert feature_repelling_loss(prompted, frozen, centre=centre).item() == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_alpha_schedules_walk_from_start_to_end(monkeypatch, tiny_clip28):
+    assert [alpha_at(2.0, "ramp", t, 5) for t in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [alpha_at(2.0, "decay", t, 5) for t in range(5)] == [2.0, 1.5, 1.0, 0.5, 0.0]
+    assert {alpha_at(2.0, "constant", t, 5) for t in range(5)} == {2.0}
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        get_defense_class("rvpt").config_class(alpha_schedule="cosine")
+    seen = []  # (step, total) of every training forward of a real fit
+    original = RVPTTask.forward
+    monkeypatch.setattr(RVPTTask, "forward", lambda self, batch: seen.append((self.step, self.total_steps))
+                        or original(self, batch))
+    _fit("rvpt", tiny_clip28, alpha_schedule="decay", epochs=3, batch_size=6)  # 20 shots: 3 steps per epoch
+    assert seen == [(t, 9) for t in range(9)]
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))

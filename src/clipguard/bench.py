@@ -143,8 +143,14 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
     return override(config_for(method), seed=seed, device=config.device, **overrides)
 
 
+# Settings added to a method after cells were cached, with the value that reproduces the old
+# behaviour: left out of the key while at that value, so adding an option keeps old cells valid.
+ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0}
+
+
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
     settings = settings if isinstance(settings, dict) else asdict(settings)
+    settings = {k: v for k, v in settings.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
     extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if method == "oracle-repair" else {}
     return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
                         "limit": config.limit, **extra})

@@ -224,6 +224,7 @@ class CBPTConfig(CoOpConfig):
     inversion_lr: float = 0.3  # trigger inversion: Adam learning rate
     temperature: float = 0.1  # trigger inversion: InfoNCE temperature
     mask_budget: float = 0.03  # trigger inversion: mask area the adaptive lambda aims at
+    mask_tv: float = 0.0  # trigger inversion: weight of the mask's total variation (0: off)
     threshold: float = 0.6  # collapse score at or above which detection says "backdoored"
     restarts: int = 3  # trigger inversions (seeds seed, seed + 1, ...); L_trig uses the most collapsing
 
@@ -235,8 +236,8 @@ class CBPTConfig(CoOpConfig):
 
     def inversion_config(self) -> InversionConfig:
         return InversionConfig(steps=self.inversion_steps, lr=self.inversion_lr, temperature=self.temperature,
-                               mask_budget=self.mask_budget, threshold=self.threshold, restarts=self.restarts,
-                               seed=self.seed, device=self.device)
+                               mask_budget=self.mask_budget, tv_weight=self.mask_tv, threshold=self.threshold,
+                               restarts=self.restarts, seed=self.seed, device=self.device)
 
 
 @register

@@ -63,6 +63,7 @@ class RVPTConfig(DefenseConfig):
     batch_size: int = 32  # paper: 32
     prompt: str = "a photo of a {}."  # text prompt of the frozen class features
     centred: bool = False  # repel states centred on the frozen model's mean state (our variant)
+    alpha_schedule: str = "constant"  # constant | ramp (0 -> alpha) | decay (alpha -> 0), linear over the steps
 
     def __post_init__(self):
         self._check_range("prompt_length", 1, 1000)
@@ -72,28 +73,53 @@ class RVPTConfig(DefenseConfig):
         self._check_range("epochs", 1, 100000)
         if self.margin is not None:
             self._check_range("margin", -1.0, 1.0)
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"{type(self).__name__}.alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, "
+                             f"got {self.alpha_schedule!r}")
+
+
+ALPHA_SCHEDULES = ("constant", "ramp", "decay")
+
+
+def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
+    """The repelling weight at training step ``step`` (0-based) of ``total_steps``.
+
+    Our variant (issue 4, "loss balance over training"): ``ramp`` lets L_CE fit first and
+    repels more and more; ``decay`` repels hardest first and leaves the last steps to L_CE.
+
+    >>> [alpha_at(4.0, s, 1, 4) for s in ALPHA_SCHEDULES]
+    [4.0, 2.0, 3.0]
+    """
+    if schedule == "constant" or total_steps <= 1:
+        return alpha
+    progress = min(step, total_steps - 1) / (total_steps - 1)  # 0 at the first step, 1 at the last
+    return alpha * (progress if schedule == "ramp" else 1 - progress)
 
 
 class RVPTTask(nn.Module):
     """Loss of one batch (prefix tokens, frozen [CLS] states, labels) for the engine."""
 
     def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig,
-                 centre: torch.Tensor | None):
+                 centre: torch.Tensor | None, total_steps: int = 1):
         super().__init__()
         self.prompts, self.visual = prompts, clip.model.visual
         self.register_buffer("text_features", text_features)  # (C, D), normalised, frozen
         self.register_buffer("centre", centre)  # (n_blocks, width) or None
         self.logit_scale = float(clip.logit_scale)
-        self.alpha, self.margin = config.alpha, config.margin
+        self.alpha, self.margin, self.schedule = config.alpha, config.margin, config.alpha_schedule
+        self.total_steps, self.step = total_steps, 0  # the step counts the training forwards (one per step)
 
     def forward(self, batch) -> torch.Tensor:
         prefix, frozen_cls, labels = batch
         features, cls_states = self.prompts(self.visual, prefix)
         logits = self.logit_scale * F.normalize(features, dim=-1) @ self.text_features.T  # (B, C)
         loss = F.cross_entropy(logits, labels)
-        if self.alpha:
+        alpha = alpha_at(self.alpha, self.schedule, self.step, self.total_steps)
+        if torch.is_grad_enabled():
+            self.step += 1
+        if alpha:
             repel = feature_repelling_loss(torch.stack(cls_states, 1), frozen_cls, self.margin, self.centre)
-            loss = loss + self.alpha * repel
+            loss = loss + alpha * repel
         return loss
 
 
@@ -123,9 +149,11 @@ class RVPT(Defense):
         cache_seconds = time.perf_counter() - start
         texts = class_text_features(clip, self.class_names, templates=(config.prompt,)).clone()
         centre = frozen_cls.mean(0) if config.centred else None  # (n_blocks, width), fixed
-        task = RVPTTask(self.prompts, clip, texts, config, centre)
         dataset = TensorDataset(prefix.cpu(), frozen_cls.cpu(), shots.labels)
-        result = fit(task, dataset, self.train_config(len(dataset)), desc=self.name)
+        train = self.train_config(len(dataset))
+        steps_per_epoch = len(dataset) // train.batch_size  # the engine drops a last partial batch
+        task = RVPTTask(self.prompts, clip, texts, config, centre, total_steps=train.epochs * steps_per_epoch)
+        result = fit(task, dataset, train, desc=self.name)
         self.eval()
         return {"seconds": round(time.perf_counter() - start, 2), "prefix_cache_seconds": round(cache_seconds, 3),
                 "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),
