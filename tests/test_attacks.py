@@ -45,6 +45,16 @@ def test_trigger_refuses_images_of_another_size():
         build_trigger("blended", 28)(torch.rand(1, 3, 32, 32))
 
 
+def test_four_corner_patch_lands_where_its_mask_says():
+    from clipguard.attacks.patch import patch_mask
+
+    trigger = build_trigger("badnet", 28, seed=0, location="corners")
+    changed = (trigger(torch.full((1, 3, 28, 28), 0.5)) != 0.5).any(1)[0]  # (H, W); the patch is binary
+    mask = patch_mask(28, 4, "corners")
+    assert int(mask.sum()) == 4 * 16 and not changed[~mask].any()
+    assert all(changed[r : r + 4, c : c + 4].any() for r in (1, 23) for c in (1, 23))
+
+
 def test_bad_trigger_config_names_the_field():
     with pytest.raises(ClipguardError, match="BlendedConfig.ratio"):
         build_trigger("blended", 28, ratio=1.5)

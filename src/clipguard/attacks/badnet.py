@@ -16,12 +16,12 @@ from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
 @dataclass
 class BadNetConfig(TriggerConfig):
     patch_at_224: int = 32  # patch side at 224 px (4 px at 28 px); the public protocol uses 16
-    location: str = "corner"  # corner | center | random (random draws per image from the seed)
+    location: str = "corner"  # corner | corners (all four) | center | random (random draws per image from the seed)
 
     def __post_init__(self):
         self._check_range("patch_at_224", 1, 224)
-        if self.location not in ("corner", "center", "random"):
-            raise ValueError(f"BadNetConfig.location must be corner, center or random, got {self.location!r}")
+        if self.location not in ("corner", "corners", "center", "random"):
+            raise ValueError(f"BadNetConfig.location must be corner, corners, center or random, got {self.location!r}")
 
 
 @register

@@ -1,4 +1,5 @@
-"""Shared by the patch attacks: paste a (3, h, w) patch into images at a corner, centre or random spot."""
+"""Shared by the patch attacks: paste a (3, h, w) patch into images at a corner, the four corners,
+the centre or a random spot."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, location: str, genera
                 margin: int = 1) -> torch.Tensor:
     """Paste ``patch`` (3, h, w) into a copy of ``images`` (B, 3, H, W).
 
-    location: 'corner' (bottom right, ``margin`` px in), 'center', or 'random' (per image,
-    drawn from ``generator``).
+    location: 'corner' (bottom right, ``margin`` px in), 'corners' (all four, ``margin`` px in:
+    Turner et al.'s four-corner trigger), 'center', or 'random' (per image, drawn from ``generator``).
     """
     out = images.clone()
     _, _, H, W = images.shape
@@ -21,24 +22,27 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, location: str, genera
         for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
             out[i, :, r : r + h, c : c + w] = patch
         return out
-    if location == "center":
-        r, c = (H - h) // 2, (W - w) // 2
-    elif location == "corner":
-        r, c = H - h - margin, W - w - margin
-    else:
-        raise ValueError(f"location must be 'corner', 'center' or 'random', got {location!r}")
-    out[:, :, r : r + h, c : c + w] = patch
+    for r, c in _spots(H, W, h, w, location, margin):
+        out[:, :, r : r + h, c : c + w] = patch
     return out
+
+
+def _spots(H: int, W: int, h: int, w: int, location: str, margin: int) -> list[tuple[int, int]]:
+    """Top-left (row, col) of each fixed-location copy of an (h, w) patch in an (H, W) image."""
+    if location == "center":
+        return [((H - h) // 2, (W - w) // 2)]
+    if location == "corner":
+        return [(H - h - margin, W - w - margin)]
+    if location == "corners":
+        return [(r, c) for r in (margin, H - h - margin) for c in (margin, W - w - margin)]
+    raise ValueError(f"location must be 'corner', 'corners', 'center' or 'random', got {location!r}")
 
 
 def patch_mask(image_size: int, patch_size: int, location: str, margin: int = 1) -> torch.Tensor:
     """(H, W) bool mask of where a fixed-location patch lands (for IoU with located regions)."""
-    mask = torch.zeros(image_size, image_size, dtype=torch.bool)
-    if location == "center":
-        r = c = (image_size - patch_size) // 2
-    elif location == "corner":
-        r = c = image_size - patch_size - margin
-    else:
+    if location == "random":
         raise ValueError("a random-location patch has no fixed mask")
-    mask[r : r + patch_size, c : c + patch_size] = True
+    mask = torch.zeros(image_size, image_size, dtype=torch.bool)
+    for r, c in _spots(image_size, image_size, patch_size, patch_size, location, margin):
+        mask[r : r + patch_size, c : c + patch_size] = True
     return mask
