@@ -33,9 +33,15 @@ def test_cached_prefix_gives_the_same_prompted_features_as_a_full_pass(tiny_clip
     assert prompts.prompts.grad is not None and prompts.prompts.grad.abs().sum() > 0
 
 
-def test_prompts_as_keys_only_equal_inserting_them(tiny_clip, images16):
+def test_prompts_as_keys_only_equal_inserting_them(tiny_clip, images16, monkeypatch):
     """The fast prompted block (prompts as extra keys/values only) is the literal VPT-deep block:
     insert the prompts after [CLS], run the block, drop their outputs. Gradients agree too."""
+    import clipguard.models.prompted as prompted
+
+    def no_fallback(*args):
+        raise AssertionError("open_clip's standard block must take the fast path")
+
+    monkeypatch.setattr(prompted, "inserted_block", no_fallback)
     visual = tiny_clip.model.visual
     x = vision_stem(visual, tiny_clip.preprocess(images16))  # (B, 1 + N, width)
     prompt = torch.randn(5, x.shape[-1], generator=torch.Generator().manual_seed(0), requires_grad=True)
