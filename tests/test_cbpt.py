@@ -81,6 +81,21 @@ def test_total_variation_prefers_one_blob_to_scattered_pixels():
     assert CBPTConfig(mask_tv=2.0).inversion_config().tv_weight == 2.0
 
 
+def test_shifted_triggers_move_the_whole_trigger_by_one_seeded_offset():
+    from clipguard.defenses.cbpt import shifted_triggers
+
+    mask = torch.zeros(8, 8)
+    mask[1:3, 2:4] = 1
+    pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    copies = shifted_triggers(mask, pattern, 3, seed=5)
+    assert len(copies) == 4 and torch.equal(copies[0][0], mask) and torch.equal(copies[0][1], pattern)
+    for m, p in copies[1:]:  # each copy is the trigger rolled by one offset, the pattern with the mask
+        offsets = [(dy, dx) for dy in range(8) for dx in range(8) if torch.equal(mask.roll((dy, dx), (0, 1)), m)]
+        assert any(torch.equal(pattern.roll(offset, (1, 2)), p) for offset in offsets)
+    again = shifted_triggers(mask, pattern, 3, seed=5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(copies, again))
+
+
 def test_prompt_losses_known_values():
     features = torch.eye(3)
     labels = torch.tensor([0, 1, 2])
@@ -170,7 +185,7 @@ def test_cbpt_stage_two_changes_only_the_prompt_context(planted_bag):
     clip, _ = planted_bag
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     classes = load_fmnist("test").classes
-    defense = CBPT(CBPTConfig(**FAST_CBPT), clip, classes)
+    defense = CBPT(CBPTConfig(**FAST_CBPT, trigger_shifts=2), clip, classes)  # 3 copies of the dummy trigger
     start_ctx = defense.prompts.ctx.detach().clone()
     stats = defense.fit(clip, _shots())
     assert [n for n, p in defense.named_parameters() if p.requires_grad] == ["prompts.ctx"]

@@ -78,6 +78,23 @@ def keep_loss(prompted: torch.Tensor, handcrafted: torch.Tensor) -> torch.Tensor
     return (1 - F.cosine_similarity(prompted, handcrafted, dim=-1)).mean()
 
 
+def shifted_triggers(mask: torch.Tensor, pattern: torch.Tensor, shifts: int,
+                     seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The trigger (mask (H, W), pattern (3, H, W)) and ``shifts`` copies of it rolled (with
+    wrap-around) by seeded random offsets. Our variant: the inverted trigger is a few scattered
+    pixels, not the attacker's patch, and teaching the prompts to resist it wherever it sits
+    aims at a backdoor that reacts to the same kind of pixels elsewhere.
+
+    >>> [float(m.sum()) for m, _ in shifted_triggers(torch.eye(4), torch.zeros(3, 4, 4), 2, seed=0)]
+    [4.0, 4.0, 4.0]
+    """
+    generator = torch.Generator().manual_seed(seed)
+    H, W = mask.shape
+    offsets = [(0, 0)] + [(int(torch.randint(H, (1,), generator=generator)), int(torch.randint(W, (1,), generator=generator)))
+                          for _ in range(shifts)]
+    return [(mask.roll((dy, dx), dims=(0, 1)), pattern.roll((dy, dx), dims=(1, 2))) for dy, dx in offsets]
+
+
 # --------------------------------------------------------------------- prompts
 class ClassPrompts(nn.Module):
     """Learnable text context: shared (n_ctx, width) or class-specific (C, n_ctx, width).
@@ -227,9 +244,11 @@ class CBPTConfig(CoOpConfig):
     mask_tv: float = 0.0  # trigger inversion: weight of the mask's total variation (0: off)
     threshold: float = 0.6  # collapse score at or above which detection says "backdoored"
     restarts: int = 3  # trigger inversions (seeds seed, seed + 1, ...); L_trig uses the most collapsing
+    trigger_shifts: int = 0  # extra L_trig copies of the dummy trigger, each moved by a seeded offset (our variant)
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_range("trigger_shifts", 0, 64)
         self._check_range("beta", 0.0, 1000.0)
         self._check_range("gamma", 0.0, 1000.0)
         self.inversion_config()  # validates the inversion fields
@@ -279,10 +298,12 @@ class CBPT(CoOp):
         images = shots.float_images()
         with torch.no_grad():
             clean = clip.encode_image(images.to(clip.device), normalize=True).cpu()  # (N, D)
-            # (N, 1, D). Only the most collapsing restart's trigger: adding the weaker restarts' triggers
+            # (N, K, D). Only the most collapsing restart's trigger: adding the weaker restarts' triggers
             # raised the ASR left on badnet-0.03 (61.5% vs 50.9% at beta = 1).
-            dummy = apply_trigger(images, detection.mask, detection.pattern)
-            triggered = clip.encode_image(dummy.to(clip.device), normalize=True).cpu()[:, None]
+            triggered = torch.stack([clip.encode_image(apply_trigger(images, mask, pattern).to(clip.device),
+                                                       normalize=True).cpu()
+                                     for mask, pattern in shifted_triggers(detection.mask, detection.pattern,
+                                                                           config.trigger_shifts, config.seed)], 1)
         feature_seconds = time.perf_counter() - start - inversion_seconds
         result = self._train_prompts(clip, TensorDataset(clean, triggered, shots.labels), handcrafted,
                                      config.beta, config.gamma)
