@@ -83,7 +83,10 @@ def shifted_triggers(mask: torch.Tensor, pattern: torch.Tensor, shifts: int,
     """The trigger (mask (H, W), pattern (3, H, W)) and ``shifts`` copies of it rolled (with
     wrap-around) by seeded random offsets. Our variant: the inverted trigger is a few scattered
     pixels, not the attacker's patch, and teaching the prompts to resist it wherever it sits
-    aims at a backdoor that reacts to the same kind of pixels elsewhere.
+    aims at a backdoor that reacts to the same kind of pixels elsewhere. Measured, it does the
+    opposite, so ``trigger_shifts`` is 0 by default: 8 shifts left 48.67 % ASR (CA 87.95) on
+    badnet-0.03 against 21.59 % (84.90) without, and 88.76 % (87.40) against 73.64 % (85.25) on
+    badclip-0.03 (first 2,000 test images).
 
     >>> [float(m.sum()) for m, _ in shifted_triggers(torch.eye(4), torch.zeros(3, 4, 4), 2, seed=0)]
     [4.0, 4.0, 4.0]
