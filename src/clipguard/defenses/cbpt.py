@@ -21,7 +21,8 @@ baseline showing that prompt tuning alone does not purify.
 Settings measured on badnet-0.03 of the built-in benchmark (ASR on 2,000 test images; the
 issue note has the commands): n_ctx 4 / lr 0.002 / 200 steps / beta 1 / gamma 1 left 50.9% ASR
 (CA 87.2); n_ctx 16 / lr 0.01 / 300 steps / beta 3 / gamma 0.3 (the defaults) 21.2% (CA 85.0);
-beta 10 18.1% (CA 84.3). When n_ctx is larger than the init phrase, the phrase fills the last
+beta 10 18.1% (CA 84.3); gamma 1 / 3 22.9% (85.5) / 27.2% (86.3) against 21.6% (84.9) at the
+default 0.3 (re-measured on the current model). When n_ctx is larger than the init phrase, the phrase fills the last
 positions and the first ones are drawn from N(0, 0.02) (CoOp's random init).
 
 Text keys (e.g. TrojVQA's "SUDO "): ``class_features(..., text_prefix=key)`` puts the key's
