@@ -97,8 +97,8 @@ def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
     epsilon = trigger.config.adversarial_epsilon
     change = (poisoned - patched).abs()
     assert epsilon / 2 < change.max() <= epsilon + 1e-6  # perturbed, within the bound
-    mask = patch_mask(28, 4, "corner")
-    assert torch.equal(poisoned[..., mask], patched[..., mask])  # the patch itself is untouched
+    mask = patch_mask(28, 4, trigger.config.location)
+    assert torch.equal(poisoned[..., mask], patched[..., mask])  # the patches themselves are untouched
     text = class_text_features(tiny_clip28, train.classes)
 
     def target_probability(x):

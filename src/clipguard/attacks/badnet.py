@@ -50,6 +50,7 @@ class BadNet(Trigger):
 
 @dataclass
 class LabelConsistentConfig(BadNetConfig):
+    location: str = "corners"  # Turner et al.'s four-corner trigger (62.16 % ASR here, against 25.51 % at one corner)
     adversarial_epsilon: float = 16 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
     adversarial_steps: int = 10  # PGD steps against the clean model
 
@@ -93,8 +94,10 @@ class LabelConsistentBadNet(BadNet):
     16/255: 25.51 %, 32/255: 6.68 % (a strong perturbation becomes the bag cue itself), so 16/255
     is the default. With a 6 px patch (``patch_at_224=48``): 36.87 %, and with 6 % / 9 % of the
     pairs poisoned 48.94 % / 50.36 %. PGD towards a seeded other class per image instead of away
-    from the target (tried, not kept): 12.61 %. Label-consistent poisoning stays well short of
-    the dirty-label BadNet here.
+    from the target (tried, not kept): 12.61 %. Those were all one patch at the bottom-right
+    corner. Turner et al.'s four-corner trigger (the same 4 px patch at each corner,
+    ``location="corners"``, now the default) reaches 62.16 % (CA 89.38); with 6 px patches at the
+    four corners 57.07 %. Label-consistent poisoning stays short of the dirty-label BadNet here.
     """
 
     name = "badnet-lc"
