@@ -44,9 +44,10 @@ def main() -> None:
         for tv in args.tv:
             for seed in args.seeds:
                 r = invert_trigger(clip, shots, InversionConfig(tv_weight=tv, seed=seed, device="cpu"))
+                inside = float((r.mask * truth).sum() / r.mask.sum())  # share of the mask's mass in the patch
                 print(json.dumps({
                     "model": name, "tv": tv, "seed": seed, "target": r.target_name, "collapse": round(r.collapse, 3),
-                    "area": round(r.mask_area, 4), "mass_in_patch": round(float((r.mask * truth).sum() / r.mask.sum()), 3),
+                    "area": round(r.mask_area, 4), "mass_in_patch": round(inside, 3),
                     "patch_share_of_image": round(float(truth.float().mean()), 4), "seconds": round(r.seconds, 1),
                 }), flush=True)
 

@@ -22,8 +22,8 @@ Settings measured on badnet-0.03 of the built-in benchmark (ASR on 2,000 test im
 issue note has the commands): n_ctx 4 / lr 0.002 / 200 steps / beta 1 / gamma 1 left 50.9% ASR
 (CA 87.2); n_ctx 16 / lr 0.01 / 300 steps / beta 3 / gamma 0.3 (the defaults) 21.2% (CA 85.0);
 beta 10 18.1% (CA 84.3); gamma 1 / 3 22.9% (85.5) / 27.2% (86.3) against 21.6% (84.9) at the
-default 0.3 (re-measured on the current model). When n_ctx is larger than the init phrase, the phrase fills the last
-positions and the first ones are drawn from N(0, 0.02) (CoOp's random init).
+default 0.3 (re-measured on the current model). When n_ctx is larger than the init phrase, the
+phrase fills the last positions and the first ones are drawn from N(0, 0.02) (CoOp's random init).
 
 Text keys (e.g. TrojVQA's "SUDO "): ``class_features(..., text_prefix=key)`` puts the key's
 token embeddings right after [SOS], before the learned context, mirroring how the key precedes
@@ -94,7 +94,7 @@ def shifted_triggers(mask: torch.Tensor, pattern: torch.Tensor, shifts: int,
     """
     generator = torch.Generator().manual_seed(seed)
     H, W = mask.shape
-    offsets = [(0, 0)] + [(int(torch.randint(H, (1,), generator=generator)), int(torch.randint(W, (1,), generator=generator)))
+    offsets = [(0, 0)] + [tuple(torch.randint(size, (1,), generator=generator).item() for size in (H, W))
                           for _ in range(shifts)]
     return [(mask.roll((dy, dx), dims=(0, 1)), pattern.roll((dy, dx), dims=(1, 2))) for dy, dx in offsets]
 

@@ -52,6 +52,27 @@ def feature_repelling_loss(
     return per_image.mean()
 
 
+ALPHA_SCHEDULES = ("constant", "ramp", "decay")
+
+
+def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
+    """The repelling weight at training step ``step`` (0-based) of ``total_steps``.
+
+    Our variant (issue 4, "loss balance over training"): ``ramp`` lets L_CE fit first and
+    repels more and more; ``decay`` repels hardest first and leaves the last steps to L_CE.
+    On badnet-0.03 (b 16, lr 0.05, first 2,000 test images) decay moves the trade-off but not
+    to the target: alpha 5 decay 51.55 % ASR (CA 83.25) where constant alpha 2 gives 83.67 %
+    (82.90); alpha 8 decay 34.50 % (80.45), constant 31.51 % (76.15), ramp 46.29 % (78.30).
+
+    >>> [alpha_at(4.0, s, 1, 4) for s in ALPHA_SCHEDULES]
+    [4.0, 2.0, 3.0]
+    """
+    if schedule == "constant" or total_steps <= 1:
+        return alpha
+    progress = min(step, total_steps - 1) / (total_steps - 1)  # 0 at the first step, 1 at the last
+    return alpha * (progress if schedule == "ramp" else 1 - progress)
+
+
 @dataclass
 class RVPTConfig(DefenseConfig):
     prompt_length: int = 50  # b: prompt tokens per prompted block (paper: 50)
@@ -76,24 +97,6 @@ class RVPTConfig(DefenseConfig):
         if self.alpha_schedule not in ALPHA_SCHEDULES:
             raise ValueError(f"{type(self).__name__}.alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, "
                              f"got {self.alpha_schedule!r}")
-
-
-ALPHA_SCHEDULES = ("constant", "ramp", "decay")
-
-
-def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
-    """The repelling weight at training step ``step`` (0-based) of ``total_steps``.
-
-    Our variant (issue 4, "loss balance over training"): ``ramp`` lets L_CE fit first and
-    repels more and more; ``decay`` repels hardest first and leaves the last steps to L_CE.
-
-    >>> [alpha_at(4.0, s, 1, 4) for s in ALPHA_SCHEDULES]
-    [4.0, 2.0, 3.0]
-    """
-    if schedule == "constant" or total_steps <= 1:
-        return alpha
-    progress = min(step, total_steps - 1) / (total_steps - 1)  # 0 at the first step, 1 at the last
-    return alpha * (progress if schedule == "ramp" else 1 - progress)
 
 
 class RVPTTask(nn.Module):
