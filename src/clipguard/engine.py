@@ -3,7 +3,9 @@
 Everything clipguard trains (the built-in model, backdoor fine-tunes, prompts) goes through
 :func:`fit`. The thing trained is a *task*: an ``nn.Module`` whose ``forward(batch)`` returns
 the scalar loss, so that under DDP the wrapped forward synchronises gradients. Only its
-parameters with ``requires_grad`` are optimised and checkpointed.
+parameters with ``requires_grad`` are optimised and checkpointed. A task whose loss changes
+over training defines ``set_progress(step, total_steps)``; :func:`fit` calls it before each
+step (resumed runs included).
 
 Batches are drawn by :class:`EpochBatchSampler`, whose order depends only on (seed, epoch),
 so a run resumed from a checkpoint sees exactly the batches it would have seen.
@@ -238,6 +240,8 @@ def fit(
         losses = []
         for batch in loader:
             batch = _to_device(batch, device)
+            if hasattr(task, "set_progress"):
+                task.set_progress(step, total_steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), splitting_batches(data_parallel):
                 loss = model(batch)
             if not torch.isfinite(loss):

@@ -103,14 +103,17 @@ class RVPTTask(nn.Module):
     """Loss of one batch (prefix tokens, frozen [CLS] states, labels) for the engine."""
 
     def __init__(self, prompts: DeepVisualPrompts, clip: ClipModel, text_features: torch.Tensor, config: RVPTConfig,
-                 centre: torch.Tensor | None, total_steps: int = 1):
+                 centre: torch.Tensor | None):
         super().__init__()
         self.prompts, self.visual = prompts, clip.model.visual
         self.register_buffer("text_features", text_features)  # (C, D), normalised, frozen
         self.register_buffer("centre", centre)  # (n_blocks, width) or None
         self.logit_scale = float(clip.logit_scale)
         self.alpha, self.margin, self.schedule = config.alpha, config.margin, config.alpha_schedule
-        self.total_steps, self.step = total_steps, 0  # the step counts the training forwards (one per step)
+        self.step, self.total_steps = 0, 1  # set by the engine before each step (set_progress)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.step, self.total_steps = step, total_steps
 
     def forward(self, batch) -> torch.Tensor:
         prefix, frozen_cls, labels = batch
@@ -118,8 +121,6 @@ class RVPTTask(nn.Module):
         logits = self.logit_scale * F.normalize(features, dim=-1) @ self.text_features.T  # (B, C)
         loss = F.cross_entropy(logits, labels)
         alpha = alpha_at(self.alpha, self.schedule, self.step, self.total_steps)
-        if torch.is_grad_enabled():
-            self.step += 1
         if alpha:
             repel = feature_repelling_loss(torch.stack(cls_states, 1), frozen_cls, self.margin, self.centre)
             loss = loss + alpha * repel
@@ -152,11 +153,9 @@ class RVPT(Defense):
         cache_seconds = time.perf_counter() - start
         texts = class_text_features(clip, self.class_names, templates=(config.prompt,)).clone()
         centre = frozen_cls.mean(0) if config.centred else None  # (n_blocks, width), fixed
+        task = RVPTTask(self.prompts, clip, texts, config, centre)
         dataset = TensorDataset(prefix.cpu(), frozen_cls.cpu(), shots.labels)
-        train = self.train_config(len(dataset))
-        steps_per_epoch = len(dataset) // train.batch_size  # the engine drops a last partial batch
-        task = RVPTTask(self.prompts, clip, texts, config, centre, total_steps=train.epochs * steps_per_epoch)
-        result = fit(task, dataset, train, desc=self.name)
+        result = fit(task, dataset, self.train_config(len(dataset)), desc=self.name)
         self.eval()
         return {"seconds": round(time.perf_counter() - start, 2), "prefix_cache_seconds": round(cache_seconds, 3),
                 "steps": result.steps, "last_loss": result.last_loss, "peak_memory_mb": round(result.peak_memory_mb, 1),

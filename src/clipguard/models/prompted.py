@@ -77,7 +77,7 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> t
     if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or not attn.batch_first
             or not attn._qkv_same_embed_dim or attn.in_proj_bias is None or (attn.dropout and attn.training)):
         return inserted_block(block, x, prompt)
-    B, T, width = x.shape
+    B, _, width = x.shape
     heads = attn.num_heads
     q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # (B, T, width) each
     pk, pv = F.linear(block.ln_1(prompt), attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
