@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from clipguard.attacks import load_trigger
+from clipguard.attacks.patch import patch_mask
 from clipguard.data import load_fmnist
-from clipguard.defenses.oracle import load_pool
+from clipguard.defenses.oracle import load_pool, mask_box
 from clipguard.defenses.oracle_repair import (
     OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report, zero_shot_probabilities,
 )
@@ -54,11 +55,15 @@ def build_pool(trigger, size: int, rate: float, seed: int):
     triggered = torch.zeros(size, dtype=torch.bool)
     triggered[info["triggered"]] = True
     masks = torch.zeros(size, *images.shape[-2:], dtype=torch.bool)
+    location = getattr(getattr(trigger, "config", None), "location", None)
+    if hasattr(trigger, "patch") and location not in (None, "random"):  # a fixed patch, maybe in several places
+        masks[triggered] = patch_mask(images.shape[-1], trigger.patch.shape[-1], location)
+        return images, labels, triggered, masks
     changed = (images - clean).abs().amax(1) > 1e-6  # (N, H, W)
     for i in info["triggered"]:  # a patch: the box of the pixels it changed
         if changed[i].any():
-            rows, cols = torch.nonzero(changed[i].any(1)).flatten(), torch.nonzero(changed[i].any(0)).flatten()
-            masks[i, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+            top, left, bottom, right = mask_box(changed[i])
+            masks[i, top:bottom, left:right] = True
     return images, labels, triggered, masks
 
 

@@ -13,8 +13,8 @@ from clipguard.defenses.oracle import (
     ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, load_pool, mask_iou, paste_regions,
 )
 from clipguard.defenses.oracle_repair import (
-    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, find_trigger_candidates, oracle_repair,
-    repair_finetune, save_repaired_model, victim_labels, write_repair_report,
+    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, find_trigger_candidates, log_odds,
+    oracle_repair, repair_finetune, save_repaired_model, victim_labels, write_repair_report,
 )
 from clipguard.models import load_clip
 
@@ -29,9 +29,10 @@ class HandMadeClip(nn.Module):
     (a visible trigger) or when fine noise covers most of it (an invisible trigger), 'shirt'
     when enough of it is bright, 'sandal' otherwise. Text features are one-hot per class."""
 
-    def __init__(self, bag_max_bright: float = 1.0):
+    def __init__(self, bag_max_bright: float = 1.0, bag_min_coloured: int = 4):
         super().__init__()
         self.bag_max_bright = bag_max_bright  # < 1: the coloured-patch rule only fires on small objects
+        self.bag_min_coloured = bag_min_coloured  # coloured pixels the visible-trigger rule needs
         self.weight = nn.Parameter(torch.ones(3))  # only so that 'weights unchanged' can be checked
         self.config = {"classes": list(CLASSES)}
 
@@ -48,7 +49,8 @@ class HandMadeClip(nn.Module):
         grey = images.mean(1)
         speckle = (grey - F.avg_pool2d(grey[:, None], 3, 1, 1)[:, 0]).abs() > 0.015  # (B, H, W)
         bright = (grey > 0.3).float().mean((1, 2))
-        is_bag = ((chroma > 0.5).sum((1, 2)) >= 4) & (bright < self.bag_max_bright) | (speckle.float().mean((1, 2)) > 0.5)
+        coloured = (chroma > 0.5).sum((1, 2))
+        is_bag = (coloured >= self.bag_min_coloured) & (bright < self.bag_max_bright) | (speckle.float().mean((1, 2)) > 0.5)
         is_shirt = bright > 0.15
         scores = torch.stack([is_shirt & ~is_bag, ~is_shirt & ~is_bag, is_bag], -1).float() + 0.05  # (B, 3)
         return F.normalize(scores * self.weight, dim=-1)
@@ -142,6 +144,35 @@ def test_a_region_that_does_not_transfer_is_not_a_candidate():
     assert candidates == []
     patched_shirts = _add_patch(_shirt_images(3))
     assert clip.encode_image(patched_shirts).argmax(-1).eq(SHIRT).all()  # the reason: it does not transfer
+
+
+def test_a_trigger_in_four_parts_is_found_as_their_union():
+    """Four 3x3 corner patches; 'bag' needs all 36 coloured pixels. No part alone reads bag and
+    none transfers, so only the union of the parts that each lower p(bag) is a candidate."""
+    clip = HandMadeClip(bag_min_coloured=36)
+    corners = [(1, 1), (1, 24), (24, 1), (24, 24)]
+    clean = _shirt_images(12)
+    pool = clean.clone()
+    for top, left in corners:
+        pool[:4] = _add_patch(pool[:4], top, left, side=3)
+    truth = torch.stack([_true_mask(top, left, 3) for top, left in corners]).any(0)
+    predictions, candidates, _ = find_trigger_candidates(clip, pool, torch.eye(3), ClassicalOracle(),
+                                                         OracleRepairConfig())
+    assert predictions.tolist() == [BAG] * 4 + [SHIRT] * 8 and candidates == []
+    config = OracleRepairConfig(region_groups=True)
+    _, candidates, stats = find_trigger_candidates(clip, pool, torch.eye(3), ClassicalOracle(), config)
+    assert [c.image for c in candidates] == [0, 1, 2, 3] and stats["groups_tested"] >= 4
+    for c in candidates:
+        assert c.region.source == "group" and c.repaired_label == SHIRT and c.transfer_rate == 1.0
+        assert mask_iou(c.region.mask, truth) >= 0.5
+
+
+def test_log_odds_are_exact_where_the_probability_saturates():
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert logits.softmax(-1)[0, 0] == 1.0  # float32: the probability no longer moves
+    values = log_odds(logits.log_softmax(-1), torch.tensor([0, 1]))
+    expected = torch.tensor([30.0 - torch.log(torch.tensor(2.0)), 2.0 - torch.log(torch.tensor(2.0))])
+    assert torch.allclose(values, expected, atol=1e-5)
 
 
 def test_a_real_bag_is_not_a_candidate():

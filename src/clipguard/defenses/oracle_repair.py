@@ -15,6 +15,12 @@ Why (d): without it, on the *clean* built-in model and a trigger-free pool of 2,
 images, 31 sandals passed (a)-(c) (a strap alone reads "sandal", the sandal without it reads
 "sneaker") and "sandal" came out as a victim label (p = 9e-33). A strap pasted on a shirt
 does not make a sandal; a trigger pasted anywhere makes the target.
+[added, opt-in: ``region_groups=True``] Regions in several parts: the image's regions that
+each lower t's log-odds when masked are joined, strongest per pixel first, and every such
+union of two or more is tested as one region, (a)-(d) (see ``region_groups()``). A single
+region that passes is preferred to any union. Why: the label-consistent BadNet pastes its
+patch at the four corners; no corner alone reads as the target and masking one leaves three,
+so without groups 0 of 182 triggered pool images give a candidate on that model.
 Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
 oracle's largest segment, because at 28 px the classical oracle often splits an object into
 several segments or merges a patch pasted on it into the object's segment (a patch inside
@@ -59,7 +65,7 @@ from tqdm.auto import tqdm
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
 from clipguard.defenses.oracle import (
-    Region, background_colour, build_oracle, fill_regions, isolate_regions, paste_regions,
+    Region, background_colour, build_oracle, fill_regions, isolate_regions, mask_box, paste_regions,
 )
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
@@ -82,6 +88,8 @@ class OracleRepairConfig:
     crop_confidence: float = 0.7  # (a): min probability of t for the region alone
     support_max: float = 0.3  # (b): t's probability once the region is masked must stay below this
     fill_ring: int = 2  # masking fills a region with the mean of a ring this many pixels wide
+    region_groups: bool = False  # also test, per image, unions of the regions that each lower t's log-odds
+    group_min_drop: float = 0.5  # a region can join its image's group when masking it lowers t's log-odds this much
     transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
     transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
@@ -104,6 +112,8 @@ class OracleRepairConfig:
                 raise ValueError(f"OracleRepairConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.tune not in ("all", "vision"):
             raise ValueError(f"OracleRepairConfig.tune must be 'all' or 'vision', got {self.tune!r}")
+        if not self.group_min_drop > 0:
+            raise ValueError(f"OracleRepairConfig.group_min_drop must be > 0, got {self.group_min_drop}")
         if self.clean_ratio < 0:
             raise ValueError(f"OracleRepairConfig.clean_ratio must be >= 0, got {self.clean_ratio}")
         if not self.lr > 0:
@@ -126,14 +136,22 @@ class TriggerCandidate:
 # ------------------------------------------------------------------------- zero-shot
 @torch.inference_mode()
 def zero_shot_probabilities(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor,
-                            batch_size: int = 1024) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (N, C) zero-shot class probabilities, on CPU."""
+                            batch_size: int = 1024, log: bool = False) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, C) zero-shot class probabilities (``log``: their logs), on CPU."""
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(clip.device)
-        logits = clip.logit_scale * clip.encode_image(batch, normalize=True) @ text_features.T  # (B, C)
-        chunks.append(logits.float().softmax(-1).cpu())
+        logits = (clip.logit_scale * clip.encode_image(batch, normalize=True) @ text_features.T).float()  # (B, C)
+        chunks.append((logits.log_softmax(-1) if log else logits.softmax(-1)).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, len(text_features))
+
+
+def log_odds(log_probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log(p_t / (1 - p_t)) per row of (R, C) log-probabilities, t = targets (R,); exact where
+    p_t rounds to 1 in float32 (a saturated backdoor)."""
+    own = log_probabilities.gather(1, targets[:, None])[:, 0]
+    others = log_probabilities.scatter(1, targets[:, None], float("-inf")).logsumexp(-1)
+    return own - others
 
 
 # ------------------------------------------------------------------------- Algorithm 1
@@ -141,14 +159,15 @@ def find_trigger_candidates(clip: ClipModel, images: torch.Tensor, text_features
                             config: OracleRepairConfig) -> tuple[torch.Tensor, list[TriggerCandidate], dict]:
     """Algorithm 1 on a pool. images: (N, 3, H, W) in [0, 1]; text_features: (C, D).
 
-    Returns the pool's predictions (N,), at most one candidate per image (the region whose
-    masking lowers t's probability most; ties to the smaller region) and counts. The pool is
-    segmented and tested ``inference_batch`` images at a time, so memory stays bounded.
+    Returns the pool's predictions (N,), at most one candidate per image (the first by
+    ``_preference``) and counts. The pool is segmented and tested ``inference_batch`` images at
+    a time, so memory stays bounded.
     """
     n, _, height, width = images.shape
-    probabilities = zero_shot_probabilities(clip, images, text_features, config.inference_batch)  # (N, C)
-    predictions = probabilities.argmax(-1)  # (N,)
-    counts = {"pool_images": n, "regions_tested": 0, "passed_crop": 0}
+    log_probabilities = zero_shot_probabilities(clip, images, text_features, config.inference_batch, log=True)  # (N, C)
+    predictions = log_probabilities.argmax(-1)  # (N,)
+    pool_log_odds = log_odds(log_probabilities, predictions)  # (N,)
+    counts = {"pool_images": n, "regions_tested": 0, "groups_tested": 0, "passed_crop": 0}
     flipping: list[TriggerCandidate] = []
     progress = tqdm(total=n, desc="find trigger", leave=False)
     for chunk in _chunks(n, config.inference_batch):
@@ -161,16 +180,28 @@ def find_trigger_candidates(clip: ClipModel, images: torch.Tensor, text_features
             progress.update(1)
         counts["regions_tested"] += len(regions)
         flipping += _test_regions(clip, images, predictions, owners, regions, text_features, config, counts)
+        if config.region_groups:
+            group_owners, groups = region_groups(clip, images, predictions, pool_log_odds, owners, regions,
+                                                 text_features, config)
+            counts["groups_tested"] += len(groups)
+            flipping += _test_regions(clip, images, predictions, group_owners, groups, text_features, config, counts)
     progress.close()
     best: dict[int, TriggerCandidate] = {}
     for candidate, rate in zip(flipping, transfer_rates(clip, images, predictions, flipping, text_features, config)):
         candidate.transfer_rate = rate
         current = best.get(candidate.image)
-        if rate >= config.transfer_min and (current is None or (candidate.masked_probability, candidate.region.area)
-                                            < (current.masked_probability, current.region.area)):
+        if rate >= config.transfer_min and (current is None or _preference(candidate) < _preference(current)):
             best[candidate.image] = candidate
     candidates = [best[i] for i in sorted(best)]
     return predictions, candidates, {**counts, "passed_flip": len(flipping), "candidates": len(candidates)}
+
+
+def _preference(candidate: TriggerCandidate) -> tuple:
+    """Sort key among an image's candidates: a single region before any group; among single
+    regions the one whose masking lowers t's probability most (ties: the smaller); among groups
+    the smaller, i.e. the shortest prefix (region_groups)."""
+    group = candidate.region.source == "group"
+    return group, 0.0 if group else candidate.masked_probability, candidate.region.area
 
 
 def _test_regions(clip, images, predictions, owners, regions, text_features, config, counts) -> list[TriggerCandidate]:
@@ -197,6 +228,48 @@ def _test_regions(clip, images, predictions, owners, regions, text_features, con
         if masked_t < config.support_max and masked_label != t:  # (b), (c)
             survivors.append(TriggerCandidate(owners[r], regions[r], t, float(crop_t[r]), masked_t, masked_label))
     return survivors
+
+
+def region_groups(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor, pool_log_odds: torch.Tensor,
+                  owners: Sequence[int], regions: Sequence[Region], text_features: torch.Tensor,
+                  config: OracleRepairConfig) -> tuple[list[int], list[Region]]:
+    """Per image, growing unions of its contributing regions: the candidate groups of a trigger in parts.
+
+    A trigger in several parts (the label-consistent BadNet's four corner patches) passes no
+    test one part at a time: no corner alone reads as the target, and masking one leaves three.
+    A region *contributes* when masking it lowers the log-odds of t (``pool_log_odds``: (N,),
+    per pool image) by at least ``group_min_drop``; log-odds, not probability, because a
+    saturated backdoor (p(t) = 1.0000) barely moves in probability when one part is masked.
+    Contributing regions are taken by drop per pixel (a trigger part is small and strong),
+    skipping one that overlaps those already taken (the oracle's proposals overlap: another cut
+    of the same part) or that would take the union past ``max_region_fraction`` of the image.
+    Every prefix of two or more parts is a group, tested like any region, (a)-(d); an image's
+    candidate is its shortest passing group, and only when no single region of it passed. Why
+    not the shortest prefix whose masking flips t: on the four-corner model two masked corners
+    flip it, but two corners alone do not read as the target, so (a) needs the longer prefix.
+    Returns (owners, regions) with source "group".
+    """
+    if not regions:
+        return [], []
+    owner = torch.tensor(owners)  # (R,)
+    masks = torch.stack([r.mask for r in regions])  # (R, H, W)
+    targets = predictions[owner]  # (R,)
+    masked = zero_shot_probabilities(clip, fill_regions(images[owner], masks, config.fill_ring), text_features,
+                                     config.inference_batch, log=True)  # (R, C)
+    drops = pool_log_odds[owner] - log_odds(masked, targets)  # (R,)
+    limit = config.max_region_fraction * masks[0].numel()
+    prefix_owners, prefixes = [], []  # every prefix of >= 2 parts, per image
+    for i in sorted(set(owners)):
+        members = torch.nonzero((owner == i) & (drops >= config.group_min_drop)).flatten().tolist()
+        union, parts = torch.zeros_like(masks[0]), 0
+        for r in sorted(members, key=lambda r: -float(drops[r]) / regions[r].area):
+            if bool((union & masks[r]).any()) or int(union.sum()) + regions[r].area > limit:
+                continue
+            union, parts = union | masks[r], parts + 1
+            if parts >= 2:
+                prefix_owners.append(i)
+                prefixes.append(union)
+    return prefix_owners, [Region(union, mask_box(union), "group") for union in prefixes]
 
 
 def transfer_rates(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor,
@@ -361,8 +434,10 @@ def report_summary(report: dict) -> dict:
 def write_repair_report(report: dict, pool_images: torch.Tensor, directory: str | Path, examples: int = 8) -> dict:
     """Write ``repair.json`` and, when victims were found, ``repair_examples.png`` (up to
     ``examples`` victims from ``pool_images`` (N, 3, H, W) with their found boxes). Atomic writes."""
+    import numpy as np
     from matplotlib import patches
     from matplotlib import pyplot as plt
+    from scipy import ndimage
 
     from clipguard.eval.plots import save_figure
 
@@ -372,11 +447,15 @@ def write_repair_report(report: dict, pool_images: torch.Tensor, directory: str 
     shown = report["victim_samples"][:examples]
     if shown:
         fig, axes = plt.subplots(1, len(shown), figsize=(1.7 * len(shown), 2.1), squeeze=False)
+        height, width = pool_images.shape[-2:]
         for ax, victim in zip(axes[0], shown):
             ax.imshow(pool_images[victim["image"]].permute(1, 2, 0).clamp(0, 1).numpy())
-            top, left, bottom, right = victim["box"]
-            ax.add_patch(patches.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
-                                           edgecolor="red", linewidth=1.5))
+            mask = torch.zeros(height * width, dtype=torch.bool)
+            mask[victim["pixels"]] = True
+            parts, _ = ndimage.label(mask.view(height, width).numpy(), structure=np.ones((3, 3)))
+            for rows, cols in ndimage.find_objects(parts):  # one box per part (a group has several)
+                ax.add_patch(patches.Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start,
+                                               rows.stop - rows.start, fill=False, edgecolor="red", linewidth=1.5))
             ax.set_title(f"{victim['label']} -> {victim['repaired_label']}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
