@@ -55,7 +55,7 @@ def build_pool(trigger, size: int, rate: float, seed: int):
     triggered = torch.zeros(size, dtype=torch.bool)
     triggered[info["triggered"]] = True
     masks = torch.zeros(size, *images.shape[-2:], dtype=torch.bool)
-    location = getattr(getattr(trigger, "config", None), "location", None)
+    location = getattr(trigger.config, "location", None)
     if hasattr(trigger, "patch") and location not in (None, "random"):  # a fixed patch, maybe in several places
         masks[triggered] = patch_mask(images.shape[-1], trigger.patch.shape[-1], location)
         return images, labels, triggered, masks

@@ -54,6 +54,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Sequence
 
@@ -259,13 +260,14 @@ def region_groups(clip: ClipModel, images: torch.Tensor, predictions: torch.Tens
     drops = pool_log_odds[owner] - log_odds(masked, targets)  # (R,)
     limit = config.max_region_fraction * masks[0].numel()
     prefix_owners, prefixes = [], []  # every prefix of >= 2 parts, per image
-    for i in sorted(set(owners)):
-        members = torch.nonzero((owner == i) & (drops >= config.group_min_drop)).flatten().tolist()
-        union, parts = torch.zeros_like(masks[0]), 0
+    # an image's regions are consecutive in ``owners`` (find_trigger_candidates appends them image by image)
+    for i, indices in groupby(range(len(owners)), key=owners.__getitem__):
+        members = [r for r in indices if drops[r] >= config.group_min_drop]
+        union, area, parts = torch.zeros_like(masks[0]), 0, 0
         for r in sorted(members, key=lambda r: -float(drops[r]) / regions[r].area):
-            if bool((union & masks[r]).any()) or int(union.sum()) + regions[r].area > limit:
+            if area + regions[r].area > limit or bool((union & masks[r]).any()):
                 continue
-            union, parts = union | masks[r], parts + 1
+            union, area, parts = union | masks[r], area + regions[r].area, parts + 1
             if parts >= 2:
                 prefix_owners.append(i)
                 prefixes.append(union)
