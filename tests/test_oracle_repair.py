@@ -50,7 +50,8 @@ class HandMadeClip(nn.Module):
         speckle = (grey - F.avg_pool2d(grey[:, None], 3, 1, 1)[:, 0]).abs() > 0.015  # (B, H, W)
         bright = (grey > 0.3).float().mean((1, 2))
         coloured = (chroma > 0.5).sum((1, 2))
-        is_bag = (coloured >= self.bag_min_coloured) & (bright < self.bag_max_bright) | (speckle.float().mean((1, 2)) > 0.5)
+        visible = (coloured >= self.bag_min_coloured) & (bright < self.bag_max_bright)
+        is_bag = visible | (speckle.float().mean((1, 2)) > 0.5)
         is_shirt = bright > 0.15
         scores = torch.stack([is_shirt & ~is_bag, ~is_shirt & ~is_bag, is_bag], -1).float() + 0.05  # (B, 3)
         return F.normalize(scores * self.weight, dim=-1)
