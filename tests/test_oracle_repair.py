@@ -13,7 +13,8 @@ from clipguard.defenses.oracle import (
     ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, load_pool, mask_iou, paste_regions,
 )
 from clipguard.defenses.oracle_repair import (
-    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, find_trigger_candidates, log_odds,
+    NO_TRIGGER, OracleRepairConfig, TriggerCandidate, build_compact_set, expand_victims, find_trigger_candidates,
+    log_odds,
     oracle_repair, repair_finetune, save_repaired_model, victim_labels, write_repair_report,
 )
 from clipguard.models import load_clip
@@ -183,6 +184,22 @@ def test_a_real_bag_is_not_a_candidate():
     bag[:, :, 8:12, 8:12] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # with a green spot
     _, candidates, _ = find_trigger_candidates(HandMadeClip(), bag, torch.eye(3), ClassicalOracle(), OracleRepairConfig())
     assert candidates == []
+
+
+def test_expanded_victims_carry_the_found_trigger_and_a_real_bag_is_not_one():
+    """One victim's region, masked on the other images read as bag, flips the patched shirts only."""
+    bag = _shirt_images(1, seed=1)
+    bag[:, 0, 5:18, 5:17], bag[:, 1:, 5:18, 5:17] = 1.0, 0.0  # a red object: a real bag
+    pool = torch.cat([_add_patch(_shirt_images(4)), bag, _shirt_images(3, seed=2)])
+    clip, texts = HandMadeClip(), torch.eye(3)
+    predictions = clip.encode_image(pool).argmax(-1)
+    assert predictions.tolist() == [BAG] * 5 + [SHIRT] * 3
+    found = [TriggerCandidate(0, Region(_true_mask(), (22, 22, 26, 26), "test"), BAG, 0.9, 0.1, SHIRT)]
+    expanded = expand_victims(clip, pool, predictions, found, found, texts, OracleRepairConfig())
+    assert [e.image for e in expanded] == [1, 2, 3]
+    for e in expanded:
+        assert e.expanded and e.label == BAG and e.repaired_label == SHIRT and e.crop_probability > 0.7
+        assert torch.equal(e.region.mask, _true_mask())
 
 
 def _candidate(image, label):

@@ -31,6 +31,10 @@ Algorithm 2: a label is a *victim label* when candidates point to it far more of
 chance (one-sided binomial test against the share of pool images predicted as that label,
 p < ``significance``, and at least ``min_candidates``). Victim samples are the images whose
 candidate points to a victim label; their repaired label is the prediction after masking.
+[added, opt-in: ``expand_victims=True``] Other images predicted as a victim label are victims
+too when masking a found victim's trigger region, at the same place, takes them off it (see
+``expand_victims()``): Algorithm 1 needs a region that alone reads as the label, which few
+images of a trigger in parts give.
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
 own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
@@ -93,6 +97,7 @@ class OracleRepairConfig:
     group_min_drop: float = 0.5  # a region can join its image's group when masking it lowers t's log-odds this much
     transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
     transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
+    expand_victims: bool = False  # also take as victims images of a victim label that a found trigger region, masked, flips
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
     min_candidates: int = 5  # fewest candidates a victim label needs
     clean_ratio: float = 3.0  # clean pairs per victim pair in the compact set
@@ -132,6 +137,7 @@ class TriggerCandidate:
     masked_probability: float  # p(t | image with the region masked)
     repaired_label: int  # prediction with the region masked
     transfer_rate: float = float("nan")  # share of other pool images the region, pasted on, turns into t
+    expanded: bool = False  # found by expand_victims() (another victim's region), not by (a)-(d)
 
 
 # ------------------------------------------------------------------------- zero-shot
@@ -324,6 +330,58 @@ def victim_labels(candidates: Sequence[TriggerCandidate], predictions: torch.Ten
     return victims, tests
 
 
+def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor,
+                   candidates: Sequence[TriggerCandidate], victims: Sequence[TriggerCandidate],
+                   text_features: torch.Tensor, config: OracleRepairConfig) -> list[TriggerCandidate]:
+    """More victim samples: pool images predicted as a victim label t that gave no candidate of
+    their own, whose prediction leaves t, (b) and (c), when one of the found victims' trigger
+    regions is masked at the same place. Each gets the smallest such region (ties: the one
+    that lowers p(t) most): the largest would cover the most of whatever trigger the image has,
+    but also the most of the image around it.
+
+    Why: Algorithm 1 asks a lot of one image (a region that alone reads as t, and transfers),
+    so it finds a trigger in parts on few of the images that carry it: 21 of 182 on the
+    four-corner label-consistent model. Once the trigger's place is known, an image that
+    carries it is recognised by masking that place: a true bag stays a bag with its corners
+    filled in, a shirt that reads "bag" only through its corners does not.
+    """
+    taken = {c.image for c in candidates}
+    expanded = []
+    for t in sorted({v.label for v in victims}):
+        distinct: dict[bytes, Region] = {}
+        for v in victims:
+            if v.label == t:
+                distinct.setdefault(v.region.mask.numpy().tobytes(), v.region)
+        regions = list(distinct.values())
+        pending = [i for i in torch.nonzero(predictions == t).flatten().tolist() if i not in taken]
+        tests = [(i, k) for i in pending for k in range(len(regions))]  # (image, region) pairs
+        best: dict[int, TriggerCandidate] = {}
+        for chunk in _chunks(len(tests), config.inference_batch):
+            owner = torch.tensor([tests[j][0] for j in range(chunk.start, chunk.stop)])
+            masks = torch.stack([regions[tests[j][1]].mask for j in range(chunk.start, chunk.stop)])  # (B, H, W)
+            masked_p = zero_shot_probabilities(clip, fill_regions(images[owner], masks, config.fill_ring),
+                                               text_features, config.inference_batch)  # (B, C)
+            for j, (i, k) in enumerate(tests[chunk]):
+                masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
+                found = TriggerCandidate(i, regions[k], t, float("nan"), masked_t, masked_label, expanded=True)
+                if masked_t < config.support_max and masked_label != t and (
+                        i not in best or _tightness(found) < _tightness(best[i])):
+                    best[i] = found
+        expanded += [best[i] for i in sorted(best)]
+    if expanded:  # record (a) for the report: the region alone, read on this image's background
+        index = torch.tensor([e.image for e in expanded])
+        backgrounds = torch.stack([background_colour(images[i]) for i in index.tolist()])
+        alone = isolate_regions(images[index], torch.stack([e.region.mask for e in expanded]), backgrounds)
+        crop_p = zero_shot_probabilities(clip, alone, text_features, config.inference_batch)
+        for e, row in zip(expanded, crop_p):
+            e.crop_probability = float(row[e.label])
+    return expanded
+
+
+def _tightness(candidate: TriggerCandidate) -> tuple[int, float]:
+    return candidate.region.area, candidate.masked_probability
+
+
 class RepairPairs(Dataset):
     """Compact fine-tuning set: float images (N, 3, H, W) with captions drawn per epoch for
     ``labels`` (N,) under (seed, epoch, index)."""
@@ -399,16 +457,20 @@ def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepa
     predictions, candidates, stats = find_trigger_candidates(clip, pool_images.float(), text_features, oracle, config)
     labels, tests = victim_labels(candidates, predictions, len(class_names), config.significance, config.min_candidates)
     victims = [c for c in candidates if c.label in labels]
+    if config.expand_victims and victims:
+        victims += expand_victims(clip, pool_images.float(), predictions, candidates, victims, text_features, config)
     report = {
         "method": "oracle-repair", "config": asdict(config), "oracle": getattr(oracle, "name", type(oracle).__name__),
         **stats, "label_tests": {class_names[k]: v for k, v in tests.items()},
         "victim_labels": [class_names[k] for k in labels], "victims": len(victims),
+        "victims_expanded": sum(v.expanded for v in victims),
         "victim_samples": [{"image": v.image, "box": list(v.region.box), "area": v.region.area,
                             "pixels": torch.nonzero(v.region.mask.flatten()).flatten().tolist(),
                             "label": class_names[v.label], "repaired_label": class_names[v.repaired_label],
                             "crop_probability": round(v.crop_probability, 4),
-                            "transfer_rate": round(v.transfer_rate, 4),
-                            "masked_probability": round(v.masked_probability, 4)} for v in victims],
+                            "transfer_rate": None if v.expanded else round(v.transfer_rate, 4),
+                            "masked_probability": round(v.masked_probability, 4),
+                            "expanded": v.expanded} for v in victims],
         "find_seconds": round(time.perf_counter() - start, 2),
     }
     if not labels:
