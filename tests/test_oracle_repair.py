@@ -202,6 +202,16 @@ def test_expanded_victims_carry_the_found_trigger_and_a_real_bag_is_not_one():
         assert torch.equal(e.region.mask, _true_mask())
 
 
+def test_clean_pairs_never_hold_a_victim_even_one_without_a_candidate():
+    images = torch.rand(12, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    expanded = [_candidate(i, BAG) for i in range(3)]  # victims that Algorithm 1 gave no candidate
+    config = OracleRepairConfig(clean_ratio=10)
+    pairs, sizes = build_compact_set(images, torch.zeros(12, dtype=torch.long), [], expanded, CLASSES, config)
+    assert sizes == {"victim_pairs": 3, "clean_pairs": 9}  # all 9 others, none of the 3 victims again
+    clean = pairs.images[3:]
+    assert not any(torch.equal(c, images[i]) for c in clean for i in range(3))
+
+
 def _candidate(image, label):
     mask = torch.zeros(28, 28, dtype=torch.bool)
     mask[0, 0] = True

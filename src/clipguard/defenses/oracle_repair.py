@@ -405,8 +405,12 @@ class RepairPairs(Dataset):
 def build_compact_set(images: torch.Tensor, predictions: torch.Tensor, candidates: Sequence[TriggerCandidate],
                       victims: Sequence[TriggerCandidate], class_names: Sequence[str],
                       config: OracleRepairConfig) -> tuple[RepairPairs, dict]:
-    """Victims with their trigger under their repaired label + clean pool images under their prediction."""
-    suspicious = {c.image for c in candidates}
+    """Victims with their trigger under their repaired label + clean pool images under their prediction.
+
+    Clean pairs come from the images that are neither a candidate nor a victim (an expanded
+    victim has no candidate of its own, and would otherwise teach the trigger back under t).
+    """
+    suspicious = {c.image for c in candidates} | {v.image for v in victims}
     clean_pool = torch.tensor([i for i in range(len(images)) if i not in suspicious], dtype=torch.long)
     generator = torch.Generator().manual_seed(config.seed)
     n_clean = min(len(clean_pool), round(config.clean_ratio * len(victims)))
