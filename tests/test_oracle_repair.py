@@ -237,6 +237,9 @@ def test_invisible_trigger_gives_the_verdict_and_leaves_weights_unchanged(tmp_pa
     repaired, report = oracle_repair(clip, pool, OracleRepairConfig(device="cpu"))
     assert repaired is clip and torch.equal(clip.weight, before)
     assert report["verdict"] == NO_TRIGGER and report["model_changed"] is False and report["victims"] == 0
+    assert report["retried_with_groups"] and report["config"]["region_groups"]  # the search in parts found none either
+    _, once = oracle_repair(clip, pool, OracleRepairConfig(device="cpu", retry_with_groups=False))
+    assert not once["retried_with_groups"] and once["groups_tested"] == 0 and once["verdict"] == NO_TRIGGER
     paths = write_repair_report(report, pool, tmp_path)
     assert paths["examples"] is None and json.loads((tmp_path / "repair.json").read_text())["verdict"] == NO_TRIGGER
 

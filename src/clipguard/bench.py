@@ -146,7 +146,8 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
 # Settings added to a method after cells were cached, with the value that reproduces the old
 # behaviour: left out of the key while at that value, so adding an option keeps old cells valid.
 ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
-                  "group_min_drop": 0.5, "expand_victims": False}
+                  "group_min_drop": 0.5, "expand_victims": False,
+                  "retry_with_groups": False}
 
 
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:

@@ -15,7 +15,8 @@ Why (d): without it, on the *clean* built-in model and a trigger-free pool of 2,
 images, 31 sandals passed (a)-(c) (a strap alone reads "sandal", the sandal without it reads
 "sneaker") and "sandal" came out as a victim label (p = 9e-33). A strap pasted on a shirt
 does not make a sandal; a trigger pasted anywhere makes the target.
-[added, opt-in: ``region_groups=True``] Regions in several parts: the image's regions that
+[added: ``region_groups=True``, and by default when single regions give no victim label]
+Regions in several parts: the image's regions that
 each lower t's log-odds when masked are joined, strongest per pixel first, and every such
 union of two or more is tested as one region, (a)-(d) (see ``region_groups()``). A single
 region that passes is preferred to any union. Why: the label-consistent BadNet pastes its
@@ -31,10 +32,17 @@ Algorithm 2: a label is a *victim label* when candidates point to it far more of
 chance (one-sided binomial test against the share of pool images predicted as that label,
 p < ``significance``, and at least ``min_candidates``). Victim samples are the images whose
 candidate points to a victim label; their repaired label is the prediction after masking.
-[added, opt-in: ``expand_victims=True``] Other images predicted as a victim label are victims
-too when masking a found victim's trigger region, at the same place, takes them off it (see
-``expand_victims()``): Algorithm 1 needs a region that alone reads as the label, which few
-images of a trigger in parts give.
+[added: ``expand_victims=True``, and with the groups fallback] Other images predicted as a
+victim label are victims too when masking a found victim's trigger region, at the same place,
+takes them off it (see ``expand_victims()``): Algorithm 1 needs a region that alone reads as
+the label, which few images of a trigger in parts give.
+[added: ``retry_with_groups=True``, default] When single regions give no victim label, the
+search runs again with ``region_groups`` and ``expand_victims`` on. Why a fallback and not
+both on always: BadNet, BadCLIP and TrojVQA are found from single regions, and on BadCLIP
+both on took CA 89.52 -> 88.51 (one point; 88.76 without), flagging 190 images for 182
+triggered ones. On the four-corner label-consistent model (32/255) the fallback takes ASR
+80.01 -> 3.07 with CA 89.30 -> 88.79; the clean built-in model and Blended, ISSBA, SIG and
+WaNet still give "no localisable trigger found" with groups on.
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
 own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
@@ -57,7 +65,7 @@ import copy
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +106,7 @@ class OracleRepairConfig:
     transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
     transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
     expand_victims: bool = False  # also take as victims images of a victim label that a found trigger region, masked, flips
+    retry_with_groups: bool = True  # no victim label from single regions: search again with region_groups + expand_victims
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
     min_candidates: int = 5  # fewest candidates a victim label needs
     clean_ratio: float = 3.0  # clean pairs per victim pair in the compact set
@@ -340,8 +349,8 @@ def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Ten
     but also the most of the image around it.
 
     Why: Algorithm 1 asks a lot of one image (a region that alone reads as t, and transfers),
-    so it finds a trigger in parts on few of the images that carry it: 21 of 182 on the
-    four-corner label-consistent model. Once the trigger's place is known, an image that
+    so it finds a trigger in parts on few of the images that carry it: with region groups, 46
+    of the 146 triggered pool images that the four-corner label-consistent model reads as bag. Once the trigger's place is known, an image that
     carries it is recognised by masking that place: a true bag stays a bag with its corners
     filled in, a shirt that reads "bag" only through its corners does not.
     """
@@ -357,11 +366,12 @@ def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Ten
         tests = [(i, k) for i in pending for k in range(len(regions))]  # (image, region) pairs
         best: dict[int, TriggerCandidate] = {}
         for chunk in _chunks(len(tests), config.inference_batch):
-            owner = torch.tensor([tests[j][0] for j in range(chunk.start, chunk.stop)])
-            masks = torch.stack([regions[tests[j][1]].mask for j in range(chunk.start, chunk.stop)])  # (B, H, W)
+            batch = tests[chunk]
+            owner = torch.tensor([i for i, _ in batch])  # (B,)
+            masks = torch.stack([regions[k].mask for _, k in batch])  # (B, H, W)
             masked_p = zero_shot_probabilities(clip, fill_regions(images[owner], masks, config.fill_ring),
                                                text_features, config.inference_batch)  # (B, C)
-            for j, (i, k) in enumerate(tests[chunk]):
+            for j, (i, k) in enumerate(batch):
                 masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
                 found = TriggerCandidate(i, regions[k], t, float("nan"), masked_t, masked_label, expanded=True)
                 if masked_t < config.support_max and masked_label != t and (
@@ -458,13 +468,17 @@ def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepa
     start = time.perf_counter()
     clip.eval()
     text_features = class_text_features(clip, class_names)  # (C, D)
-    predictions, candidates, stats = find_trigger_candidates(clip, pool_images.float(), text_features, oracle, config)
-    labels, tests = victim_labels(candidates, predictions, len(class_names), config.significance, config.min_candidates)
-    victims = [c for c in candidates if c.label in labels]
-    if config.expand_victims and victims:
-        victims += expand_victims(clip, pool_images.float(), predictions, candidates, victims, text_features, config)
+    predictions, candidates, stats, labels, tests, victims = _find_victims(clip, pool_images, text_features, oracle,
+                                                                          config)
+    retried = not labels and config.retry_with_groups and not config.region_groups
+    if retried:
+        logger.info("no victim label from single regions: searching again with region groups")
+        config = replace(config, region_groups=True, expand_victims=True)
+        predictions, candidates, stats, labels, tests, victims = _find_victims(clip, pool_images, text_features,
+                                                                              oracle, config)
     report = {
         "method": "oracle-repair", "config": asdict(config), "oracle": getattr(oracle, "name", type(oracle).__name__),
+        "retried_with_groups": retried,
         **stats, "label_tests": {class_names[k]: v for k, v in tests.items()},
         "victim_labels": [class_names[k] for k in labels], "victims": len(victims),
         "victims_expanded": sum(v.expanded for v in victims),
@@ -488,6 +502,19 @@ def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepa
                 len(victims), len(pairs))
     return repaired, {**report, "verdict": TRIGGER_FOUND, "model_changed": True, "compact_set_size": len(pairs),
                       **sizes, "finetune": finetune, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _find_victims(clip, pool_images, text_features, oracle, config):
+    """Algorithm 1, then Algorithm 2's victim labels and samples:
+    (predictions, candidates, counts, victim labels, label tests, victims)."""
+    images = pool_images.float()
+    predictions, candidates, stats = find_trigger_candidates(clip, images, text_features, oracle, config)
+    labels, tests = victim_labels(candidates, predictions, len(text_features), config.significance,
+                                  config.min_candidates)
+    victims = [c for c in candidates if c.label in labels]
+    if config.expand_victims and victims:
+        victims += expand_victims(clip, images, predictions, candidates, victims, text_features, config)
+    return predictions, candidates, stats, labels, tests, victims
 
 
 # ------------------------------------------------------------------------------ outputs
