@@ -36,9 +36,8 @@ from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import load_fmnist
 from clipguard.defenses.oracle import load_pool, mask_box
-from clipguard.defenses.oracle_repair import (
-    OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report, zero_shot_probabilities,
-)
+from clipguard.defenses.oracle_repair import OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report
+from clipguard.defenses.trigger_search import zero_shot_probabilities
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models import load_clip

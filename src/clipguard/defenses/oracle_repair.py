@@ -1,32 +1,8 @@
 """Oracle-guided repair, "EftCLIP" (METHODS.md section 5): find a visible trigger with a
 segmentation oracle, pinpoint the victim label and samples, fine-tune on a compact set.
 
-Algorithm 1 (trigger finding) runs on a pool of unlabelled images (N, 3, H, W) that may hold
-triggered ones. For image i with zero-shot prediction t, an oracle region r is a *trigger
-candidate* when
-  (a) r alone (pasted on the image's background colour) is read as t with probability
-      >= ``crop_confidence``;
-  (b) t is not supported by the image's main object: with r filled in from its
-      surroundings, t's probability is < ``support_max``;
-  (c) masking r flips the whole-image prediction away from t;
-  (d) [added] r transfers: pasted at the same place onto ``transfer_images`` other pool
-      images predicted as something else, it turns at least ``transfer_min`` of them into t.
-Why (d): without it, on the *clean* built-in model and a trigger-free pool of 2,000
-images, 31 sandals passed (a)-(c) (a strap alone reads "sandal", the sandal without it reads
-"sneaker") and "sandal" came out as a victim label (p = 9e-33). A strap pasted on a shirt
-does not make a sandal; a trigger pasted anywhere makes the target.
-[added: ``region_groups=True``, and by default when single regions give no victim label]
-Regions in several parts: the image's regions that
-each lower t's log-odds when masked are joined, strongest per pixel first, and every such
-union of two or more is tested as one region, (a)-(d) (see ``region_groups()``). A single
-region that passes is preferred to any union. Why: the label-consistent BadNet pastes its
-patch at the four corners; no corner alone reads as the target and masking one leaves three,
-so without groups 0 of 182 triggered pool images give a candidate on that model.
-Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
-oracle's largest segment, because at 28 px the classical oracle often splits an object into
-several segments or merges a patch pasted on it into the object's segment (a patch inside
-the object would then make the object "support" t). Regions larger than
-``max_region_fraction`` of the image are objects, not triggers, and are not tested.
+Algorithm 1 (trigger finding: which regions of which pool images are trigger candidates)
+is in :mod:`clipguard.defenses.trigger_search`.
 
 Algorithm 2: a label is a *victim label* when candidates point to it far more often than
 chance (one-sided binomial test against the share of pool images predicted as that label,
@@ -66,19 +42,18 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from itertools import groupby
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from scipy.stats import binomtest
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
-from clipguard.defenses.oracle import (
-    Region, background_colour, build_oracle, fill_regions, isolate_regions, mask_box, paste_regions,
+from clipguard.defenses.oracle import Region, build_oracle
+from clipguard.defenses.trigger_search import (
+    TriggerCandidate, alone_probabilities, batch_slices, find_trigger_candidates, leaves_label, masked_probabilities,
 )
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
@@ -135,189 +110,6 @@ class OracleRepairConfig:
             raise ValueError(f"OracleRepairConfig.lr must be > 0, got {self.lr}")
 
 
-@dataclass
-class TriggerCandidate:
-    """A region of pool image ``image`` that passed (a)-(c); (d) sets ``transfer_rate``."""
-
-    image: int  # index into the pool
-    region: Region
-    label: int  # t: the whole image's prediction, which the region alone also reads
-    crop_probability: float  # p(t | region alone)
-    masked_probability: float  # p(t | image with the region masked)
-    repaired_label: int  # prediction with the region masked
-    transfer_rate: float = float("nan")  # share of other pool images the region, pasted on, turns into t
-    expanded: bool = False  # found by expand_victims() (another victim's region), not by (a)-(d)
-
-
-# ------------------------------------------------------------------------- zero-shot
-@torch.inference_mode()
-def zero_shot_probabilities(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor,
-                            batch_size: int = 1024, log: bool = False) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (N, C) zero-shot class probabilities (``log``: their logs), on CPU."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(clip.device)
-        logits = (clip.logit_scale * clip.encode_image(batch, normalize=True) @ text_features.T).float()  # (B, C)
-        chunks.append((logits.log_softmax(-1) if log else logits.softmax(-1)).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, len(text_features))
-
-
-def log_odds(log_probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log(p_t / (1 - p_t)) per row of (R, C) log-probabilities, t = targets (R,); exact where
-    p_t rounds to 1 in float32 (a saturated backdoor)."""
-    own = log_probabilities.gather(1, targets[:, None])[:, 0]
-    others = log_probabilities.scatter(1, targets[:, None], float("-inf")).logsumexp(-1)
-    return own - others
-
-
-# ------------------------------------------------------------------------- Algorithm 1
-def find_trigger_candidates(clip: ClipModel, images: torch.Tensor, text_features: torch.Tensor, oracle,
-                            config: OracleRepairConfig) -> tuple[torch.Tensor, list[TriggerCandidate], dict]:
-    """Algorithm 1 on a pool. images: (N, 3, H, W) in [0, 1]; text_features: (C, D).
-
-    Returns the pool's predictions (N,), at most one candidate per image (the first by
-    ``_preference``) and counts. The pool is segmented and tested ``inference_batch`` images at
-    a time, so memory stays bounded.
-    """
-    n, _, height, width = images.shape
-    log_probabilities = zero_shot_probabilities(clip, images, text_features, config.inference_batch, log=True)  # (N, C)
-    predictions = log_probabilities.argmax(-1)  # (N,)
-    pool_log_odds = log_odds(log_probabilities, predictions)  # (N,)
-    counts = {"pool_images": n, "regions_tested": 0, "groups_tested": 0, "passed_crop": 0}
-    flipping: list[TriggerCandidate] = []
-    progress = tqdm(total=n, desc="find trigger", leave=False)
-    for chunk in _chunks(n, config.inference_batch):
-        owners, regions = [], []
-        for i in range(chunk.start, chunk.stop):
-            for region in oracle.segment(images[i]):
-                if region.area <= config.max_region_fraction * height * width:
-                    owners.append(i)
-                    regions.append(region)
-            progress.update(1)
-        counts["regions_tested"] += len(regions)
-        flipping += _test_regions(clip, images, predictions, owners, regions, text_features, config, counts)
-        if config.region_groups:
-            group_owners, groups = region_groups(clip, images, predictions, pool_log_odds, owners, regions,
-                                                 text_features, config)
-            counts["groups_tested"] += len(groups)
-            flipping += _test_regions(clip, images, predictions, group_owners, groups, text_features, config, counts)
-    progress.close()
-    best: dict[int, TriggerCandidate] = {}
-    for candidate, rate in zip(flipping, transfer_rates(clip, images, predictions, flipping, text_features, config)):
-        candidate.transfer_rate = rate
-        current = best.get(candidate.image)
-        if rate >= config.transfer_min and (current is None or _preference(candidate) < _preference(current)):
-            best[candidate.image] = candidate
-    candidates = [best[i] for i in sorted(best)]
-    return predictions, candidates, {**counts, "passed_flip": len(flipping), "candidates": len(candidates)}
-
-
-def _preference(candidate: TriggerCandidate) -> tuple:
-    """Sort key among an image's candidates: a single region before any group; among single
-    regions the one whose masking lowers t's probability most (ties: the smaller); among groups
-    the smaller, i.e. the shortest prefix (region_groups)."""
-    group = candidate.region.source == "group"
-    return group, 0.0 if group else candidate.masked_probability, candidate.region.area
-
-
-def _test_regions(clip, images, predictions, owners, regions, text_features, config, counts) -> list[TriggerCandidate]:
-    """Conditions (a)-(c) for regions of pool images ``owners``; the survivors as candidates."""
-    if not regions:
-        return []
-    owner = torch.tensor(owners)  # (R,)
-    masks = torch.stack([r.mask for r in regions])  # (R, H, W)
-    targets = predictions[owner]  # (R,) t per region
-    backgrounds = torch.stack([background_colour(images[i]) for i in owners])  # (R, 3)
-    crop_p = zero_shot_probabilities(clip, isolate_regions(images[owner], masks, backgrounds), text_features,
-                                     config.inference_batch)  # (R, C)
-    crop_t = crop_p.gather(1, targets[:, None])[:, 0]  # (R,)
-    passed = torch.nonzero(crop_t >= config.crop_confidence).flatten()  # (a)
-    counts["passed_crop"] += len(passed)
-    if not len(passed):
-        return []
-    masked_p = zero_shot_probabilities(clip, fill_regions(images[owner[passed]], masks[passed], config.fill_ring),
-                                       text_features, config.inference_batch)  # (P, C)
-    survivors = []
-    for j, r in enumerate(passed.tolist()):
-        t = int(targets[r])
-        masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
-        if masked_t < config.support_max and masked_label != t:  # (b), (c)
-            survivors.append(TriggerCandidate(owners[r], regions[r], t, float(crop_t[r]), masked_t, masked_label))
-    return survivors
-
-
-def region_groups(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor, pool_log_odds: torch.Tensor,
-                  owners: Sequence[int], regions: Sequence[Region], text_features: torch.Tensor,
-                  config: OracleRepairConfig) -> tuple[list[int], list[Region]]:
-    """Per image, growing unions of its contributing regions: the candidate groups of a trigger in parts.
-
-    A trigger in several parts (the label-consistent BadNet's four corner patches) passes no
-    test one part at a time: no corner alone reads as the target, and masking one leaves three.
-    A region *contributes* when masking it lowers the log-odds of t (``pool_log_odds``: (N,),
-    per pool image) by at least ``group_min_drop``; log-odds, not probability, because a
-    saturated backdoor (p(t) = 1.0000) barely moves in probability when one part is masked.
-    Contributing regions are taken by drop per pixel (a trigger part is small and strong),
-    skipping one that overlaps those already taken (the oracle's proposals overlap: another cut
-    of the same part) or that would take the union past ``max_region_fraction`` of the image.
-    Every prefix of two or more parts is a group, tested like any region, (a)-(d); an image's
-    candidate is its shortest passing group, and only when no single region of it passed. Why
-    not the shortest prefix whose masking flips t: on the four-corner model two masked corners
-    flip it, but two corners alone do not read as the target, so (a) needs the longer prefix.
-    Returns (owners, regions) with source "group".
-    """
-    if not regions:
-        return [], []
-    owner = torch.tensor(owners)  # (R,)
-    masks = torch.stack([r.mask for r in regions])  # (R, H, W)
-    targets = predictions[owner]  # (R,)
-    masked = zero_shot_probabilities(clip, fill_regions(images[owner], masks, config.fill_ring), text_features,
-                                     config.inference_batch, log=True)  # (R, C)
-    drops = pool_log_odds[owner] - log_odds(masked, targets)  # (R,)
-    limit = config.max_region_fraction * masks[0].numel()
-    prefix_owners, prefixes = [], []  # every prefix of >= 2 parts, per image
-    # an image's regions are consecutive in ``owners`` (find_trigger_candidates appends them image by image)
-    for i, indices in groupby(range(len(owners)), key=owners.__getitem__):
-        members = [r for r in indices if drops[r] >= config.group_min_drop]
-        union, area, parts = torch.zeros_like(masks[0]), 0, 0
-        for r in sorted(members, key=lambda r: -float(drops[r]) / regions[r].area):
-            if area + regions[r].area > limit or bool((union & masks[r]).any()):
-                continue
-            union, area, parts = union | masks[r], area + regions[r].area, parts + 1
-            if parts >= 2:
-                prefix_owners.append(i)
-                prefixes.append(union)
-    return prefix_owners, [Region(union, mask_box(union), "group") for union in prefixes]
-
-
-def transfer_rates(clip: ClipModel, images: torch.Tensor, predictions: torch.Tensor,
-                   candidates: Sequence[TriggerCandidate], text_features: torch.Tensor,
-                   config: OracleRepairConfig) -> list[float]:
-    """(d) For each candidate, the share of ``transfer_images`` pool images predicted != t that
-    turn into t when the candidate region is pasted onto them (a trigger transfers, a part of
-    an object does not). The reference images per label are a seeded sample."""
-    generator = torch.Generator().manual_seed(config.seed)
-    references = {}
-    for t in sorted({c.label for c in candidates}):
-        others = torch.nonzero(predictions != t).flatten()
-        references[t] = others[torch.randperm(len(others), generator=generator)[: config.transfer_images]]
-    rates = []
-    per_call = max(1, config.inference_batch // config.transfer_images)
-    for group in _chunks(len(candidates), per_call):
-        chosen = candidates[group]
-        sizes = [len(references[c.label]) for c in chosen]
-        source = torch.cat([images[c.image].expand(k, -1, -1, -1) for c, k in zip(chosen, sizes)])  # (G*M, 3, H, W)
-        masks = torch.cat([c.region.mask.expand(k, -1, -1) for c, k in zip(chosen, sizes)])  # (G*M, H, W)
-        destination = torch.cat([images[references[c.label]] for c in chosen])
-        hits = zero_shot_probabilities(clip, paste_regions(source, masks, destination), text_features).argmax(-1)
-        for c, part in zip(chosen, hits.split(sizes)):
-            rates.append(float((part == c.label).float().mean()) if len(part) else 0.0)
-    return rates
-
-
-def _chunks(total: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
-
-
 # ------------------------------------------------------------------------- Algorithm 2
 def victim_labels(candidates: Sequence[TriggerCandidate], predictions: torch.Tensor, num_classes: int,
                   significance: float, min_candidates: int) -> tuple[list[int], dict[int, dict]]:
@@ -350,9 +142,10 @@ def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Ten
 
     Why: Algorithm 1 asks a lot of one image (a region that alone reads as t, and transfers),
     so it finds a trigger in parts on few of the images that carry it: with region groups, 46
-    of the 146 triggered pool images that the four-corner label-consistent model reads as bag. Once the trigger's place is known, an image that
-    carries it is recognised by masking that place: a true bag stays a bag with its corners
-    filled in, a shirt that reads "bag" only through its corners does not.
+    of the 146 triggered pool images that the four-corner label-consistent model reads as bag.
+    Once the trigger's place is known, an image that carries it is recognised by masking that
+    place: a true bag stays a bag with its corners filled in, a shirt that reads "bag" only
+    through its corners does not.
     """
     taken = {c.image for c in candidates}
     expanded = []
@@ -365,24 +158,22 @@ def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Ten
         pending = [i for i in torch.nonzero(predictions == t).flatten().tolist() if i not in taken]
         tests = [(i, k) for i in pending for k in range(len(regions))]  # (image, region) pairs
         best: dict[int, TriggerCandidate] = {}
-        for chunk in _chunks(len(tests), config.inference_batch):
-            batch = tests[chunk]
+        for piece in batch_slices(len(tests), config.inference_batch):
+            batch = tests[piece]
             owner = torch.tensor([i for i, _ in batch])  # (B,)
             masks = torch.stack([regions[k].mask for _, k in batch])  # (B, H, W)
-            masked_p = zero_shot_probabilities(clip, fill_regions(images[owner], masks, config.fill_ring),
-                                               text_features, config.inference_batch)  # (B, C)
+            masked_p = masked_probabilities(clip, images, owner, masks, text_features, config)  # (B, C)
+            left = leaves_label(masked_p, torch.full_like(owner, t), config)  # (b), (c)
             for j, (i, k) in enumerate(batch):
-                masked_t, masked_label = float(masked_p[j, t]), int(masked_p[j].argmax())
-                found = TriggerCandidate(i, regions[k], t, float("nan"), masked_t, masked_label, expanded=True)
-                if masked_t < config.support_max and masked_label != t and (
-                        i not in best or _tightness(found) < _tightness(best[i])):
+                found = TriggerCandidate(i, regions[k], t, float("nan"), float(masked_p[j, t]),
+                                         int(masked_p[j].argmax()), expanded=True)
+                if left[j] and (i not in best or _tightness(found) < _tightness(best[i])):
                     best[i] = found
         expanded += [best[i] for i in sorted(best)]
     if expanded:  # record (a) for the report: the region alone, read on this image's background
-        index = torch.tensor([e.image for e in expanded])
-        backgrounds = torch.stack([background_colour(images[i]) for i in index.tolist()])
-        alone = isolate_regions(images[index], torch.stack([e.region.mask for e in expanded]), backgrounds)
-        crop_p = zero_shot_probabilities(clip, alone, text_features, config.inference_batch)
+        owner = torch.tensor([e.image for e in expanded])
+        crop_p = alone_probabilities(clip, images, owner, torch.stack([e.region.mask for e in expanded]),
+                                     text_features, config)  # (E, C)
         for e, row in zip(expanded, crop_p):
             e.crop_probability = float(row[e.label])
     return expanded
