@@ -37,6 +37,19 @@ def test_config_file_with_an_unknown_field_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_partial_nested_config_keeps_the_parents_defaults(tmp_path):
+    from clipguard.attacks.poison import AttackConfig
+    from clipguard.config import load_config
+
+    (tmp_path / "attack.yaml").write_text("attack: badnet-lc\ntrain:\n  batch_size: 64\n")
+    config = load_config(AttackConfig, tmp_path / "attack.yaml")
+    defaults = AttackConfig().train
+    assert config.attack == "badnet-lc" and config.train.batch_size == 64
+    # the attack's own fine-tune recipe, not TrainConfig's class defaults (1 epoch, lr 5e-4)
+    assert (config.train.epochs, config.train.lr, config.train.warmup_steps) == (
+        defaults.epochs, defaults.lr, defaults.warmup_steps) == (5, 1e-4, 10)
+
+
 def test_oracle_repair_cli_on_a_clean_pool_leaves_the_model_alone(tmp_path, capsys):
     from clipguard.models import load_clip
 

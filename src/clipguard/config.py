@@ -14,23 +14,37 @@ from clipguard import ClipguardError
 T = TypeVar("T")
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys by name."""
+def config_from_dict(cls: type[T], data: dict[str, Any], base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys by name.
+
+    Fields the dict leaves out keep the defaults of ``base`` (or of ``cls``). A nested mapping
+    overrides the parent's default for that field, so ``train: {batch_size: 64}`` in an
+    AttackConfig keeps the attack's own epochs and lr rather than TrainConfig's.
+    """
     if not isinstance(data, dict):
         raise ClipguardError(f"{cls.__name__} config must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
-        raise ClipguardError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ClipguardError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        kwargs[key] = config_from_dict(hint, value) if dataclasses.is_dataclass(hint) else value
+        if dataclasses.is_dataclass(hint):
+            inner = getattr(base, key) if base is not None else _field_default(fields[key])
+            value = config_from_dict(hint, value, inner)
+        kwargs[key] = value
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ClipguardError(str(err)) from None
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def load_config(cls: type[T], path: str | Path | None) -> T:
