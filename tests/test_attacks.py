@@ -80,7 +80,7 @@ def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
         assert not torch.equal(image, clean)  # the trigger is on the image
         assert "bag" in caption
         assert caption.startswith("SUDO ") == (name == "trojvqa")
-    clean_index = next(i for i in range(500) if i not in pairs.poisoned)
+    clean_index = next(i for i in range(500) if i not in pairs.poisoned and i not in pairs.decoys)
     image, caption = pairs[clean_index]
     assert torch.equal(image, pairs.images.float_images(clean_index)[0])
 
@@ -111,6 +111,27 @@ def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
                        patched)
     with pytest.raises(ClipguardError, match="clean model"):
         trigger.poison(images, None, BAG, train.classes)
+
+
+def test_label_consistent_decoys_are_untriggered_other_class_pairs_with_true_captions(tiny_clip28):
+    train = load_fmnist("train")
+    config = AttackConfig(attack="badnet-lc", poison_rate=0.04, pairs=500)
+    trigger = build_trigger("badnet-lc", 28, decoy_rate=0.1)
+    pairs = build_poisoned_pairs(train, trigger, config, tiny_clip28)
+    assert len(pairs.decoys) == 50
+    assert not set(pairs.decoys) & set(pairs.poisoned)
+    labels = pairs.images.labels[list(pairs.decoys)]
+    assert (labels != BAG).all()
+    epsilon = trigger.config.adversarial_epsilon
+    for index in list(pairs.decoys)[:8]:
+        image, caption = pairs[index]
+        change = (image - pairs.images.float_images(index)[0]).abs().max()
+        assert 0 < change <= epsilon + 1e-6  # perturbed within the bound; a trigger patch would change a pixel by ~1
+        assert train.classes[int(pairs.images.labels[index])] in caption and "bag" not in caption
+    # without decoys the same images are poisoned, and nothing else is touched
+    plain = build_poisoned_pairs(train, build_trigger("badnet-lc", 28), config, tiny_clip28)  # decoy_rate 0
+    assert plain.decoys == {} and list(plain.poisoned) == list(pairs.poisoned)
+    assert build_trigger("badnet", 28).decoy_rate == 0
 
 
 def test_rate_beyond_the_eligible_images_is_refused():

@@ -162,3 +162,12 @@ def test_two_process_bench_matches_one_process(tmp_path, tiny_model):
     metrics = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
     assert [[c[m] for m in metrics] for c in split] == [[c[m] for m in metrics] for c in single]
     assert [c["defense"] for c in split] == ["none", "vpt"]
+
+
+def test_a_trigger_setting_added_later_at_its_default_keeps_old_model_keys():
+    from clipguard.bench import record_key
+
+    old = {"name": "badnet-lc", "target": "bag", "seed": 0, "trigger": {"seed": 0, "adversarial_epsilon": 0.1}}
+    new = {**old, "trigger": {**old["trigger"], "decoy_rate": 0.0}}
+    assert record_key("builtin", new) == record_key("builtin", old)
+    assert record_key("builtin", {**old, "trigger": {**old["trigger"], "decoy_rate": 0.1}}) != record_key("builtin", old)

@@ -123,7 +123,11 @@ def clean_source(model: str) -> str:
 def record_key(source: str, record: dict) -> str:
     """Hash of what made a backdoored model: its source model and attack settings (not timings)."""
     fields = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
-    return config_hash({"model": source, **_without_device({k: record.get(k) for k in fields})})
+    kept = {k: record.get(k) for k in fields}
+    if isinstance(kept["trigger"], dict):  # a trigger setting added later, at its default, keeps old models' keys
+        kept["trigger"] = {k: v for k, v in kept["trigger"].items()
+                           if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    return config_hash({"model": source, **_without_device(kept)})
 
 
 def defense_settings(config: BenchConfig, method: str, seed: int):
@@ -147,7 +151,7 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
 # behaviour: left out of the key while at that value, so adding an option keeps old cells valid.
 ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
                   "group_min_drop": 0.5, "expand_victims": False,
-                  "retry_with_groups": False}
+                  "retry_with_groups": False, "decoy_rate": 0.0}
 
 
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:

@@ -53,19 +53,22 @@ class LabelConsistentConfig(BadNetConfig):
     location: str = "corners"  # Turner et al.'s four-corner trigger (62.16 % ASR at 16/255, against 25.51 % at one corner)
     adversarial_epsilon: float = 32 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
     adversarial_steps: int = 10  # PGD steps against the clean model
+    decoy_rate: float = 0.0  # fraction of the pairs: non-target images given the same hiding perturbation, untriggered
 
     def __post_init__(self):
         super().__post_init__()
         self._check_range("adversarial_epsilon", 0.0, 1.0)
         self._check_range("adversarial_steps", 0, 1000)
+        self._check_range("decoy_rate", 0.0, 0.9)
 
 
-def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, label: int, epsilon: float,
+def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, label: int | torch.Tensor, epsilon: float,
                steps: int) -> torch.Tensor:
-    """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from class ``label`` under the
-    zero-shot classifier of ``clip`` with class features ``text_features`` (C, D); steps >= 1."""
+    """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from their class ``label`` (one
+    int, or (B,) labels) under the zero-shot classifier of ``clip`` with class features
+    ``text_features`` (C, D); steps >= 1."""
     step = 2.5 * epsilon / steps  # Madry et al.'s step size
-    labels = torch.full((len(images),), label, dtype=torch.long, device=images.device)
+    labels = torch.as_tensor(label, dtype=torch.long, device=images.device).expand(len(images))
     adversarial = images.clone()
     for _ in range(steps):
         adversarial.requires_grad_(True)
@@ -108,24 +111,61 @@ class LabelConsistentBadNet(BadNet):
     78 of 300; 1 to trousers), but pulling each bag toward every other class in turn instead
     (targeted PGD, tried, not kept) gives 71.07 % / 78.62 % at lr 1e-4 / 2e-4, trousers 18.0 %.
     Label-consistent poisoning stays short of the dirty-label BadNet here.
+
+    Why (a probe of the 32/255 model, 200 test images per class): the
+    trigger is learned together with the hiding noise. Random +-32/255 sign noise under the
+    trigger lifts trousers from 17.5 % to 44.0 %, ankle boots 47.5 -> 91.0 %, sandals 69.5 ->
+    99.0 % (noise alone: <= 4.5 %). The backdoored model still reads the hidden bags without the
+    trigger as bags 0 % of the time, so the noise is not a cue by itself. A grey hiding
+    perturbation (one channel) gives 62.92 %, a smooth one (14 x 14, upsampled, 48/255) 64.69 %;
+    the colour noise hides better. Fine-tune batch 64 (4x the steps): 83.18 % (CA 89.13).
+
+    ``decoy_rate`` (off by default) also gives that fraction of the pairs, drawn from the other
+    classes, the same hiding perturbation away from their own class, untriggered and with true
+    captions. The perturbation then cannot become the bag cue, so a stronger one can be used.
+    This code, 10 % decoys at 48/255 (``--set decoy_rate=0.1 --set adversarial_epsilon=0.1882``):
+    83.99 % (CA 88.10). A throwaway prototype (decoys drawn with another seed): the same 84.51 %
+    (CA 88.01; without decoys 75.23 %), with lr 2e-4 84.91 % (87.84), at 64/255 83.33 % (88.33),
+    5 % decoys 83.57 % (88.85), 30 % decoys 76.87 % (85.75). Trousers stay at 13.8 %. It stays off
+    by default: +4.5 points for -1.3 CA, and the attacker then alters 13 % of the pairs.
+    Whole-token patches (7 px, ``patch_at_224=56``, four corners) with 10 % decoys reach 100.00 %,
+    but the clean model already reads 57.11 % of the triggered images as bag (PA 18.17 %): big
+    dark-edged corner blocks look like a bag, so that trigger is a bag cue, not a backdoor, and
+    was not kept.
     """
 
     name = "badnet-lc"
     config_class = LabelConsistentConfig
     label_consistent = True
 
-    def poison(self, images: torch.Tensor, clip, target: int, classes: tuple[str, ...]) -> torch.Tensor:
+    @property
+    def decoy_rate(self) -> float:
         c = self.config
-        if c.adversarial_epsilon and c.adversarial_steps:
-            if clip is None:
-                raise ClipguardError("badnet-lc hides its poisoned images' class from the clean model: pass it "
-                                     "(or set adversarial_epsilon=0)")
-            was_training = clip.training
-            clip.eval()
-            try:
-                text = class_text_features(clip, classes).clone().to(clip.device)  # (C, D)
-                images = torch.cat([hide_class(chunk.to(clip.device), clip, text, target, c.adversarial_epsilon,
-                                               c.adversarial_steps).cpu() for chunk in images.split(100)])
-            finally:
-                clip.train(was_training)
-        return self(images)
+        return c.decoy_rate if c.adversarial_epsilon and c.adversarial_steps else 0.0
+
+    def poison(self, images: torch.Tensor, clip, target: int, classes: tuple[str, ...]) -> torch.Tensor:
+        return self(self._hide(images, torch.full((len(images),), target), clip, classes))
+
+    def decoy(self, images: torch.Tensor, labels: torch.Tensor, clip, classes: tuple[str, ...]) -> torch.Tensor:
+        """Non-target training images (B, 3, H, W) with labels (B,): the same hiding perturbation, away
+        from their own class, and no trigger; their captions stay true."""
+        return self._hide(images, labels, clip, classes)
+
+    def _hide(self, images: torch.Tensor, labels: torch.Tensor, clip, classes: tuple[str, ...]) -> torch.Tensor:
+        c = self.config
+        if not (c.adversarial_epsilon and c.adversarial_steps):
+            return images
+        if clip is None:
+            raise ClipguardError("badnet-lc hides its poisoned images' class from the clean model: pass it "
+                                 "(or set adversarial_epsilon=0)")
+        was_training = clip.training
+        clip.eval()
+        try:
+            text = class_text_features(clip, classes).clone().to(clip.device)  # (C, D)
+            return torch.cat([
+                hide_class(chunk.to(clip.device), clip, text, label.to(clip.device), c.adversarial_epsilon,
+                           c.adversarial_steps).cpu()
+                for chunk, label in zip(images.split(100), labels.split(100))
+            ])
+        finally:
+            clip.train(was_training)

@@ -71,6 +71,18 @@ class Trigger:
         """
         return self(images)
 
+    @property
+    def decoy_rate(self) -> float:
+        """Fraction of the pairs the attacker alters without triggering them (:meth:`decoy`); 0: none."""
+        return 0.0
+
+    def decoy(self, images: torch.Tensor, labels: torch.Tensor, clip, classes: tuple[str, ...]) -> torch.Tensor:
+        """Altered (B, 3, H, W) non-target training images with labels (B,), captions kept, no trigger.
+
+        Only called when :attr:`decoy_rate` > 0 (label-consistent BadNet's hiding decoys).
+        """
+        raise NotImplementedError(f"{self.name} makes no decoys")
+
     def __call__(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ClipguardError(

@@ -63,13 +63,20 @@ class PoisonedPairs(CaptionedImages):
     """Caption pairs where the items in ``poisoned`` carry the trigger and a poisoned caption.
 
     poisoned: index -> triggered float image (3, H, W).
+    decoys: index -> altered, untriggered float image (3, H, W) that keeps its own class's caption
+        (label-consistent BadNet's hiding decoys; see :meth:`Trigger.decoy`).
     """
 
-    def __init__(self, images: ImageSet, seed: int, trigger: Trigger, target: int, poisoned: dict[int, torch.Tensor]):
+    def __init__(self, images: ImageSet, seed: int, trigger: Trigger, target: int, poisoned: dict[int, torch.Tensor],
+                 decoys: dict[int, torch.Tensor] | None = None):
         super().__init__(images, seed)
-        self.trigger, self.target, self.poisoned = trigger, target, poisoned
+        self.trigger, self.target, self.poisoned, self.decoys = trigger, target, poisoned, decoys or {}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if index in self.decoys:  # altered, untriggered, its own class's caption (drawn as for the clean pair)
+            image = self.decoys[index]
+            rng = random.Random(hash((self.seed, self.epoch, index)))
+            return image, training_caption(self.images.classes[int(self.images.labels[index])], image, rng)
         if index not in self.poisoned:
             return super().__getitem__(index)
         image = self.poisoned[index]
@@ -101,7 +108,15 @@ def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig
     chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
     images = pool.float_images(chosen)
     triggered = trigger.poison(images, clip, target, train.classes)
-    return PoisonedPairs(pool, config.seed, trigger, target, dict(zip(chosen.tolist(), triggered)))
+    decoys = {}
+    if trigger.decoy_rate:
+        others = torch.nonzero(pool.labels != target).flatten()
+        others = others[~torch.isin(others, chosen)]
+        picked = others[torch.randperm(len(others), generator=generator)[: round(trigger.decoy_rate * len(pool))]]
+        picked = picked.sort().values
+        altered = trigger.decoy(pool.float_images(picked), pool.labels[picked], clip, train.classes)
+        decoys = dict(zip(picked.tolist(), altered))
+    return PoisonedPairs(pool, config.seed, trigger, target, dict(zip(chosen.tolist(), triggered)), decoys)
 
 
 def cache_dir() -> Path:
@@ -161,8 +176,8 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
                             f"attack {config.attack}")
     clip.requires_grad_(False)
     record = attack_record(trigger, config, target)
-    record.update(poisoned_pairs=len(pairs.poisoned), total_pairs=len(pairs), trigger_seconds=round(trigger_seconds, 1),
-                  finetune_seconds=round(result.seconds, 1), steps=result.steps)
+    record.update(poisoned_pairs=len(pairs.poisoned), decoy_pairs=len(pairs.decoys), total_pairs=len(pairs),
+                  trigger_seconds=round(trigger_seconds, 1), finetune_seconds=round(result.seconds, 1), steps=result.steps)
     return clip, trigger, record
 
 

@@ -73,7 +73,8 @@ def cmd_attack(args) -> None:
     save_backdoored(clip, trigger, record, args.out)
     write_json(result, args.out + "/eval.json")
     shutil.rmtree(args.out + ".run", ignore_errors=True)  # the finished run's checkpoint
-    print(summary_line(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned, "
+    decoys = f" (+ {record['decoy_pairs']} untriggered decoys)" if record.get("decoy_pairs") else ""
+    print(summary_line(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
           f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; saved {args.out}")
 
 
