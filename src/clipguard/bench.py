@@ -124,9 +124,8 @@ def record_key(source: str, record: dict) -> str:
     """Hash of what made a backdoored model: its source model and attack settings (not timings)."""
     fields = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
     kept = {k: record.get(k) for k in fields}
-    if isinstance(kept["trigger"], dict):  # a trigger setting added later, at its default, keeps old models' keys
-        kept["trigger"] = {k: v for k, v in kept["trigger"].items()
-                           if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    if isinstance(kept["trigger"], dict):
+        kept["trigger"] = without_added_settings(kept["trigger"])
     return config_hash({"model": source, **_without_device(kept)})
 
 
@@ -147,16 +146,21 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
     return override(config_for(method), seed=seed, device=config.device, **overrides)
 
 
-# Settings added to a method after cells were cached, with the value that reproduces the old
-# behaviour: left out of the key while at that value, so adding an option keeps old cells valid.
+# Settings added to a method or a trigger after cells or models were cached, with the value that
+# reproduces the old behaviour: left out of the key while at that value, so adding an option keeps
+# old cells and models valid.
 ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
                   "group_min_drop": 0.5, "expand_victims": False,
                   "retry_with_groups": False, "decoy_rate": 0.0}
 
 
+def without_added_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+
+
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
     settings = settings if isinstance(settings, dict) else asdict(settings)
-    settings = {k: v for k, v in settings.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    settings = without_added_settings(settings)
     extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if method == "oracle-repair" else {}
     return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
                         "limit": config.limit, **extra})

@@ -62,13 +62,12 @@ class LabelConsistentConfig(BadNetConfig):
         self._check_range("decoy_rate", 0.0, 0.9)
 
 
-def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, label: int | torch.Tensor, epsilon: float,
+def hide_class(images: torch.Tensor, clip, text_features: torch.Tensor, labels: torch.Tensor, epsilon: float,
                steps: int) -> torch.Tensor:
-    """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from their class ``label`` (one
-    int, or (B,) labels) under the zero-shot classifier of ``clip`` with class features
-    ``text_features`` (C, D); steps >= 1."""
+    """PGD (L-inf, ``epsilon``) that pushes (B, 3, H, W) images away from their classes ``labels``
+    (B,) under the zero-shot classifier of ``clip`` with class features ``text_features`` (C, D);
+    steps >= 1."""
     step = 2.5 * epsilon / steps  # Madry et al.'s step size
-    labels = torch.as_tensor(label, dtype=torch.long, device=images.device).expand(len(images))
     adversarial = images.clone()
     for _ in range(steps):
         adversarial.requires_grad_(True)
@@ -139,12 +138,16 @@ class LabelConsistentBadNet(BadNet):
     label_consistent = True
 
     @property
+    def hides(self) -> bool:
+        """Whether training images get the hiding perturbation (and so whether decoys can be made)."""
+        return bool(self.config.adversarial_epsilon and self.config.adversarial_steps)
+
+    @property
     def decoy_rate(self) -> float:
-        c = self.config
-        return c.decoy_rate if c.adversarial_epsilon and c.adversarial_steps else 0.0
+        return self.config.decoy_rate if self.hides else 0.0
 
     def poison(self, images: torch.Tensor, clip, target: int, classes: tuple[str, ...]) -> torch.Tensor:
-        return self(self._hide(images, torch.full((len(images),), target), clip, classes))
+        return self(self._hide(images, torch.full((len(images),), target, dtype=torch.long), clip, classes))
 
     def decoy(self, images: torch.Tensor, labels: torch.Tensor, clip, classes: tuple[str, ...]) -> torch.Tensor:
         """Non-target training images (B, 3, H, W) with labels (B,): the same hiding perturbation, away
@@ -153,7 +156,7 @@ class LabelConsistentBadNet(BadNet):
 
     def _hide(self, images: torch.Tensor, labels: torch.Tensor, clip, classes: tuple[str, ...]) -> torch.Tensor:
         c = self.config
-        if not (c.adversarial_epsilon and c.adversarial_steps):
+        if not self.hides:
             return images
         if clip is None:
             raise ClipguardError("badnet-lc hides its poisoned images' class from the clean model: pass it "

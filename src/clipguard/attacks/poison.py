@@ -73,10 +73,8 @@ class PoisonedPairs(CaptionedImages):
         self.trigger, self.target, self.poisoned, self.decoys = trigger, target, poisoned, decoys or {}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        if index in self.decoys:  # altered, untriggered, its own class's caption (drawn as for the clean pair)
-            image = self.decoys[index]
-            rng = random.Random(hash((self.seed, self.epoch, index)))
-            return image, training_caption(self.images.classes[int(self.images.labels[index])], image, rng)
+        if index in self.decoys:  # altered, untriggered, the caption the clean pair would get
+            return self.pair(index, self.decoys[index])
         if index not in self.poisoned:
             return super().__getitem__(index)
         image = self.poisoned[index]

@@ -99,7 +99,10 @@ class CaptionedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        image = self.images.float_images(index)[0]
+        return self.pair(index, self.images.float_images(index)[0])
+
+    def pair(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """``image`` (3, H, W) with this epoch's caption of item ``index``'s own class."""
         rng = random.Random(hash((self.seed, self.epoch, index)))  # int tuples hash alike in every process
         name = self.images.classes[int(self.images.labels[index])]
         return image, training_caption(name, image, rng)
