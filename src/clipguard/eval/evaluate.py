@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -76,7 +77,8 @@ def evaluate_trigger(model: DefendedClip, images, trigger, target: int, seed: in
     predictions = zero_shot_logits(model, features, texts).argmax(-1).cpu()
     labels = images.labels[keep]
     return {
-        "attack": {"name": trigger.name, "target": images.classes[target], "text_key": trigger.text_key},
+        "attack": {"name": trigger.name, "target": images.classes[target], "text_key": trigger.text_key,
+                   "trigger": asdict(trigger.config)},
         "attack_success_rate": attack_success_rate(predictions, labels, target).as_dict("hits"),
         "poisoned_accuracy": poisoned_accuracy(predictions, labels, target).as_dict("correct"),
         "note": TARGET_EXCLUSION_NOTE,
