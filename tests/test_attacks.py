@@ -45,14 +45,18 @@ def test_trigger_refuses_images_of_another_size():
         build_trigger("blended", 28)(torch.rand(1, 3, 32, 32))
 
 
-def test_four_corner_patch_lands_where_its_mask_says():
+@pytest.mark.parametrize("location, spots", [
+    ("corners", [(r, c) for r in (1, 23) for c in (1, 23)]),
+    ("corners+midline", [(r, c) for r in (1, 23) for c in (1, 23)] + [(1, 12), (12, 12), (23, 12)]),
+])
+def test_multi_spot_patch_lands_where_its_mask_says(location, spots):
     from clipguard.attacks.patch import patch_mask
 
-    trigger = build_trigger("badnet", 28, seed=0, location="corners")
+    trigger = build_trigger("badnet", 28, seed=0, location=location)
     changed = (trigger(torch.full((1, 3, 28, 28), 0.5)) != 0.5).any(1)[0]  # (H, W); the patch is binary
-    mask = patch_mask(28, 4, "corners")
-    assert int(mask.sum()) == 4 * 16 and not changed[~mask].any()
-    assert all(changed[r : r + 4, c : c + 4].any() for r in (1, 23) for c in (1, 23))
+    mask = patch_mask(28, 4, location)
+    assert int(mask.sum()) == len(spots) * 16 and not changed[~mask].any()
+    assert all(changed[r : r + 4, c : c + 4].any() for r, c in spots)
 
 
 def test_bad_trigger_config_names_the_field():
@@ -97,8 +101,9 @@ def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
     epsilon = trigger.config.adversarial_epsilon
     change = (poisoned - patched).abs()
     assert epsilon / 2 < change.max() <= epsilon + 1e-6  # perturbed, within the bound
-    mask = patch_mask(28, 4, trigger.config.location)
+    mask = patch_mask(28, trigger.patch.shape[-1], trigger.config.location)
     assert torch.equal(poisoned[..., mask], patched[..., mask])  # the patches themselves are untouched
+    assert (poisoned[..., ~mask] != patched[..., ~mask]).any()  # and the rest of the image is not
     text = class_text_features(tiny_clip28, train.classes)
 
     def target_probability(x):
@@ -174,6 +179,7 @@ def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
     assert code == 0
     record = json.loads(out.read_text())
     assert record["attack"]["name"] == "sig" and record["attack"]["target"] == "coat"
+    assert record["attack"]["trigger"] == {"seed": 0, "amplitude": 60 / 255, "frequency": 6}  # what made the trigger
     assert record["attack_success_rate"]["total"] == int((load_fmnist("test").labels[:100] != 4).sum())
 
 

@@ -9,19 +9,19 @@ import torch.nn.functional as F
 
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, register, scaled
-from clipguard.attacks.patch import paste_patch
+from clipguard.attacks.patch import LOCATIONS, paste_patch
 from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
 
 
 @dataclass
 class BadNetConfig(TriggerConfig):
     patch_at_224: int = 32  # patch side at 224 px (4 px at 28 px); the public protocol uses 16
-    location: str = "corner"  # corner | corners (all four) | center | random (random draws per image from the seed)
+    location: str = "corner"  # one of patch.LOCATIONS; random draws a spot per image from the seed
 
     def __post_init__(self):
         self._check_range("patch_at_224", 1, 224)
-        if self.location not in ("corner", "corners", "center", "random"):
-            raise ValueError(f"BadNetConfig.location must be corner, corners, center or random, got {self.location!r}")
+        if self.location not in LOCATIONS:
+            raise ValueError(f"BadNetConfig.location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
 
 
 @register
@@ -50,7 +50,8 @@ class BadNet(Trigger):
 
 @dataclass
 class LabelConsistentConfig(BadNetConfig):
-    location: str = "corners"  # Turner et al.'s four-corner trigger (62.16 % ASR at 16/255, against 25.51 % at one corner)
+    patch_at_224: int = 40  # 5 px at 28 px: 98.99 % ASR with seven copies, against 89.11 % with 4 px
+    location: str = "corners+midline"  # the four corners and three down the middle: 89.11 % against 80.01 %
     adversarial_epsilon: float = 32 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
     adversarial_steps: int = 10  # PGD steps against the clean model
     decoy_rate: float = 0.0  # fraction of the pairs: non-target images given the same hiding perturbation, untriggered
@@ -90,47 +91,45 @@ class LabelConsistentBadNet(BadNet):
     target caption. The perturbation touches only training images: test-time triggered images
     get the patch alone.
 
-    Measured on the built-in model (3 % of 10,000 pairs poisoned, i.e. 300 of the ~1,000 bags;
-    ASR on the 9,000 non-target test images): without the perturbation 0.58 %, because the model
-    already matches those images to their captions by their content; epsilon 8/255: 8.60 %,
-    16/255: 25.51 %, 32/255: 6.68 % (a strong perturbation becomes the bag cue itself), so 16/255
-    was the one-corner default. With a 6 px patch (``patch_at_224=48``): 36.87 %, and with 6 % / 9 % of the
-    pairs poisoned 48.94 % / 50.36 %. PGD towards a seeded other class per image instead of away
-    from the target (tried, not kept): 12.61 %. Those were all one patch at the bottom-right
-    corner. Turner et al.'s four-corner trigger (the same 4 px patch at each corner,
-    ``location="corners"``, now the default) reaches 62.16 % (CA 89.38); with 6 px patches at the
-    four corners 57.07 %. With four corners a stronger perturbation helps up to a point: epsilon
-    12/255 50.54 %, 16/255 62.16 %, 24/255 75.32 % (CA 89.35), 32/255 80.01 % (CA 89.30), 48/255
-    75.23 %, 64/255 68.94 %, so 32/255 is the default. At 32/255: 30 PGD steps instead of 10
-    65.83 % (a stronger hiding perturbation again becomes the cue), 6 % of the pairs poisoned
-    80.39 %, 10 epochs at 16/255 68.93 %, fine-tune lr 2e-4 / 3e-4 instead of 1e-4 82.88 % / 82.99 %
-    (CA 89.13 / 88.99), 10 epochs 84.00 % (CA 89.05; twice the time). What stops it is a few classes: at lr 2e-4 the trigger turns 13.4 % of
-    the trousers, 55.6 % of the ankle boots and 81.8 % of the sandals into bags, and >= 98.9 % of
-    each other class. The hiding perturbation sends the bags mostly to shirt and t-shirt (125 and
-    78 of 300; 1 to trousers), but pulling each bag toward every other class in turn instead
-    (targeted PGD, tried, not kept) gives 71.07 % / 78.62 % at lr 1e-4 / 2e-4, trousers 18.0 %.
-    Label-consistent poisoning stays short of the dirty-label BadNet here.
+    The default trigger is a 5 px patch (``patch_at_224=40``) at seven spots: Turner et al.'s four
+    corners plus three down the vertical midline (top, centre, bottom; ``location=
+    "corners+midline"``), with the hiding perturbation at 32/255. Measured on the built-in model
+    (3 % of 10,000 pairs poisoned, i.e. 300 of the ~1,000 bags; ASR on the 9,000 non-target test
+    images; ``clipguard attack --attack badnet-lc --target bag --seed 0``): ASR 98.99 %, CA 89.37;
+    the clean model reads 2.93 % of a 3,000-image sample with this trigger as bag (chance level).
 
-    Why (a probe of the 32/255 model, 200 test images per class): the
-    trigger is learned together with the hiding noise. Random +-32/255 sign noise under the
-    trigger lifts trousers from 17.5 % to 44.0 %, ankle boots 47.5 -> 91.0 %, sandals 69.5 ->
-    99.0 % (noise alone: <= 4.5 %). The backdoored model still reads the hidden bags without the
-    trigger as bags 0 % of the time, so the noise is not a cue by itself. A grey hiding
-    perturbation (one channel) gives 62.92 %, a smooth one (14 x 14, upsampled, 48/255) 64.69 %;
-    the colour noise hides better. Fine-tune batch 64 (4x the steps): 83.18 % (CA 89.13).
+    How it got there (each row changes the one above it, all at 3 %):
+
+    - one 4 px patch at the bottom-right corner: without the perturbation 0.58 % (the model
+      matches those images to their captions by their content); epsilon 8/255 8.60 %, 16/255
+      25.51 %, 32/255 6.68 % (a strong perturbation becomes the bag cue itself). A 6 px patch
+      36.87 %; 6 % / 9 % of the pairs poisoned 48.94 % / 50.36 %; PGD towards a seeded other class
+      12.61 %.
+    - Turner et al.'s four corners (4 px): 12/255 50.54 %, 16/255 62.16 %, 24/255 75.32 %, 32/255
+      80.01 % (CA 89.30), 48/255 75.23 %, 64/255 68.94 %. At 32/255: 30 PGD steps 65.83 %, 6 % of
+      the pairs 80.39 %, fine-tune lr 2e-4 82.88 %, batch 64 83.18 %, 10 epochs 84.00 %; targeted
+      PGD towards every other class in turn 71.07 %; a grey or a smooth perturbation 62.92 % /
+      64.69 %; at reduced training amplitude (the patch blended in at 0.5 / 0.25, full at test)
+      72.77 % / 37.33 %.
+    - Why it stalled: the trigger was learned together with the hiding noise. Random +-32/255 sign
+      noise under the trigger lifted trousers from 17.5 % to 44.0 % and ankle boots from 47.5 % to
+      91.0 % (noise alone <= 4.5 %; the same noise confined to the corner tokens: no lift), and
+      every other class was >= 96 %. The patch had too little weight to beat confidently
+      recognised content it had never been trained against.
+    - More copies of the patch give it that weight: four corners and the centre 83.34 %; four
+      corners and the vertical midline (seven 4 px copies) 89.11 % (CA 89.32; at 40/255 89.20 %),
+      trousers 29.5 %, ankle boots 81.0 %. With 5 px copies: 98.99 % (CA 89.37), the default.
+      Copies on the left and right midpoints were not kept: the clean model already reads 42.50 %
+      of images with corners + side midpoints as bag, and 76.43 % with all nine spots (wide
+      things are bags here), against 2.57 % for the four corners and 2.93 % for the default.
+      Whole-token (7 px) corner patches were rejected for the same reason (clean model: 57.11 %).
 
     ``decoy_rate`` (off by default) also gives that fraction of the pairs, drawn from the other
     classes, the same hiding perturbation away from their own class, untriggered and with true
-    captions. The perturbation then cannot become the bag cue, so a stronger one can be used.
-    This code, 10 % decoys at 48/255 (``--set decoy_rate=0.1``
-    ``--set adversarial_epsilon=0.18823529411764706``): 83.99 % (CA 88.10). A throwaway prototype (decoys drawn with another seed): the same 84.51 %
-    (CA 88.01; without decoys 75.23 %), with lr 2e-4 84.91 % (87.84), at 64/255 83.33 % (88.33),
-    5 % decoys 83.57 % (88.85), 30 % decoys 76.87 % (85.75). Trousers stay at 13.8 %. It stays off
-    by default: +4.5 points for -1.3 CA, and the attacker then alters 13 % of the pairs.
-    Whole-token patches (7 px, ``patch_at_224=56``, four corners) with 10 % decoys reach 100.00 %,
-    but the clean model already reads 57.11 % of the triggered images as bag (PA 18.17 %): big
-    dark-edged corner blocks look like a bag, so that trigger is a bag cue, not a backdoor, and
-    was not kept.
+    captions, so that the perturbation cannot become the bag cue and a stronger one can be used.
+    With the four-corner 4 px trigger, 10 % decoys at 48/255 (``--set decoy_rate=0.1 --set
+    adversarial_epsilon=0.18823529411764706``) gave 83.99 % (CA 88.10; 75.23 % without decoys);
+    with seven 4 px copies 89.28 % (CA 88.30), no better than without them, so it stays off.
     """
 
     name = "badnet-lc"

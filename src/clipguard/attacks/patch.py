@@ -1,9 +1,11 @@
-"""Shared by the patch attacks: paste a (3, h, w) patch into images at a corner, the four corners,
-the centre or a random spot."""
+"""Shared by the patch attacks: paste a (3, h, w) patch into images at a corner, the four corners
+(and the vertical midline), the centre or a random spot."""
 
 from __future__ import annotations
 
 import torch
+
+LOCATIONS = ("corner", "corners", "corners+midline", "center", "random")
 
 
 def paste_patch(images: torch.Tensor, patch: torch.Tensor, location: str, generator: torch.Generator | None = None,
@@ -11,7 +13,9 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, location: str, genera
     """Paste ``patch`` (3, h, w) into a copy of ``images`` (B, 3, H, W).
 
     location: 'corner' (bottom right, ``margin`` px in), 'corners' (all four, ``margin`` px in:
-    Turner et al.'s four-corner trigger), 'center', or 'random' (per image, drawn from ``generator``).
+    Turner et al.'s four-corner trigger), 'corners+midline' (the four corners and three copies down
+    the vertical midline: top, centre, bottom), 'center', or 'random' (per image, drawn from
+    ``generator``).
     """
     out = images.clone()
     _, _, H, W = images.shape
@@ -33,9 +37,12 @@ def _spots(H: int, W: int, h: int, w: int, location: str, margin: int) -> list[t
         return [((H - h) // 2, (W - w) // 2)]
     if location == "corner":
         return [(H - h - margin, W - w - margin)]
+    corners = [(r, c) for r in (margin, H - h - margin) for c in (margin, W - w - margin)]
     if location == "corners":
-        return [(r, c) for r in (margin, H - h - margin) for c in (margin, W - w - margin)]
-    raise ValueError(f"location must be 'corner', 'corners', 'center' or 'random', got {location!r}")
+        return corners
+    if location == "corners+midline":
+        return corners + [(r, (W - w) // 2) for r in (margin, (H - h) // 2, H - h - margin)]
+    raise ValueError(f"location must be one of {', '.join(LOCATIONS)}, got {location!r}")
 
 
 def patch_mask(image_size: int, patch_size: int, location: str, margin: int = 1) -> torch.Tensor:

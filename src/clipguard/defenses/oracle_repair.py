@@ -17,7 +17,8 @@ search runs again with ``region_groups`` and ``expand_victims`` on. Why a fallba
 both on always: BadNet, BadCLIP and TrojVQA are found from single regions, and on BadCLIP
 both on took CA 89.52 -> 88.51 (one point; 88.76 without), flagging 190 images for 182
 triggered ones. On the four-corner label-consistent model (32/255) the fallback takes ASR
-80.01 -> 3.07 with CA 89.30 -> 88.79; the clean built-in model and Blended, ISSBA, SIG and
+80.01 -> 3.07 with CA 89.30 -> 88.79, and on the seven-patch default 98.99 -> 23.49 (CA
+89.37 -> 88.56); the clean built-in model and Blended, ISSBA, SIG and
 WaNet still give "no localisable trigger found" with groups on.
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's

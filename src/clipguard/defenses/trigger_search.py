@@ -19,8 +19,10 @@ Regions in several parts: the image's regions that each lower t's log-odds when 
 joined, strongest per pixel first, and every such union of two or more is tested as one
 region, (a)-(d) (see ``region_groups()``). A single region that passes is preferred to any
 union. Why: the label-consistent BadNet pastes its
-patch at the four corners; no corner alone reads as the target and masking one leaves three,
-so without groups 0 of 182 triggered pool images give a candidate on that model.
+patch at several spots (four corners, seven spots by default now); on the four-corner model no
+corner alone reads as the target and masking one leaves three, so without groups 0 of 182
+triggered pool images give a candidate there. On the seven-patch default the fallback takes ASR
+98.99 -> 23.49 (CA 89.37 -> 88.56).
 Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
 oracle's largest segment, because at 28 px the classical oracle often splits an object into
 several segments or merges a patch pasted on it into the object's segment (a patch inside
