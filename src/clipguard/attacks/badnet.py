@@ -95,10 +95,11 @@ class LabelConsistentBadNet(BadNet):
     corners plus three down the vertical midline (top, centre, bottom; ``location=
     "corners+midline"``), with the hiding perturbation at 32/255. Measured on the built-in model
     (3 % of 10,000 pairs poisoned, i.e. 300 of the ~1,000 bags; ASR on the 9,000 non-target test
-    images; ``clipguard attack --attack badnet-lc --target bag --seed 0``): ASR 98.99 %, CA 89.37;
-    the clean model reads 2.93 % of a 3,000-image sample with this trigger as bag (chance level).
+    images; ``clipguard attack --attack badnet-lc --target bag --seed 0``): ASR 98.99 %, CA 89.37
+    (seed 1: 97.57 %, CA 89.43); the clean model reads 3.02 % of the triggered non-bag test
+    images as bag (chance level), but its PA on them is 58.78 %: the seven patches hide content.
 
-    How it got there (each row changes the one above it, all at 3 %):
+    How it got there (all at 3 %):
 
     - one 4 px patch at the bottom-right corner: without the perturbation 0.58 % (the model
       matches those images to their captions by their content); epsilon 8/255 8.60 %, 16/255
@@ -129,7 +130,8 @@ class LabelConsistentBadNet(BadNet):
     captions, so that the perturbation cannot become the bag cue and a stronger one can be used.
     With the four-corner 4 px trigger, 10 % decoys at 48/255 (``--set decoy_rate=0.1 --set
     adversarial_epsilon=0.18823529411764706``) gave 83.99 % (CA 88.10; 75.23 % without decoys);
-    with seven 4 px copies 89.28 % (CA 88.30), no better than without them, so it stays off.
+    with seven 4 px copies at 48/255 89.28 % (CA 88.30), no better than without them, so it stays
+    off.
     """
 
     name = "badnet-lc"
