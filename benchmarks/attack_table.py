@@ -19,16 +19,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clipguard.attacks import ATTACKS
+from clipguard.bench import config_hash, without_added_settings
 
 
-def _plain(value):
-    """JSON round trip, so that tuples and lists compare equal."""
-    return json.loads(json.dumps(value))
+def _trigger_key(settings: dict | None) -> str | None:
+    """What identifies a trigger's settings: the bench's cache key of them (a setting added later,
+    at the value older records had, is left out), None when they were not recorded."""
+    return None if settings is None else config_hash(without_added_settings(settings))
 
 
-def _clean_trigger(path: Path) -> dict | None:
-    """The trigger settings a clean-model evaluation JSON was made with (None: not recorded)."""
-    return json.loads(path.read_text()).get("attack", {}).get("trigger")
+def _clean_trigger_key(path: Path) -> str | None:
+    """The key of the trigger settings a clean-model evaluation JSON was made with."""
+    return _trigger_key(json.loads(path.read_text()).get("attack", {}).get("trigger"))
 
 
 def run(cmd: list[str]) -> None:
@@ -49,8 +51,8 @@ def main() -> None:
     rows = []
     for attack in args.attacks:
         clean_json = out / f"clean-{attack}.json"
-        default_trigger = _plain(asdict(ATTACKS.get_class(attack).config_class(seed=args.seed)))
-        if not clean_json.exists() or _clean_trigger(clean_json) != default_trigger:  # missing or another trigger
+        default_trigger = _trigger_key(asdict(ATTACKS.get_class(attack).config_class(seed=args.seed)))
+        if not clean_json.exists() or _clean_trigger_key(clean_json) != default_trigger:  # missing or another trigger
             run(["clipguard", "evaluate", "--model", "builtin", "--attack", attack, "--target", args.target,
                  "--seed", str(args.seed), "--json", str(clean_json)])
         clean = json.loads(clean_json.read_text())
@@ -64,7 +66,7 @@ def main() -> None:
             result = json.loads((model_dir / "eval.json").read_text())
             record = json.loads((model_dir / "config.json").read_text())["attack"]
             seconds = float((model_dir / "wall_seconds.txt").read_text())
-            if _plain(record["trigger"]) != _clean_trigger(clean_json):
+            if _trigger_key(record["trigger"]) != _clean_trigger_key(clean_json):
                 sys.exit(f"{model_dir} was made with other trigger settings than the clean-model evaluation "
                          f"{clean_json}: the chance level would not be this trigger's; use another --out")
             rows.append((attack, rate, result, clean, record, seconds))
