@@ -41,7 +41,7 @@ def run_method(model: str, method: str, args, cache: Path) -> dict:
     clip = load_clip(model, device="cpu")
     record = clip.config.get("attack")
     trigger = load_trigger(model, record) if record else None
-    target = record["target_index"] if record else None
+    target = record["target"] if record else None
     defense, stats = None, {}
     if method != "none":
         cls = get_defense_class(method)

@@ -84,7 +84,7 @@ def evaluate_output(method: str, args) -> dict:
         defense = load_defense(out / "defense", clip, load_fmnist("test").classes)
     record = clip.config["attack"]
     result = evaluate_model(clip, method, limit=args.limit, seed=args.seed, trigger=load_trigger(args.model, record),
-                            target=record["target_index"], defense=defense, progress=False)
+                            target=record["target"], defense=defense, progress=False)
     return {k: result[k] for k in ("clean_accuracy", "attack_success_rate")}
 
 

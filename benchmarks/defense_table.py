@@ -38,7 +38,7 @@ def run_cell(model_dir: Path, defense_name: str, shots: int, seed: int, assignme
         stats = defense.fit(clip, train.subset(few_shot_indices(train.labels, shots, seed, len(train.classes))))
     start = time.perf_counter()
     result = evaluate_model(clip, str(model_dir), limit=limit, seed=seed, trigger=trigger,
-                            target=record["target_index"], defense=defense, progress=False)
+                            target=record["target"], defense=defense, progress=False)
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
     result["defense_stats"] = stats
     return result

@@ -34,7 +34,7 @@ import torch
 
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
-from clipguard.data import load_fmnist
+from clipguard.data import FMNIST_CLASSES, load_fmnist
 from clipguard.defenses.oracle import load_pool, mask_box
 from clipguard.defenses.oracle_repair import OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report
 from clipguard.defenses.trigger_search import zero_shot_probabilities
@@ -122,7 +122,7 @@ def main() -> None:
         attack = model_dir.name.rsplit("-", 1)[0]
         clip = load_clip(str(model_dir))
         record = clip.config["attack"]
-        trigger, target = load_trigger(model_dir, record), int(record["target_index"])
+        trigger, target = load_trigger(model_dir, record), record["target"]
         images, labels, triggered, masks = build_pool(trigger, args.pool_size, args.trigger_rate, args.seed)
         texts = class_text_features(clip, load_fmnist("test").classes)
         predictions = zero_shot_probabilities(clip, images, texts).argmax(-1)
@@ -139,7 +139,7 @@ def main() -> None:
         row = {"attack": attack, "verdict": report["verdict"], "victim_labels": report["victim_labels"],
                "compact_set_size": report["compact_set_size"], "seconds": round(seconds, 1),
                "before": before, "after": after, "label_tests": report["label_tests"],
-               **metrics(report, labels, triggered, masks, predictions, target, record["target"])}
+               **metrics(report, labels, triggered, masks, predictions, FMNIST_CLASSES.index(target), target)}
         (out / "benchmark.json").write_text(json.dumps(row, indent=2, default=str))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("before", "after")}, default=str), flush=True)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[1])  # tests/ directory, for the shared setup
 from test_ddp import evaluation_setup  # noqa: E402
 
-from clipguard.distributed import init_distributed, is_main_process  # noqa: E402
+from clipguard.distributed import close_distributed, init_distributed, is_main_process  # noqa: E402
 from clipguard.eval.evaluate import evaluate_model  # noqa: E402
 from clipguard.eval.zeroshot import image_features  # noqa: E402
 
@@ -21,3 +21,4 @@ features = image_features(clip, images, lambda x, _: trigger(x), kwargs["batch_s
 if is_main_process():
     save_file({"features": features.contiguous()}, sys.argv[2])
     print(json.dumps(record))
+close_distributed()  # leave the group: a gloo group torn down at exit can abort the process

@@ -8,9 +8,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[1])  # tests/ directory, for the shared setup
 from test_ddp import contrastive_finetune  # noqa: E402
 
-from clipguard.distributed import init_distributed, is_main_process  # noqa: E402
+from clipguard.distributed import close_distributed, init_distributed, is_main_process  # noqa: E402
 
 init_distributed("cpu")
 weights = contrastive_finetune(sys.argv[2])
 if is_main_process():
     save_file(weights, sys.argv[3])
+close_distributed()  # leave the group: a gloo group torn down at exit can abort the process

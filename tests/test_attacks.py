@@ -142,7 +142,7 @@ def test_label_consistent_decoys_are_untriggered_other_class_pairs_with_true_cap
 def test_rate_beyond_the_eligible_images_is_refused():
     trigger = build_trigger("badnet-lc", 28)
     with pytest.raises(ClipguardError, match="asks for"):
-        build_poisoned_pairs(load_fmnist("train"), trigger, AttackConfig(attack="badnet-lc", poison_rate=0.5, pairs=200))
+        build_poisoned_pairs(load_fmnist("train"), trigger, AttackConfig(attack="badnet-lc", poison_rate=0.5, pairs=300))
 
 
 @pytest.mark.slow

@@ -238,9 +238,10 @@ def test_linear_probe_ignores_text_and_is_closed_set():
 def test_defend_finetune_cli_writes_a_model_that_keeps_its_attack(tmp_path, capsys):
     from clipguard.attacks import AttackConfig, build_trigger, save_backdoored
     from clipguard.attacks.poison import attack_record
+    from clipguard.data import FMNIST_CLASSES
 
     trigger = build_trigger("badnet", 28, seed=0)
-    save_backdoored(make_tiny_clip(architecture=TINY28), trigger, attack_record(trigger, AttackConfig(), 8),
+    save_backdoored(make_tiny_clip(architecture=TINY28), trigger, attack_record(trigger, AttackConfig(), FMNIST_CLASSES),
                     tmp_path / "suspect")
     code = main(["defend", "--model", str(tmp_path / "suspect"), "--method", "finetune", "--device", "cpu",
                  "--set", "pairs=32", "--set", "epochs=1", "--set", "batch_size=16", "--out", str(tmp_path / "ft")])

@@ -35,7 +35,7 @@ def evaluation_setup():
     kwargs = {"limit": 300, "batch_size": 64, "seed": 3}
     images = load_fmnist("test").subset(torch.arange(kwargs["limit"]))
     trigger = build_trigger("badnet", 28, seed=0, location="random")
-    return make_tiny_clip(architecture=TINY28), images, trigger, 0, kwargs
+    return make_tiny_clip(architecture=TINY28), images, trigger, images.classes[0], kwargs
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:

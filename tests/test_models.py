@@ -45,11 +45,19 @@ def test_save_load_round_trip_gives_identical_logits(tiny_clip, images16, tmp_pa
     assert loaded.image_mean.flatten().tolist() == pytest.approx(tiny_clip.image_mean.flatten().tolist())
 
 
-def test_saving_over_an_existing_directory_replaces_it(tiny_clip, tmp_path):
+def test_saving_over_a_clipguard_output_replaces_it(tiny_clip, tmp_path):
+    save_clip(tiny_clip, tmp_path / "m", extra={"run": 1})
+    save_clip(tiny_clip, tmp_path / "m", extra={"run": 2})
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging left beside it
+
+
+def test_saving_over_a_directory_with_the_users_files_is_refused(tiny_clip, tmp_path):
     save_clip(tiny_clip, tmp_path / "m")
-    (tmp_path / "m" / "stale.txt").write_text("old")
-    save_clip(tiny_clip, tmp_path / "m")
-    assert not (tmp_path / "m" / "stale.txt").exists()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(ClipguardError, match="notes.txt"):
+        save_clip(tiny_clip, tmp_path / "m")
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
 
 
 class _Payload:
@@ -113,8 +121,10 @@ def test_bad_specs_give_one_line_errors(spec, message):
 def test_damaged_model_directory_is_refused(tiny_clip, tmp_path):
     save_clip(tiny_clip, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(ClipguardError, match="cannot read"):
+    with pytest.raises(ClipguardError, match="changed since clipguard wrote it"):
         load_clip(str(tmp_path / "m"))
+    with pytest.raises(ClipguardError, match="cannot read"):  # unverified, it still cannot be read
+        load_clip(str(tmp_path / "m"), verify=False)
     (tmp_path / "m" / "config.json").unlink()
     with pytest.raises(ClipguardError, match="not a clipguard model directory"):
         load_clip(str(tmp_path / "m"))

@@ -39,7 +39,8 @@ import torch
 import clipguard
 from clipguard import ClipguardError
 from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_class, load_trigger, run_attack, save_backdoored
-from clipguard.attacks.poison import attack_record, class_index
+from clipguard.attacks.poison import attack_record, target_of
+from clipguard.data.classes import class_index
 from clipguard.config import override, parse_assignments
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, save_defense
@@ -111,7 +112,7 @@ def attack_key(config: BenchConfig, attack: AttackConfig) -> str:
     train = load_fmnist("train")
     overrides = config.trigger_settings.get(attack.attack, {})
     trigger = build_trigger(attack.attack, train.image_size, **{"seed": attack.seed, **overrides})
-    return record_key(clean_source(config.model), attack_record(trigger, attack, class_index(train.classes, attack.target)))
+    return record_key(clean_source(config.model), attack_record(trigger, attack, train.classes))
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,7 +191,9 @@ def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> 
     clip = load_clip(config.model, device=config.device)
     start = time.perf_counter()
     run_dir = out / "runs" / directory.name  # checkpoints of an unfinished fine-tune
-    clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack), run_dir=run_dir)
+    # an interrupted fine-tune of the same settings continues from its checkpoint
+    clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack), run_dir=run_dir,
+                                       resume="matching")
     clip.eval()
     record["bench_seconds"] = round(time.perf_counter() - start, 1)
     clip.config["attack"] = record  # as a reload of the directory would have it
@@ -249,7 +252,7 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
     model, defense, stats = apply_defense(method, settings, clip, model_dir, config, save_to)
     defense_seconds = time.perf_counter() - start
     trigger = load_trigger(model_dir, clip.config["attack"])
-    target = clip.config["attack"]["target_index"]
+    target = target_of(clip.config["attack"])
     result = evaluate_model(model, f"{attack}-s{seed}", limit=config.limit, seed=seed, trigger=trigger,
                             target=target, defense=defense, progress=False)
     record = {
@@ -265,6 +268,8 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))},
         "clipguard_version": clipguard.__version__,
     }
+    if result.get("warning"):
+        record["warning"] = result["warning"]
     if is_main_process():
         write_json(record, path)
     return record
@@ -275,10 +280,14 @@ def run_bench(config: BenchConfig, out: str | Path,
     """Run (or resume) the whole matrix; returns every cell record and writes the report."""
     from tqdm.auto import tqdm
 
-    from clipguard.eval.report import write_report
+    from clipguard.eval.report import RESULTS_MD, write_report
+    from clipguard.outputs import check_bench_directory, mark_bench_directory
 
     out = Path(out)
     init_distributed(config.device)  # under torchrun: join the group before any collective
+    if is_main_process():
+        check_bench_directory(out)  # a folder of the user's files, or a results.md bench did not write: refused
+        mark_bench_directory(out, out / RESULTS_MD)
     records: list[dict] = []
     jobs = [(attack, seed) for seed in config.seeds for attack in config.attacks]
     bar = tqdm(total=len(jobs) * len(config.defenses), desc="bench", unit="cell", disable=not is_main_process())
@@ -298,6 +307,7 @@ def run_bench(config: BenchConfig, out: str | Path,
     if is_main_process():
         figures = write_figures(config, out)
         write_report(records, out, config_summary(config), extra_images=figures)
+        mark_bench_directory(out, out / RESULTS_MD)
     barrier()
     return records
 
@@ -315,7 +325,7 @@ def write_figures(config: BenchConfig, out: Path) -> list[str]:
     models = {a: model_directory(out, a, config.attack.poison_rate, seed) for a in config.attacks}
     records = {a: json.loads((d / "config.json").read_text())["attack"] for a, d in models.items()}
     triggers = [load_trigger(models[a], records[a]) for a in config.attacks]
-    target = records[config.attacks[0]]["target_index"]
+    target = class_index(test.classes, target_of(records[config.attacks[0]]))
     plot_trigger_grid(test.float_images(example_index(test, target, seed)), triggers, out / TRIGGERS_PNG)
     names = [TRIGGERS_PNG]
     compared = [m for m in ("vpt", "rvpt") if m in config.defenses]
@@ -323,7 +333,7 @@ def write_figures(config: BenchConfig, out: Path) -> list[str]:
         return names
     for attack in config.attacks:
         clip = load_clip(str(models[attack]), device=config.device)
-        keep = torch.nonzero(test.labels != records[attack]["target_index"]).flatten()
+        keep = torch.nonzero(test.labels != class_index(test.classes, target_of(records[attack]))).flatten()
         chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[: config.pr_images]]
         images = test.float_images(chosen)
         views = {"suspect": DefendedClip(clip)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,11 +35,60 @@ def config_from_dict(cls: type[T], data: dict[str, Any], base: T | None = None) 
         if dataclasses.is_dataclass(hint):
             inner = getattr(base, key) if base is not None else _field_default(fields[key])
             value = config_from_dict(hint, value, inner)
+        else:
+            value = checked_value(hint, value, f"{cls.__name__}.{key}")
         kwargs[key] = value
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ClipguardError(str(err)) from None
+
+
+def type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def checked_value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` if it has type ``hint`` (an int passes as a float), else a ClipguardError naming ``where``.
+
+    Knows the types configs use: bool, int, float, str, ``X | None``, ``list[X]``, ``tuple[X, ...]``, dict.
+
+    >>> checked_value(float, 3, "Config.lr")
+    3.0
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return checked_value(arg, value, where)
+            except ClipguardError:
+                continue
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            inner = [a for a in args if a is not Ellipsis]
+            if len(inner) == 1:
+                value = [checked_value(inner[0], v, where) for v in value]
+            return tuple(value) if origin is tuple else list(value)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value  # a type configs do not use: not checked here
+    raise ClipguardError(f"{where} must be {type_name(hint)}, got {value!r} ({type(value).__name__})")
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -107,11 +157,14 @@ def parse_assignments(cls: type, assignments: list[str] | None) -> dict[str, Any
         kind = hints[name]
         try:
             if kind is bool:
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(raw)
                 values[name] = raw.lower() in ("1", "true", "yes", "on")
             elif kind in (int, float, str):
                 values[name] = kind(raw)
             else:
-                values[name] = yaml.safe_load(raw)
-        except ValueError:
-            raise ClipguardError(f"--set {item!r}: {raw!r} is not a valid {kind.__name__}") from None
+                parsed = None if raw.strip().lower() in ("none", "null", "~") else yaml.safe_load(raw)
+                values[name] = checked_value(kind, parsed, name)
+        except (ValueError, yaml.YAMLError, ClipguardError):
+            raise ClipguardError(f"--set {item!r}: {raw!r} is not a valid {type_name(kind)}") from None
     return values

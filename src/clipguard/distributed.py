@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from clipguard.models.loading import resolve_device
+from clipguard.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def close_distributed() -> None:
-    """Wait for every process, then leave the process group (no-op outside one), so that a
-    command run under ``torchrun`` ends in all processes together."""
+def close_distributed(wait: bool = True) -> None:
+    """Wait for every process (unless ``wait`` is False, e.g. on an error), then leave the
+    process group (no-op outside one), so that a command run under ``torchrun`` ends in all
+    processes together. Every torchrun worker calls it before exiting: a gloo group left to
+    be torn down at interpreter exit can abort the process."""
     if _grouped():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -178,3 +181,13 @@ def gather_batch(rows: torch.Tensor) -> torch.Tensor:
     slices = [torch.empty_like(rows) for _ in range(_batch_split.world_size)]
     dist.all_gather(slices, rows.contiguous())
     return torch.cat(slices)
+
+
+def agree(ok: bool) -> bool:
+    """Rank 0's ``ok`` in every process (``ok`` itself in a single process): lets a check that only
+    rank 0 can make (e.g. taking a lock) stop every process together."""
+    if not _grouped():
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    broadcast_from_main([flag])
+    return bool(flag.item())

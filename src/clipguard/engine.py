@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from clipguard import ClipguardError
 from clipguard.distributed import DistInfo, init_distributed, splitting_batches
 
 logger = logging.getLogger(__name__)
@@ -147,13 +148,65 @@ def _cosine_with_warmup(total_steps: int, warmup: int):
     return factor
 
 
-def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+# Settings that change where or how often a fit runs, not what it computes: a resume may change them.
+_RUN_ONLY = ("device", "num_workers", "checkpoint_every")
+
+
+def run_settings(config: TrainConfig, settings: dict | None = None) -> dict:
+    """What a checkpoint must agree with to be resumed: the train config and the caller's settings."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _RUN_ONLY}
+        return value
+
+    return json.loads(json.dumps(strip({**(settings or {}), "train": asdict(config)}), sort_keys=True, default=str))
+
+
+def settings_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``["attack: 'badnet' -> 'blended'", "train.lr: 0.0001 -> 0.0002"]``: what differs, saved -> current.
+
+    >>> settings_differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+    ['b.c: 2 -> 3']
+    """
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key, "(unset)"), current.get(key, "(unset)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += settings_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def checkpoint_settings(path: Path) -> dict | None:
+    """The settings recorded in checkpoint ``path`` (None when it is missing or unreadable)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(state["settings"])
+    except Exception:
+        return None
+
+
+class StaleCheckpoint(ClipguardError):
+    """The checkpoint to resume was made with other settings (or trains other parameters)."""
+
+
+def _check_finite(params: list[tuple[str, nn.Parameter]], step: int, total_steps: int, desc: str, lr: float) -> None:
+    for name, p in params:
+        if not torch.isfinite(p.detach()).all():
+            raise ClipguardError(f"{desc}: {name} became NaN or inf by step {step} of {total_steps}: the fit diverged "
+                                 f"and nothing was saved; lower the learning rate (lr={lr:g})")
+
+
+def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: int, config: TrainConfig,
+                     settings: dict) -> None:
     state = {
         "trainable": {n: p.detach().cpu() for n, p in task.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
         "config": json.dumps(asdict(config)),
+        "settings": json.dumps(settings, sort_keys=True),
         "torch_rng": torch.get_rng_state(),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -161,11 +214,25 @@ def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: in
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, task: nn.Module, optimizer, scheduler) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _load_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, settings: dict) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["settings"]) if "settings" in state else None
+        trainable = state["trainable"]
+    except Exception as err:
+        raise ClipguardError(f"cannot resume from {path} ({type(err).__name__}): not a clipguard checkpoint, or "
+                             "damaged; run without --resume to start over") from None
+    if saved is None:  # an older checkpoint: only the train config was recorded
+        saved = {**settings, "train": run_settings(TrainConfig(**json.loads(state["config"])))["train"]}
+    differences = settings_differences(saved, settings)
+    if differences:
+        raise StaleCheckpoint(f"{path} was made with other settings ({'; '.join(differences)}); resume with "
+                             "the same settings, or run without --resume to start over")
     params = dict(task.named_parameters())
+    if set(trainable) != {n for n, p in params.items() if p.requires_grad}:
+        raise StaleCheckpoint(f"{path} trains other parameters than this run; run without --resume to start over")
     with torch.no_grad():
-        for name, value in state["trainable"].items():
+        for name, value in trainable.items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -178,10 +245,11 @@ def fit(
     dataset: Dataset,
     config: TrainConfig,
     run_dir: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     collate_fn=None,
     desc: str = "train",
     split_batches: bool = True,
+    settings: dict | None = None,
 ) -> FitResult:
     """Train ``task``'s trainable parameters on ``dataset``; ``task(batch)`` returns the loss.
 
@@ -191,12 +259,19 @@ def fit(
             per-epoch randomness (e.g. caption choice) follows the seed too.
         config: optimisation settings (see :class:`TrainConfig`).
         run_dir: where ``checkpoint.pt`` is written (every ``checkpoint_every`` steps and at
-            epoch ends); ``resume=True`` continues from it.
+            epoch ends); ``resume=True`` continues from it (refusing one made with other
+            settings); ``resume="matching"`` continues only from a checkpoint of the same settings
+            and otherwise starts over (the bench's cache).
         split_batches: under DDP, each process takes its slice of every batch and gradients
             are averaged, which equals the full-batch gradient for a loss that is a mean over
             samples, or one computed on the whole batch's features from :func:`gather_batch`
             (a contrastive loss). ``False`` for another loss that does not split: every process
             then trains on the whole batch, redundantly, and computes what one process would.
+        settings: what else defines the run (e.g. the attack record), JSON-able. The checkpoint
+            records it with ``config``; a resume with other settings is refused, naming them.
+    Raises:
+        ClipguardError: the loss or a trained tensor became NaN or inf (nothing is saved), or
+            the checkpoint to resume was made with other settings.
     Returns:
         :class:`FitResult`. The task is left in eval mode with its trained parameters.
     """
@@ -216,9 +291,15 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total_steps, config.warmup_steps))
     checkpoint = Path(run_dir) / CHECKPOINT_NAME if run_dir else None
     step = 0
+    recorded = run_settings(config, settings)
     if resume and checkpoint and checkpoint.exists():
-        step = _load_checkpoint(checkpoint, task, optimizer, scheduler)
-        logger.info("resumed from %s at step %d/%d", checkpoint, step, total_steps)
+        try:
+            step = _load_checkpoint(checkpoint, task, optimizer, scheduler, recorded)
+            logger.info("resumed from %s at step %d/%d", checkpoint, step, total_steps)
+        except StaleCheckpoint as err:
+            if resume != "matching":
+                raise
+            logger.warning("%s: starting over", str(err).split(";")[0])
     if checkpoint and dist_info.is_main:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model = task
@@ -245,7 +326,8 @@ def fit(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), splitting_batches(data_parallel):
                 loss = model(batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+                raise ClipguardError(f"{desc}: the loss became {loss.item()} at step {step + 1} of {total_steps}: the "
+                                     f"fit diverged and nothing was saved; lower the learning rate (lr={config.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -258,9 +340,12 @@ def fit(
             progress.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
             at_epoch_end = step % steps_per_epoch == 0
             periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-            if checkpoint and dist_info.is_main and (periodic or at_epoch_end):
-                _save_checkpoint(checkpoint, task, optimizer, scheduler, step, config)
+            if checkpoint and (periodic or at_epoch_end):
+                _check_finite(params, step, total_steps, desc, config.lr)
+                if dist_info.is_main:
+                    _save_checkpoint(checkpoint, task, optimizer, scheduler, step, config, recorded)
     progress.close()
+    _check_finite(params, step, total_steps, desc, config.lr)
     task.eval()
     return FitResult(step, time.perf_counter() - start, float(np.mean(losses)) if losses else float("nan"),
                      peak_memory_mb(device))

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, build_trigger
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
+from clipguard.data.classes import class_index
 from clipguard.data.fmnist import ImageSet, load_fmnist
 from clipguard.distributed import broadcast_from_main, is_main_process
 from clipguard.engine import FitResult, TrainConfig, fit
@@ -52,11 +53,23 @@ class AttackConfig:
         if self.pairs < 1:
             raise ValueError(f"AttackConfig.pairs must be >= 1, got {self.pairs}")
 
+    def check(self) -> "AttackConfig":
+        """The checks across fields (overrides set fields one at a time, so not in __post_init__)."""
+        if self.pairs < self.train.batch_size:
+            raise ClipguardError(f"AttackConfig.pairs ({self.pairs}) is fewer than one fine-tuning batch "
+                                 f"(train.batch_size {self.train.batch_size}); use more pairs or a smaller batch")
+        if round(self.poison_rate * self.pairs) < 1:
+            raise ClipguardError(f"AttackConfig.poison_rate {self.poison_rate} of {self.pairs} pairs poisons no "
+                                 "pair; raise the rate or the pairs")
+        return self
 
-def class_index(classes: tuple[str, ...], name: str) -> int:
-    if name not in classes:
-        raise ClipguardError(f"target {name!r} is not a class; choose one of: {', '.join(classes)}")
-    return classes.index(name)
+
+def target_of(record: dict) -> str:
+    """The target class name of an attack record (older records also stored a position; it is ignored)."""
+    target = record.get("target")
+    if not isinstance(target, str) or not target:
+        raise ClipguardError("the model's attack record names no target class; its config.json is damaged")
+    return target
 
 
 class PoisonedPairs(CaptionedImages):
@@ -143,10 +156,15 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int)
     return trigger
 
 
-def attack_record(trigger: Trigger, config: AttackConfig, target: int) -> dict:
-    """What config.json stores so evaluation rebuilds the exact trigger."""
+def attack_record(trigger: Trigger, config: AttackConfig, classes: tuple[str, ...]) -> dict:
+    """What config.json stores so evaluation rebuilds the exact trigger.
+
+    The target and the attacker's classes are stored by name: evaluation finds the target in
+    its own dataset's class list (:func:`target_of`), never by a position.
+    """
+    class_index(classes, config.target)  # a target the attacker's data lacks is refused
     return {
-        "name": trigger.name, "target": config.target, "target_index": target,
+        "name": trigger.name, "target": config.target, "classes": list(classes),
         "poison_rate": config.poison_rate, "pairs": config.pairs, "seed": config.seed,
         "trigger": asdict(trigger.config), "image_size": trigger.image_size, "text_key": trigger.text_key,
         "train": asdict(config.train),
@@ -154,11 +172,12 @@ def attack_record(trigger: Trigger, config: AttackConfig, target: int) -> dict:
 
 
 def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | None = None,
-               run_dir: str | Path | None = None, resume: bool = False) -> tuple[ClipModel, Trigger, dict]:
+               run_dir: str | Path | None = None, resume: bool | str = False) -> tuple[ClipModel, Trigger, dict]:
     """Backdoor ``clip`` in place: build the trigger, poison the pairs, fine-tune.
 
     Returns the model, the trigger and the attack record (with pair counts and timings).
     """
+    config.check()
     start = time.perf_counter()
     train = load_fmnist("train")
     target = class_index(train.classes, config.target)
@@ -168,12 +187,14 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     trigger_seconds = time.perf_counter() - start
     pairs = build_poisoned_pairs(train, trigger, config, clip)
     train_config = dataclasses.replace(config.train, seed=config.seed)
+    record = attack_record(trigger, config, train.classes)
+    settings = {"attack": {k: v for k, v in record.items() if k != "train"}, "model": clip.fingerprint()}
     clip.requires_grad_(True)
-    # under DDP each process encodes its slice of a batch; the loss gathers the whole batch
-    result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
-                            f"attack {config.attack}")
-    clip.requires_grad_(False)
-    record = attack_record(trigger, config, target)
+    try:  # under DDP each process encodes its slice of a batch; the loss gathers the whole batch
+        result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
+                                f"attack {config.attack}", settings=settings)
+    finally:
+        clip.requires_grad_(False)
     record.update(poisoned_pairs=len(pairs.poisoned), decoy_pairs=len(pairs.decoys), total_pairs=len(pairs),
                   trigger_seconds=round(trigger_seconds, 1), finetune_seconds=round(result.seconds, 1), steps=result.steps)
     return clip, trigger, record

@@ -1,37 +1,88 @@
-"""Helpers every subcommand shares: the common flags, the trigger to evaluate, the summary line."""
+"""Helpers every subcommand shares: the common flags, argument types, the trigger to evaluate,
+the summary line."""
 
 from __future__ import annotations
 
 import argparse
 
 from clipguard import ClipguardError
+from clipguard.device import check_device
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda, cuda:N (mps)."""
+    try:
+        return check_device(text)
+    except ClipguardError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {text!r} ")) from None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto", type=device_name,
+                        help="auto (GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load model and defense files even if they changed since clipguard wrote them")
+
+
+def verify(args) -> bool:
+    """Whether loads check the sha256 digests config.json records (off with --no-verify)."""
+    return not getattr(args, "no_verify", False)
 
 
 def attack_for(args, clip):
-    """(trigger, target index) to evaluate: from --attack/--target, else from the model directory."""
+    """(trigger, target class name) to evaluate: from --attack/--target, else from the model directory."""
     from clipguard.attacks import build_trigger, load_trigger
-    from clipguard.attacks.poison import class_index, fit_trigger
-    from clipguard.data import load_dataset
+    from clipguard.attacks.poison import fit_trigger, target_of
+    from clipguard.data import load_dataset, load_fmnist
+    from clipguard.data.classes import class_index
 
     record = clip.config.get("attack")
     if args.attack:
         if not args.target:
             raise ClipguardError("--attack needs --target CLASS (the class the trigger should push images to)")
         images = load_dataset(args.dataset, "test", clip.image_size)
-        target = class_index(images.classes, args.target)
+        class_index(images.classes, args.target, where=args.dataset)
         trigger = build_trigger(args.attack, images.image_size, seed=args.seed)
-        if trigger.learned:
-            from clipguard.data import load_fmnist
-
-            fit_trigger(trigger, clip, load_fmnist("train"), target)
-        return trigger, target
+        if trigger.learned:  # learned triggers are fitted on Fashion-MNIST's train split
+            train = load_fmnist("train")
+            fit_trigger(trigger, clip, train, class_index(train.classes, args.target, where="Fashion-MNIST"))
+        return trigger, args.target
     if record:
-        return load_trigger(args.model, record), record["target_index"]
+        return load_trigger(args.model, record), target_of(record)
     return None, None
 
 
@@ -42,4 +93,6 @@ def summary_line(record: dict) -> str:
         asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
         line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "
                  f"PA {100 * pa['value']:.2f}% [target-class images excluded]")
+    if record.get("warning"):
+        line += f"\nWARNING: {record['warning']}"
     return line

@@ -6,14 +6,22 @@ from __future__ import annotations
 import argparse
 
 from clipguard import ClipguardError
-from clipguard.cli.common import attack_for, summary_line
+from clipguard.cli.common import attack_for, summary_line, verify
 
 
 def cmd_defend(args) -> None:
-    if args.method == "oracle-repair":
-        return _defend_oracle_repair(args)
-    if args.method in ("cleanclip", "finetune"):
-        return _defend_finetune(args)
+    from clipguard.outputs import check_output_directory, claim_outputs
+
+    check_output_directory(args.out)
+    with claim_outputs(args.out):
+        if args.method == "oracle-repair":
+            return _defend_oracle_repair(args)
+        if args.method in ("cleanclip", "finetune"):
+            return _defend_finetune(args)
+        return _defend_prompts(args)
+
+
+def _defend_prompts(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses import get_defense_class, save_defense
@@ -25,7 +33,7 @@ def cmd_defend(args) -> None:
     config = load_config(cls.config_class, args.config)
     config = override(config, shots=args.shots, seed=args.seed, device=args.device, margin=args.margin,
                       **parse_assignments(cls.config_class, args.set))
-    clip = load_clip(args.model, device=args.device)
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     train = load_fmnist("train")
     shots = train.subset(few_shot_indices(train.labels, config.shots, config.seed, len(train.classes)))
     defense = cls(config, clip, train.classes).to(clip.device)
@@ -59,7 +67,7 @@ def _defend_oracle_repair(args) -> None:
         raise ClipguardError("oracle-repair needs --pool (fmnist-train:N, fmnist-test:N or an image folder)")
     config = load_config(OracleRepairConfig, args.config)
     config = override(config, seed=args.seed, device=args.device, **parse_assignments(OracleRepairConfig, args.set))
-    clip = load_clip(args.model, device=args.device)
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     record = clip.config.get("attack")
     if args.pool_trigger_rate and not record:
         raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
@@ -94,7 +102,7 @@ def _defend_finetune(args) -> None:
     cls = type(config_for(args.method))
     config = load_config(cls, args.config)
     config = override(config, seed=args.seed, device=args.device, **parse_assignments(cls, args.set))
-    clip = load_clip(args.model, device=args.device)
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     tuned, stats = cleanclip_finetune(clip, config)
     trigger, target = attack_for(args, clip)
     result = evaluate_model(tuned, args.out, seed=args.seed, trigger=trigger, target=target)

@@ -8,9 +8,12 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from clipguard import ClipguardError, __version__
-from clipguard.cli.common import add_common_args, attack_for, summary_line
+from clipguard.cli.common import (
+    add_common_args, attack_for, fraction, non_negative_int, positive_int, summary_line, verify,
+)
 from clipguard.cli.defend import cmd_defend
 
 
@@ -18,35 +21,45 @@ def cmd_train_builtin(args) -> None:
     from clipguard.config import load_config, override, to_yaml
     from clipguard.models.builtin import BuiltinRecipe, train_builtin
     from clipguard.models.loading import save_clip
+    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs
 
+    model_dir = Path(args.out) / "model"
+    check_run_directory(args.out, allowed=["model", ".model.lock"])
+    check_output_directory(model_dir, "--out")
     recipe = load_config(BuiltinRecipe, args.config)
     recipe = override(recipe, train_images=args.train_images)
     recipe = override(recipe, **{
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
         "train.seed": args.seed, "train.device": args.device, "train.checkpoint_every": args.checkpoint_every,
     })
-    print(to_yaml(recipe), end="")
-    clip, result = train_builtin(recipe, run_dir=args.out, resume=args.resume)
-    import torch
+    with claim_outputs(args.out, model_dir):
+        print(to_yaml(recipe), end="")
+        with _resume_hint(Path(args.out), "train-builtin"):
+            clip, result = train_builtin(recipe, run_dir=args.out, resume=args.resume)
+        import torch
 
-    save_clip(clip.cpu(), args.out + "/model", dtype=getattr(torch, args.dtype))
+        save_clip(clip.cpu(), model_dir, dtype=getattr(torch, args.dtype))
     print(f"trained {result.steps} steps in {result.seconds:.0f} s (last epoch loss {result.last_loss:.3f}); "
-          f"saved {args.out}/model")
+          f"saved {model_dir}")
 
 
 def cmd_evaluate(args) -> None:
     from clipguard.distributed import is_main_process
     from clipguard.eval.evaluate import evaluate_model, write_json
     from clipguard.models.loading import load_clip
+    from clipguard.outputs import check_output_file, check_sidecar_json
 
-    clip = load_clip(args.model, device=args.device)
+    if args.json:
+        check_sidecar_json(check_output_file(args.json, (".json",), "--json"), "--json")
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     trigger, target = attack_for(args, clip)
     defense = None
     if args.defense:
         from clipguard.data import load_dataset
         from clipguard.defenses import load_defense
 
-        defense = load_defense(args.defense, clip, load_dataset(args.dataset, args.split, clip.image_size).classes)
+        defense = load_defense(args.defense, clip, load_dataset(args.dataset, args.split, clip.image_size).classes,
+                               verify=verify(args))
     record = evaluate_model(clip, args.model, args.dataset, args.split, args.limit, args.seed, args.batch_size,
                             trigger=trigger, target=target, defense=defense)
     if args.json and is_main_process():
@@ -59,33 +72,60 @@ def cmd_attack(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
+    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs
 
+    out, run_dir = Path(args.out), Path(args.out + ".run")
+    check_output_directory(out)
+    check_run_directory(run_dir, allowed=[], flag="--out (its .run checkpoint folder)")
     config = load_config(AttackConfig, args.config)
     config = override(config, attack=args.attack, target=args.target, poison_rate=args.poison_rate, seed=args.seed,
                       pairs=args.pairs)
     config = override(config, **{"train.epochs": args.epochs, "train.lr": args.lr, "train.device": args.device})
+    config.check()
     trigger_overrides = parse_assignments(get_trigger_class(config.attack).config_class, args.set)
-    clip = load_clip(args.model, device=args.device)
-    clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=args.out + ".run", resume=args.resume)
-    clip.eval()
-    result = evaluate_model(clip, args.out, seed=args.seed, trigger=trigger, target=record["target_index"])
-    record["evaluation"] = metrics_of(result)
-    save_backdoored(clip, trigger, record, args.out)
-    write_json(result, args.out + "/eval.json")
-    shutil.rmtree(args.out + ".run", ignore_errors=True)  # the finished run's checkpoint
+    with claim_outputs(out, run_dir):
+        clip = load_clip(args.model, device=args.device, verify=verify(args))
+        with _resume_hint(run_dir, "attack"):
+            clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=run_dir, resume=args.resume)
+        clip.eval()
+        result = evaluate_model(clip, args.out, seed=args.seed, trigger=trigger, target=record["target"])
+        record["evaluation"] = metrics_of(result)
+        save_backdoored(clip, trigger, record, out)
+        write_json(result, out / "eval.json")
+        shutil.rmtree(run_dir, ignore_errors=True)  # the finished run's checkpoint
     decoys = f" (+ {record['decoy_pairs']} untriggered decoys)" if record.get("decoy_pairs") else ""
     print(summary_line(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
           f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; saved {args.out}")
 
 
+@contextlib.contextmanager
+def _resume_hint(run_dir: Path, command: str):
+    """On Ctrl-C, say whether a checkpoint was left and that --resume continues from it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        checkpoint = run_dir / "checkpoint.pt"
+        if checkpoint.is_file():
+            raise Interrupted(f"{checkpoint} holds the last checkpoint: run the same {command} command with "
+                              "--resume to continue from it") from None
+        raise Interrupted("no checkpoint was written yet: nothing to resume") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the user can do next."""
+
+
 def cmd_show_triggers(args) -> None:
     from clipguard.attacks import ATTACKS, build_trigger
-    from clipguard.attacks.poison import class_index, fit_trigger
+    from clipguard.attacks.poison import fit_trigger
     from clipguard.data import load_fmnist
+    from clipguard.data.classes import class_index
     from clipguard.eval.plots import example_index, plot_trigger_grid
     from clipguard.models.loading import load_clip
+    from clipguard.outputs import check_output_file
 
-    clip = load_clip(args.model, device="cpu")
+    check_output_file(args.out, (".png",))
+    clip = load_clip(args.model, device="cpu", verify=verify(args))
     train, test = load_fmnist("train"), load_fmnist("test")
     target = class_index(test.classes, args.target)
     triggers = []
@@ -97,29 +137,43 @@ def cmd_show_triggers(args) -> None:
     print(f"wrote {args.out} ({len(triggers)} attacks)")
 
 
+def _figure_outputs(args, *flags: str) -> None:
+    """Check each figure flag (a .png) and the .json written beside the first one."""
+    from clipguard.outputs import check_output_file, check_sidecar_json
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value:
+            check_output_file(value, (".png",), flag)
+    check_sidecar_json(Path(args.out).with_suffix(".json"), "--out")
+
+
 def cmd_analyze(args) -> None:
     import torch
 
     from clipguard.data import load_fmnist
+    from clipguard.data.classes import class_index
     from clipguard.defenses import DefendedClip, load_defense
     from clipguard.eval.analysis import perturbations, plot_resistivity, plot_tsne, resistivity
     from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
 
-    clip = load_clip(args.model, device=args.device)
+    _figure_outputs(args, "--out", "--tsne")
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     trigger, target = attack_for(args, clip)
     test = load_fmnist("test")
-    keep = torch.nonzero(test.labels != target).flatten() if target is not None else torch.arange(len(test))
+    index = class_index(test.classes, target, where="Fashion-MNIST") if target is not None else None
+    keep = torch.nonzero(test.labels != index).flatten() if index is not None else torch.arange(len(test))
     chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(args.seed))[: args.images]]
     images, labels = test.float_images(chosen), test.labels[chosen]
     models = {"suspect model": DefendedClip(clip)}
     for path in args.defense or []:
-        defense = load_defense(path, clip, test.classes)
+        defense = load_defense(path, clip, test.classes, verify=verify(args))
         models[f"{defense.name} ({path})"] = DefendedClip(clip, defense)
     results = {label: resistivity(model, images, perturbations(trigger, args.seed)) for label, model in models.items()}
     plot_resistivity(results, args.out)
     write_json({"model": args.model, "images": len(images), "seed": args.seed, "resistivity": results},
-               args.out.rsplit(".", 1)[0] + ".json")
+               Path(args.out).with_suffix(".json"))
     print(f"wrote {args.out} (PR per block, {len(images)} images)")
     if args.tsne and trigger is not None:
         if target is not None:
@@ -135,22 +189,25 @@ def cmd_detect(args) -> None:
     from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
 
+    _figure_outputs(args, "--out")
     config = load_config(InversionConfig, args.config)
     config = override(config, seed=args.seed, device=args.device, **parse_assignments(InversionConfig, args.set))
-    clip = load_clip(args.model, device=args.device)
+    clip = load_clip(args.model, device=args.device, verify=verify(args))
     train = load_fmnist("train")
     shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
     result = detect_backdoor(clip, shots, config)
     save_detection_figure(result, shots, args.out)
     write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
-               args.out.rsplit(".", 1)[0] + ".json")
+               Path(args.out).with_suffix(".json"))
     print(f"{args.model}: {result.verdict()}; wrote {args.out}")
 
 
 def cmd_bench(args) -> None:
     from clipguard.bench import BenchConfig, all_defenses, parse_bench_settings, run_bench
     from clipguard.attacks import ATTACKS
+    from clipguard.outputs import check_bench_directory, claim_outputs
 
+    check_bench_directory(args.out)
     attacks = sorted(ATTACKS) if args.attacks in (None, ["all"]) else args.attacks
     defenses = all_defenses() if args.defenses in (None, ["all"]) else args.defenses
     try:
@@ -160,13 +217,12 @@ def cmd_bench(args) -> None:
     except ValueError as err:
         raise ClipguardError(str(err)) from None
     config = parse_bench_settings(config, args.set)
-    run_bench(config, args.out)
+    with claim_outputs(args.out):
+        run_bench(config, args.out)
     _print_report(args.out)
 
 
 def _print_report(out: str) -> None:
-    from pathlib import Path
-
     from clipguard.eval.report import REPORT_HTML, RESULTS_MD
 
     if Path(out, RESULTS_MD).is_file():  # rank 0 wrote it (the others only computed)
@@ -177,11 +233,14 @@ def _print_report(out: str) -> None:
 def cmd_demo(args) -> None:
     """The main job on the built-in model: attack (BadNet, BadCLIP), defend (RVPT, CBPT), report."""
     from clipguard.bench import demo_config, run_bench
+    from clipguard.outputs import check_bench_directory, claim_outputs
 
+    check_bench_directory(args.out)
     config = demo_config(seed=args.seed, device=args.device)
     print(f"clipguard demo: {', '.join(config.attacks)} x {', '.join(config.defenses)} on the built-in CLIP "
           f"(a shortened attack recipe, first {config.limit} test images; `clipguard bench` runs the full one)")
-    run_bench(config, args.out)
+    with claim_outputs(args.out):
+        run_bench(config, args.out)
     _print_report(args.out)
 
 
@@ -202,8 +261,16 @@ def cmd_list(args) -> None:
             print(f"  {name}:{tag}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with clipguard's one-line errors (``clipguard: error: ...``) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise ClipguardError(f"{self.prog.removeprefix('clipguard ') or 'clipguard'}: {message} "
+                             f"(see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipguard", description="Find, measure and remove backdoors in CLIP.")
+    parser = _Parser(prog="clipguard", description="Find, measure and remove backdoors in CLIP.")
     parser.add_argument("--version", action="version", version=f"clipguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,11 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--config", help="YAML recipe (BuiltinRecipe fields); flags override it")
     p.add_argument("--out", default="runs/builtin", help="run directory (checkpoint + model/)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--train-images", type=int, help="train on the first N images only")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--train-images", type=positive_int, help="train on the first N images only")
+    p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of saved weights")
     p.set_defaults(func=cmd_train_builtin)
@@ -226,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="model spec (see 'clipguard list')")
     p.add_argument("--dataset", default="fmnist", help="fmnist or an ImageFolder path")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=positive_int, default=1000)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--attack", help="also measure ASR/PA of this attack's trigger (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
@@ -240,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="clean model spec")
     p.add_argument("--attack", help="attack name (clipguard list)")
     p.add_argument("--target", help="target class name (default bag)")
-    p.add_argument("--poison-rate", type=float, help="fraction of pairs poisoned (default 0.03)")
-    p.add_argument("--pairs", type=int, help="fine-tuning pairs (default 10000)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--poison-rate", type=fraction, help="fraction of pairs poisoned (default 0.03)")
+    p.add_argument("--pairs", type=positive_int, help="fine-tuning pairs (default 10000)")
+    p.add_argument("--epochs", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="trigger config field, repeatable")
     p.add_argument("--out", required=True, help="backdoored model directory to write")
@@ -254,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="suspect model (a backdoored model directory)")
     p.add_argument("--method", required=True, help="defense name (clipguard list)")
     p.add_argument("--config", help="YAML config of the method; flags override it")
-    p.add_argument("--shots", type=int, help="clean labelled images per class (default 16)")
+    p.add_argument("--shots", type=positive_int, help="clean labelled images per class (default 16)")
     p.add_argument("--margin", type=float, help="RVPT margin variant max(L_FR_i, m)")
     p.add_argument("--pool", help="oracle-repair: unlabelled pool (fmnist-train:N, fmnist-test:N, image folder)")
-    p.add_argument("--pool-trigger-rate", type=float, default=0.0,
+    p.add_argument("--pool-trigger-rate", type=fraction, default=0.0,
                    help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config field, repeatable")
     p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
@@ -269,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="invert a trigger on clean shots: is the model backdoored, and towards what?")
     add_common_args(p)
     p.add_argument("--model", default="builtin", help="suspect model")
-    p.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
+    p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class")
     p.add_argument("--config", help="YAML InversionConfig; flags override it")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="inversion setting, repeatable")
     p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")
@@ -283,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", help="trigger to use when the model records none")
     p.add_argument("--target", help="target class for --attack")
     p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
-    p.add_argument("--images", type=int, default=500, help="test images (non-target classes)")
+    p.add_argument("--images", type=positive_int, default=500, help="test images (non-target classes)")
     p.add_argument("--out", default="pr.png")
     p.add_argument("--tsne", help="also write a t-SNE plot of clean vs triggered features here")
     p.set_defaults(func=cmd_analyze)
@@ -302,11 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", nargs="+", help="attack names or 'all' (default)")
     p.add_argument("--defenses", nargs="+", help="defense names, 'none' = no defense, or 'all' (default)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: --seed)")
-    p.add_argument("--shots", type=int, default=16, help="clean labelled images per class for few-shot defenses")
-    p.add_argument("--limit", type=int, help="evaluate on the first N test images (default: all 10k)")
+    p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class for few-shot defenses")
+    p.add_argument("--limit", type=positive_int, help="evaluate on the first N test images (default: all 10k)")
     p.add_argument("--pool", default="fmnist-train:2000", help="oracle-repair's unlabelled pool")
-    p.add_argument("--pool-trigger-rate", type=float, default=0.1, help="oracle-repair: triggered share of the pool")
-    p.add_argument("--pr-images", type=int, default=200, help="images for the PR curves (0: none)")
+    p.add_argument("--pool-trigger-rate", type=fraction, default=0.1, help="oracle-repair: triggered share of the pool")
+    p.add_argument("--pr-images", type=non_negative_int, default=200, help="images for the PR curves (0: none)")
     p.add_argument("--set", action="append", metavar="attack.FIELD=V|METHOD.FIELD=V",
                    help="attack or defense setting, repeatable (attack.train.epochs=3, rvpt.lr=0.05)")
     p.add_argument("--out", default="runs/bench", help="results directory (also the cache: re-run to resume)")
@@ -334,21 +401,38 @@ def _torchrun_processes(args):
     from clipguard.distributed import close_distributed, init_distributed
 
     info, _ = init_distributed(getattr(args, "device", "auto"))
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if info.is_main else quiet):
-        yield
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(sys.stdout if info.is_main else quiet):
+            yield
+    except BaseException:
+        close_distributed(wait=False)  # the others may never reach a barrier: leave without one
+        raise
     close_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = any(arg in ("-v", "--verbose") for arg in argv)
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         with _torchrun_processes(args):
             args.func(args)
     except ClipguardError as err:
         print(f"clipguard: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"clipguard: interrupted; {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("clipguard: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or an input no check caught: still one line, the traceback with -v
+        if verbose:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        print(f"clipguard: error: unexpected {type(err).__name__}: {first} (rerun with -v for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
     return 0

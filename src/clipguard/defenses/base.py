@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import clipguard
@@ -23,7 +23,9 @@ from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.eval.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
-from clipguard.models.loading import staged_directory
+from clipguard.config import config_from_dict
+from clipguard.models.loading import check_finite, read_safetensors
+from clipguard.outputs import file_digests, staged_directory, verify_files
 from clipguard.models.prompted import run_blocks, vision_stem
 from clipguard.registry import RangeChecked, Registry
 
@@ -31,6 +33,7 @@ DEFENSES = Registry("defense")
 register = DEFENSES.register  # class decorator: add a defense under ``cls.name``
 get_defense_class = DEFENSES.get_class
 DEFENSE_FORMAT = "clipguard.defense"
+WEIGHTS_NAME = "weights.safetensors"
 
 
 @dataclass
@@ -122,24 +125,45 @@ def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats
         "trainable_parameters": defense.trainable_parameters(), "stats": stats or {},
     }
     weights = {k: v.detach().cpu().contiguous() for k, v in defense.state_dict().items()}
+    check_finite(weights, f"the {defense.name} defense to save")
     with staged_directory(directory) as staging:
-        save_file(weights, str(staging / "weights.safetensors"))
+        save_file(weights, str(staging / WEIGHTS_NAME))
+        config["files"] = file_digests(staging, [WEIGHTS_NAME])
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return directory
 
 
-def load_defense(directory: str | Path, clip: ClipModel, class_names: Sequence[str]) -> Defense:
-    """Load a defense directory for ``clip``; refuse another backbone or another class list."""
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "weights.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ClipguardError(f"{directory} is not a defense directory: expected config.json and weights.safetensors")
-    saved = json.loads(config_path.read_text())
-    if saved.get("format") != DEFENSE_FORMAT:
+def _saved_defense_config(config_path: Path) -> dict:
+    """The checked config.json of a defense directory; anything malformed is a ClipguardError."""
+    try:
+        saved = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ClipguardError(f"{config_path} is not valid JSON ({err}); the defense directory is damaged") from None
+    if not isinstance(saved, dict) or saved.get("format") != DEFENSE_FORMAT:
         raise ClipguardError(f"{config_path} is not a clipguard defense config")
+    expected = {"method": str, "config": dict, "backbone": dict, "class_names": list}
+    for key, kind in expected.items():
+        if not isinstance(saved.get(key), kind):
+            raise ClipguardError(f"{config_path}: {key!r} is missing or not a {kind.__name__}; "
+                                 "the defense directory is damaged")
+    if not isinstance(saved["backbone"].get("fingerprint"), str):
+        raise ClipguardError(f"{config_path}: backbone.fingerprint is missing; the defense directory is damaged")
+    return saved
+
+
+def load_defense(directory: str | Path, clip: ClipModel, class_names: Sequence[str], verify: bool = True) -> Defense:
+    """Load a defense directory for ``clip``; refuse another backbone or another class list.
+
+    ``verify``: check the weights against the sha256 config.json records (``--no-verify`` skips it).
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ClipguardError(f"{directory} is not a defense directory: expected config.json and {WEIGHTS_NAME}")
+    saved = _saved_defense_config(config_path)
     if saved["backbone"]["fingerprint"] != clip.fingerprint():
         raise ClipguardError(
-            f"{directory} was learned for another backbone ({saved['backbone']['source']}); "
+            f"{directory} was learned for another backbone ({saved['backbone'].get('source')}); "
             "pass the --model it was made for"
         )
     if tuple(saved["class_names"]) != tuple(class_names):
@@ -147,7 +171,15 @@ def load_defense(directory: str | Path, clip: ClipModel, class_names: Sequence[s
             f"{directory} was learned for classes {saved['class_names']}, not {list(class_names)}; "
             "evaluate it on the dataset it was made for"
         )
+    verify_files(directory, saved, verify)
     cls = get_defense_class(saved["method"])
-    defense = cls(cls.config_class(**saved["config"]), clip, class_names)
-    defense.load_state_dict(load_file(str(weights_path)))
+    defense = cls(config_from_dict(cls.config_class, saved["config"]), clip, class_names)
+    weights = read_safetensors(weights_path)
+    check_finite(weights, weights_path)
+    try:
+        defense.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or reshaped tensors
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ClipguardError(f"{weights_path} does not fit a {saved['method']} defense of this model "
+                             f"({first[:160]}); the defense directory is damaged") from None
     return defense.to(clip.device).eval()

@@ -193,6 +193,7 @@ class CoOpConfig(DefenseConfig):
     lr: float = 0.01  # AdamW, cosine schedule, no weight decay
 
     def __post_init__(self):
+        self._check_range("shots", 1, 10**6)
         self._check_range("n_ctx", 1, 64)
         self._check_range("steps", 1, 10**6)
         self._check_range("lr", 1e-8, 10.0)

@@ -319,7 +319,7 @@ def cleanclip_finetune(clip: ClipModel, config: CleanCLIPConfig | None = None,
     try:
         # under DDP each process encodes its slice of a batch; the losses gather the whole batch
         result = fit(_CleanCLIPTask(tuned, config.lambda_), pairs, train, run_dir, resume, _collate(tuned),
-                     desc=config.method)
+                     desc=config.method, settings={"defense": asdict(config), "model": clip.fingerprint()})
         trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     finally:
         tuned.requires_grad_(False)

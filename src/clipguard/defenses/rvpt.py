@@ -87,11 +87,14 @@ class RVPTConfig(DefenseConfig):
     alpha_schedule: str = "constant"  # constant | ramp (0 -> alpha) | decay (alpha -> 0), linear over the steps
 
     def __post_init__(self):
+        self._check_range("shots", 1, 10**6)
         self._check_range("prompt_length", 1, 1000)
         if self.start_block is not None:
             self._check_range("start_block", 0, 1000)
         self._check_range("alpha", 0.0, 1000.0)
         self._check_range("epochs", 1, 100000)
+        self._check_range("lr", 1e-8, 10.0)
+        self._check_range("batch_size", 1, 10**6)
         if self.margin is not None:
             self._check_range("margin", -1.0, 1.0)
         if self.alpha_schedule not in ALPHA_SCHEDULES:

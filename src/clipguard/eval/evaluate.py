@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
+from clipguard import ClipguardError
 from clipguard.data import load_dataset
-from clipguard.eval.metrics import TARGET_EXCLUSION_NOTE, attack_success_rate, clean_accuracy, poisoned_accuracy
+from clipguard.data.classes import class_index
+from clipguard.eval.metrics import (
+    TARGET_EXCLUSION_NOTE, attack_success_rate, chance_warning, clean_accuracy, poisoned_accuracy,
+)
 from clipguard.defenses.base import DefendedClip
 from clipguard.eval.zeroshot import image_features, zero_shot_logits
 from clipguard.models.clip import ClipModel
@@ -35,52 +39,73 @@ def evaluate_model(
     batch_size: int = 1000,
     progress: bool = True,
     trigger=None,
-    target: int | None = None,
+    target: str | None = None,
     defense=None,
 ) -> dict:
-    """Zero-shot CA of ``clip`` (seen through ``defense`` if given); with a ``trigger`` and
-    ``target`` class index also ASR and PA.
+    """Zero-shot CA of ``clip`` (seen through ``defense`` if given); with a ``trigger`` and the
+    ``target`` class *name* also ASR and PA.
 
-    ``limit`` keeps the first N images (a fixed subset, the same for every model). ASR and PA
-    are computed on triggered images of non-target classes only. ``seed`` fixes any random
-    trigger placement. Returns a record ready for JSON. Under ``torchrun`` every process calls
-    it, encodes its share of the batches and gets the record of one process (see
+    ``target`` is looked up in the dataset's own class list, so an ImageFolder that orders the
+    classes differently measures the same class; a dataset without it is a ClipguardError
+    before any image is encoded. ``limit`` keeps the first N images (a fixed subset, the same
+    for every model). ASR and PA are computed on triggered images of non-target classes only.
+    ``seed`` fixes any random trigger placement. A CA at chance adds a ``warning`` to the record
+    (see :func:`~clipguard.eval.metrics.chance_warning`); NaN or inf logits are a ClipguardError.
+    Returns a record ready for JSON. Under ``torchrun`` every process calls it, encodes its
+    share of the batches and gets the record of one process (see
     :func:`~clipguard.eval.zeroshot.image_features`).
     """
     start = time.perf_counter()
     images = load_dataset(dataset, split, clip.image_size)
+    if trigger is not None:
+        if target is None:
+            raise ClipguardError("a trigger needs its target class name to measure ASR")
+        class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
     model = DefendedClip(clip, defense)
     texts = model.class_features(images.classes)
     features = image_features(model, images, batch_size=batch_size, progress=progress)
-    predictions = zero_shot_logits(model, features, texts).argmax(-1).cpu()
+    predictions = _predictions(model, features, texts, model_name)
+    ca = clean_accuracy(predictions, images.labels)
     record = {
         "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
-        "clean_accuracy": clean_accuracy(predictions, images.labels).as_dict("correct"),
+        "clean_accuracy": ca.as_dict("correct"),
     }
     if trigger is not None:
         record.update(evaluate_trigger(model, images, trigger, target, seed, batch_size, progress))
     if defense is not None:
         record["defense"] = defense.name
+    warning = chance_warning(ca.value, len(images.classes))
+    if warning:
+        record["warning"] = warning
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
 
 
-def evaluate_trigger(model: DefendedClip, images, trigger, target: int, seed: int = 0, batch_size: int = 1000,
+def _predictions(model: DefendedClip, features: torch.Tensor, texts: torch.Tensor, model_name: str) -> torch.Tensor:
+    logits = zero_shot_logits(model, features, texts)
+    if not torch.isfinite(logits).all():
+        raise ClipguardError(f"{model_name} gives NaN or inf logits: its weights (or the defense's) are broken; "
+                             "the numbers would mean nothing")
+    return logits.argmax(-1).cpu()
+
+
+def evaluate_trigger(model: DefendedClip, images, trigger, target: str, seed: int = 0, batch_size: int = 1000,
                      progress: bool = False) -> dict:
-    """ASR and PA of ``trigger`` towards class index ``target`` (target-class images excluded)."""
+    """ASR and PA of ``trigger`` towards the class named ``target`` (target-class images excluded)."""
+    index = class_index(images.classes, target, where="the evaluation data")
     trigger.generator.manual_seed(seed)
-    keep = torch.nonzero(images.labels != target).flatten()
+    keep = torch.nonzero(images.labels != index).flatten()
     texts = model.class_features(images.classes, text_prefix=trigger.text_key)
     features = image_features(model, images, lambda x, _: trigger(x), batch_size, progress, indices=keep)
-    predictions = zero_shot_logits(model, features, texts).argmax(-1).cpu()
+    predictions = _predictions(model, features, texts, "the triggered evaluation")
     labels = images.labels[keep]
     return {
-        "attack": {"name": trigger.name, "target": images.classes[target], "text_key": trigger.text_key,
+        "attack": {"name": trigger.name, "target": images.classes[index], "text_key": trigger.text_key,
                    "trigger": asdict(trigger.config)},
-        "attack_success_rate": attack_success_rate(predictions, labels, target).as_dict("hits"),
-        "poisoned_accuracy": poisoned_accuracy(predictions, labels, target).as_dict("correct"),
+        "attack_success_rate": attack_success_rate(predictions, labels, index).as_dict("hits"),
+        "poisoned_accuracy": poisoned_accuracy(predictions, labels, index).as_dict("correct"),
         "note": TARGET_EXCLUSION_NOTE,
     }
 

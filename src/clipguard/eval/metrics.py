@@ -54,6 +54,26 @@ def poisoned_accuracy(predictions: torch.Tensor, labels: torch.Tensor, target: i
     return Rate(int((predictions[keep] == labels[keep]).sum()), int(keep.sum()))
 
 
+AT_CHANCE = 1.5  # CA at or below this many times chance (1 / classes) counts as "at chance"
+
+
+def chance_warning(accuracy: float, classes: int) -> str | None:
+    """A warning when clean accuracy ``accuracy`` (0-1) is at chance for ``classes`` classes, else None.
+
+    A broken model (NaN weights, a diverged defense) predicts one class or noise: its CA sits at
+    1 / classes and its ASR reads 0 %, which would look like a perfect defense.
+
+    >>> chance_warning(0.1026, 10)
+    'CA 10.3% is at chance (10.0% for 10 classes): the model is broken and its ASR means nothing'
+    >>> chance_warning(0.85, 10) is None
+    True
+    """
+    if classes < 2 or accuracy != accuracy or accuracy > AT_CHANCE / classes:
+        return None
+    return (f"CA {100 * accuracy:.1f}% is at chance ({100 / classes:.1f}% for {classes} classes): "
+            "the model is broken and its ASR means nothing")
+
+
 def perturbation_resistivity(clean_states: torch.Tensor, perturbed_states: torch.Tensor) -> torch.Tensor:
     """PR per layer (Zhang et al., RVPT): mean cosine between each image's [CLS] state and that
     of its perturbed copy. clean_states, perturbed_states: (B, n_layers, width) -> (n_layers,).

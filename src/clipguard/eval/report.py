@@ -72,10 +72,15 @@ def markdown_table(records: Sequence[dict], settings: dict | None = None) -> str
         row = []
         for defense in defenses:
             cell = cells.get((attack, defense))
+            broken = any(r.get("warning") for r in records if (r["attack"], r["defense"]) == (attack, defense))
             row.append("—" if cell is None else
                        f"{_percent(cell['attack_success_rate'])} ({_percent(cell['clean_accuracy'])})"
-                       + ("" if len(cell["seeds"]) < 2 else f" n={len(cell['seeds'])}"))
+                       + ("" if len(cell["seeds"]) < 2 else f" n={len(cell['seeds'])}") + (" ⚠" if broken else ""))
         lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    warnings = [f"- ⚠ {r['attack']} / {r['defense']} / seed {r['seed']}: {r['warning']}" for r in records
+                if r.get("warning")]
+    if warnings:
+        lines += ["", "**Warnings**", "", *warnings]
     lines += ["", "## Cost per defense (mean over cells)", "",
               "| defense | cells | defense time (s) | trainable parameters | peak memory (MB) |", "|---|---|---|---|---|"]
     for defense in defenses:

@@ -149,6 +149,8 @@ def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resu
     if recipe.train_images < len(train):
         train = train.subset(torch.arange(recipe.train_images))
     dataset = CaptionedImages(train, recipe.train.seed)
-    result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin")
+    recipe_settings = {k: v for k, v in asdict(recipe).items() if k != "train"}
+    result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin",
+                 settings={"recipe": recipe_settings})
     clip.config["train_recipe"] = asdict(recipe)
     return clip, result

@@ -14,12 +14,9 @@ checkpoint cannot run code while it loads. Pickled TorchScript archives are refu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +26,15 @@ from safetensors.torch import load_file, save_file
 
 import clipguard
 from clipguard import ClipguardError
+from clipguard.device import resolve_device
 from clipguard.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModel
+from clipguard.outputs import file_digests, staged_directory, verify_files
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "weights" / "builtin-fmnist"
 MODEL_FORMAT = "clipguard.model"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ClipguardError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    return resolved
 
 
 def build_from_config(model_cfg: dict) -> torch.nn.Module:
@@ -79,28 +68,50 @@ def _wrap(model, config: dict) -> ClipModel:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:
         raise ClipguardError(f"{path} is not valid JSON ({err}); the model directory is damaged") from None
 
 
-def _load_model_dir(path: Path) -> ClipModel:
+def _load_model_dir(path: Path, verify: bool = True) -> ClipModel:
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise ClipguardError(f"{path} is not a clipguard model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = _read_json(config_path)
-    if config.get("format") != MODEL_FORMAT or "model_cfg" not in config:
-        raise ClipguardError(f"{config_path} is not a clipguard model config (format {config.get('format')!r})")
-    model = build_from_config(config["model_cfg"])
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT or not isinstance(config.get("model_cfg"), dict):
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ClipguardError(f"{config_path} is not a clipguard model config (format {found!r})")
+    verify_files(path, config, verify)
     try:
-        state = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types
-        raise ClipguardError(f"cannot read {weights_path} ({err}); re-save or re-download the model") from None
-    _load_state(model, state, weights_path)
+        model = build_from_config(config["model_cfg"])
+    except Exception as err:  # open_clip's constructors raise TypeError/KeyError on a bad config
+        raise ClipguardError(f"{config_path}: model_cfg does not describe an open_clip CLIP "
+                             f"({type(err).__name__}: {err}); the model directory is damaged") from None
+    _load_state(model, read_safetensors(weights_path), weights_path)
     return _wrap(model, config)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file; an empty, truncated or foreign file is a ClipguardError."""
+    if path.stat().st_size == 0:
+        raise ClipguardError(f"{path} is empty (0 bytes); re-save or re-download it")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ClipguardError(f"cannot read {path} as safetensors ({str(err).splitlines()[0][:120]}); "
+                             "re-save or re-download it") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse tensors holding NaN or inf: a diverged or damaged checkpoint would evaluate as garbage."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ClipguardError(f"{source} holds non-finite weights (NaN or inf in {name}): the run that made it "
+                                 "diverged or the file is damaged; do not use it")
 
 
 def _load_state(model: torch.nn.Module, state: dict, source: Path | str) -> None:
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    check_finite(state, source)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -119,7 +130,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ClipguardError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
+    if path.stat().st_size == 0:
+        raise ClipguardError(f"{path} is empty (0 bytes); re-save or re-download it")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -213,8 +226,11 @@ def _load_open_clip(name: str, pretrained: str | None) -> ClipModel:
     return _wrap(model.float(), config)
 
 
-def load_clip(spec: str = "builtin", device: str | torch.device = "cpu") -> ClipModel:
+def load_clip(spec: str = "builtin", device: str | torch.device = "cpu", verify: bool = True) -> ClipModel:
     """Load a CLIP from ``spec`` (see the module docstring) onto ``device``, in eval mode.
+
+    A clipguard model directory's files are checked against the sha256 digests its config.json
+    records; ``verify=False`` skips that (for files edited on purpose).
 
     >>> clip = load_clip("builtin")
     >>> clip.image_size, clip.tokenize(["a photo of a bag."]).shape
@@ -225,11 +241,11 @@ def load_clip(spec: str = "builtin", device: str | torch.device = "cpu") -> Clip
     if spec == "builtin":
         if not (BUILTIN_DIR / WEIGHTS_NAME).is_file():
             raise ClipguardError(f"built-in weights missing at {BUILTIN_DIR}; run 'clipguard train-builtin' to make them")
-        clip = _load_model_dir(BUILTIN_DIR)
+        clip = _load_model_dir(BUILTIN_DIR, verify)
     elif spec.startswith("hf-hub:"):
         clip = _load_open_clip(spec, None)
     elif path.is_dir():
-        clip = _load_model_dir(path)
+        clip = _load_model_dir(path, verify)
     elif path.is_file():
         clip = _load_openai_file(path)
     elif ":" in spec:
@@ -257,7 +273,8 @@ def save_clip(
     ``extra`` entries (e.g. ``{"attack": {...}}``) are merged into config.json; ``tensor_files``
     maps more file names to tensors saved beside the weights (e.g. ``trigger.safetensors``).
     The directory is written under a temporary name and renamed, so an interrupted save
-    leaves nothing behind.
+    leaves nothing behind; an existing ``directory`` is replaced only when it is a clipguard
+    output. config.json records each weights file's sha256 under ``files``.
     """
     directory = Path(directory)
     config = {**clip.config, **(extra or {}), "format": MODEL_FORMAT, "clipguard_version": clipguard.__version__}
@@ -268,34 +285,11 @@ def save_clip(
         for k, v in clip.model.state_dict().items()
         if not k.endswith("attn_mask")
     }
+    check_finite(state, "the model to save")
     with staged_directory(directory) as staging:
         save_file(state, str(staging / WEIGHTS_NAME))
         for name, tensors in (tensor_files or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
+        config["files"] = file_digests(staging, [WEIGHTS_NAME, *(tensor_files or {})])
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     return directory
-
-
-@contextlib.contextmanager
-def staged_directory(directory: Path):
-    """Yield a temp directory beside ``directory``; on success it replaces ``directory`` (normal
-    permissions), on any error it is removed: an interrupted save leaves nothing behind."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield staging
-        _publish(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _publish(staging: Path, directory: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    for path in staging.iterdir():
-        os.chmod(path, 0o666 & ~umask)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
