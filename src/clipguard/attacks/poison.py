@@ -30,7 +30,7 @@ from clipguard.distributed import broadcast_from_main, is_main_process
 from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
-from clipguard.models.loading import save_clip
+from clipguard.models.loading import check_finite, read_safetensors, save_clip
 
 logger = logging.getLogger(__name__)
 TRIGGER_FILE = "trigger.safetensors"
@@ -147,6 +147,7 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int)
         logger.info("reused cached %s trigger %s", trigger.name, path)
     else:
         trigger.fit(clip, train, target)
+        check_finite(trigger.state_dict(), f"the fitted {trigger.name} trigger (its fit diverged; lower its lr)")
     broadcast_from_main(list(trigger.state_dict().values()))  # under torchrun: every process keeps rank 0's
     if not cached and is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,9 @@ def load_trigger(model_dir: str | Path, record: dict) -> Trigger:
     trigger = build_trigger(record["name"], record["image_size"], **record["trigger"])
     path = Path(model_dir) / TRIGGER_FILE
     if path.exists():
-        trigger.load_state_dict(load_file(str(path)))
+        state = read_safetensors(path)
+        check_finite(state, path)
+        trigger.load_state_dict(state)
     elif trigger.learned:
         raise ClipguardError(f"{path} is missing: the {trigger.name} trigger cannot be rebuilt without it")
     return trigger

@@ -46,8 +46,8 @@ def device_name(text: str) -> str:
     """argparse type: auto, cpu, cuda, cuda:N (mps)."""
     try:
         return check_device(text)
-    except ClipguardError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {text!r} ")) from None
+    except ClipguardError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
