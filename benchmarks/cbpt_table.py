@@ -4,7 +4,8 @@ For each model directory (config.json with an "attack" record, e.g. runs/attacks
 ASR (CA) with no defense, with CoOp and with CBPT (16 clean train shots per class, seed
 --seed), the time split of the CBPT run, and CBPT's stage-1 detection (found target vs the true
 one). The clean built-in model gets detection for every --clean-seeds seed and its CA under
-CoOp/CBPT. Results are cached as JSON per (model, method) under --out, so a rerun resumes.
+CoOp/CBPT. Results are cached as JSON per (model, method, settings) under --out (the bench's key),
+so a rerun resumes and a changed --set recomputes.
 ASR counts triggered test images of non-target classes only.
 
     OMP_NUM_THREADS=1 nice python benchmarks/cbpt_table.py --models /work/runs/attacks --out runs/cbpt
@@ -15,47 +16,57 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
+from clipguard import pipeline
 from clipguard.attacks import load_trigger
-from clipguard.data import few_shot_indices, load_fmnist
-from clipguard.defenses import get_defense_class
+from clipguard.bench import config_hash, record_key, without_added_settings
 from clipguard.defenses.cbpt import CBPTConfig
-from clipguard.defenses.inversion import detect_backdoor, save_detection_figure
-from clipguard.eval.evaluate import evaluate_model, write_json
+from clipguard.defenses.cbpt.inversion import detect_backdoor, save_detection_figure
+from clipguard.eval.evaluate import write_json
 from clipguard.models.loading import load_clip
 
 
 def shots_for(seed: int, per_class: int):
-    train = load_fmnist("train")
-    return train.subset(few_shot_indices(train.labels, per_class, seed, len(train.classes)))
+    return pipeline.draw_shots(per_class, seed)
 
 
-def run_method(model: str, method: str, args, cache: Path) -> dict:
+def cache_path(out: Path, model: str, method: str, settings, limit: int | None) -> Path:
+    """out/<model>/<method>-<key>.json, keyed like the bench's cells (the model's attack settings,
+    the method and all its settings, the limit): a changed --set never reuses a stale cell."""
+    config = Path(model) / "config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    model_key = record_key(saved.get("source", ""), saved["attack"]) if "attack" in saved else model
+    fields = {} if not settings else {k: v for k, v in asdict(settings).items() if k != "device"}
+    key = config_hash({"model": model_key, "method": method, "settings": without_added_settings(fields), "limit": limit})
+    return out / Path(model).name / f"{method}-{key}.json"
+
+
+def run_method(model: str, method: str, args, out: Path) -> dict:
     """Evaluate ``model`` under ``method`` ('none', 'coop', 'cbpt'); cached as JSON."""
+    overrides = dict(args.set) if method == "cbpt" else {}
+    settings = {} if method == "none" else pipeline.defense_config(method, args.seed, "cpu", args.shots, overrides)
+    cache = cache_path(out, model, method, settings, args.limit)
     if cache.exists():
         return json.loads(cache.read_text())
-    clip = load_clip(model, device="cpu")
+    clip = pipeline.load_model(model, device="cpu")
     record = clip.config.get("attack")
     trigger = load_trigger(model, record) if record else None
     target = record["target"] if record else None
-    defense, stats = None, {}
+    start, cpu = time.perf_counter(), time.process_time()
+    defended = pipeline.defend(clip, method, config=settings or None)
+    stats = dict(defended.stats)
     if method != "none":
-        cls = get_defense_class(method)
-        overrides = dict(args.set) if method == "cbpt" else {}
-        defense = cls(cls.config_class(shots=args.shots, seed=args.seed, device="cpu", **overrides), clip,
-                      load_fmnist("train").classes)
-        start, cpu = time.perf_counter(), time.process_time()
-        stats = defense.fit(clip, shots_for(args.seed, args.shots))
         # CPU seconds of this 1-thread process: the wall time also counts time spent paused or
         # waiting for a core while other jobs run
         stats["wall_seconds"] = round(time.perf_counter() - start, 2)
         stats["cpu_seconds"] = round(time.process_time() - cpu, 2)
-    result = evaluate_model(clip, model, limit=args.limit, seed=args.seed, progress=False, trigger=trigger,
-                            target=target, defense=defense)
+    result = pipeline.evaluate(defended, trigger=trigger, target=target, limit=args.limit, seed=args.seed,
+                               progress=False, name=model)
     result["stats"] = stats
     write_json(result, cache)
     return result
@@ -90,7 +101,7 @@ def main() -> None:
     rows, detection_rows = [], []
     for model in [Path("builtin"), *models]:
         name = "clean (builtin)" if str(model) == "builtin" else model.name
-        results = {m: run_method(str(model), m, args, out / model.name / f"{m}.json") for m in ("none", "coop", "cbpt")}
+        results = {m: run_method(str(model), m, args, out) for m in ("none", "coop", "cbpt")}
         rows.append((name, results))
         print(f"| {name} | {fmt(results['none'])} | {fmt(results['coop'])} | {fmt(results['cbpt'])} |", flush=True)
         stats = results["cbpt"]["stats"]

@@ -28,10 +28,11 @@ METHODS = ("cleanclip", "cleanclip-equal-data", "rvpt", "cbpt")
 
 def child(args) -> None:
     """Run one defense (no evaluation) and save its output under ``args.out``."""
-    from clipguard.bench import BenchConfig, apply_defense, defense_settings
+    from clipguard import pipeline
+    from clipguard.bench import BenchConfig, defense_settings
     from clipguard.config import override
     from clipguard.data import load_fmnist
-    from clipguard.models.loading import load_clip, save_clip
+    from clipguard.models.loading import load_clip
 
     config = BenchConfig(model=args.model, shots=args.shots, device=args.device)
     method = args.child.removesuffix("-equal-data")
@@ -42,11 +43,12 @@ def child(args) -> None:
     load_fmnist("train")  # data loading is not the defense's cost
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    model, defense, stats = apply_defense(method, settings, clip, Path(args.model), config,
-                                          save_to=Path(args.out) / "defense")
+    defended = pipeline.defend(clip, method, config=settings, pool=config.pool,
+                               pool_trigger_rate=config.pool_trigger_rate, suspect_dir=args.model)
     seconds = time.perf_counter() - start
-    if defense is None:
-        save_clip(model.cpu(), Path(args.out) / "model")
+    stats = defended.stats
+    kind = "model" if defended.defense.rewrites_weights else "defense"
+    pipeline.save(defended, Path(args.out) / kind)
     (Path(args.out) / "child.json").write_text(json.dumps({
         "method": args.child, "seconds": round(seconds, 2), "trainable_parameters": stats.get("trainable_parameters"),
         "data": getattr(settings, "pairs", None) or args.shots * 10, "loaded_rss_mb": round(loaded_rss, 1)}))

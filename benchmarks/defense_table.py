@@ -2,9 +2,10 @@
 
     python benchmarks/defense_table.py --models runs/attacks --defenses vpt rvpt --shots 16
 
-A cell's result is written to --out/<model>/<defense>[-<tag>].json and reused when present,
-so an interrupted table resumes. --set FIELD=VALUE changes the defense config (every defense
-in the run); --tag names such a variant.
+A cell runs through :mod:`clipguard.pipeline` and is written to --out/<model>/<defense>-<key>.json,
+where <key> is the bench's cell key (the model's attack settings, the defense and all its settings,
+the limit): an interrupted table resumes, and a changed --set never reuses a stale cell.
+--set FIELD=VALUE changes the defense config (every defense in the run); --tag labels the variant.
 """
 
 from __future__ import annotations
@@ -16,31 +17,38 @@ from pathlib import Path
 
 import torch
 
+from clipguard import pipeline
 from clipguard.attacks import load_trigger
-from clipguard.config import override, parse_assignments
-from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.bench import BenchConfig, cell_key, record_key
+from clipguard.config import parse_assignments
 from clipguard.defenses import get_defense_class
-from clipguard.eval.evaluate import evaluate_model, write_json
-from clipguard.models import load_clip
+from clipguard.eval.evaluate import write_json
 
 
-def run_cell(model_dir: Path, defense_name: str, shots: int, seed: int, assignments: list[str],
-             limit: int | None = None) -> dict:
-    clip = load_clip(str(model_dir), device="cpu")
+def settings_of(defense_name: str, shots: int, seed: int, assignments: list[str]):
+    """The defense's config for a cell (the same one ``clipguard bench`` would build)."""
+    if defense_name == "none":
+        return {}
+    cls = get_defense_class(defense_name)
+    return pipeline.defense_config(defense_name, seed, "cpu", shots, parse_assignments(cls.config_class, assignments))
+
+
+def cache_key(model_dir: Path, defense_name: str, settings, limit: int | None) -> str:
+    """The bench's cell key: the model's attack settings, the method, its settings and the limit."""
+    saved = json.loads((model_dir / "config.json").read_text())
+    return cell_key(BenchConfig(limit=limit, device="cpu"), record_key(saved.get("source", ""), saved["attack"]),
+                    defense_name, settings)
+
+
+def run_cell(model_dir: Path, defense_name: str, settings, seed: int, limit: int | None = None) -> dict:
+    clip = pipeline.load_model(str(model_dir), device="cpu")
     record = clip.config["attack"]
-    trigger = load_trigger(model_dir, record)
-    defense, stats = None, {}
-    if defense_name != "none":
-        cls = get_defense_class(defense_name)
-        config = override(cls.config_class(shots=shots, seed=seed, device="cpu"), **parse_assignments(cls.config_class, assignments))
-        train = load_fmnist("train")
-        defense = cls(config, clip, train.classes)
-        stats = defense.fit(clip, train.subset(few_shot_indices(train.labels, shots, seed, len(train.classes))))
+    defended = pipeline.defend(clip, defense_name, config=settings or None, suspect_dir=model_dir)
     start = time.perf_counter()
-    result = evaluate_model(clip, str(model_dir), limit=limit, seed=seed, trigger=trigger,
-                            target=record["target"], defense=defense, progress=False)
+    result = pipeline.evaluate(defended, trigger=load_trigger(model_dir, record), target=record["target"],
+                               limit=limit, seed=seed, progress=False, name=str(model_dir))
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
-    result["defense_stats"] = stats
+    result["defense_stats"] = {k: v for k, v in defended.stats.items() if isinstance(v, (int, float, str, bool))}
     return result
 
 
@@ -64,11 +72,11 @@ def main() -> None:
     for model_dir in models:
         for name in args.defenses:
             label = name + (f"-{args.tag}" if args.tag and name != "none" else "")
-            subset = f"-n{args.limit}" if args.limit else ""
-            path = Path(args.out) / model_dir.name / f"{label}-s{args.shots}-seed{args.seed}{subset}.json"
+            settings = settings_of(name, args.shots, args.seed, args.set if name != "none" else [])
+            key = cache_key(model_dir, name, settings, args.limit)
+            path = Path(args.out) / model_dir.name / f"{name}-{key}.json"  # any other setting: another file
             if not path.exists():
-                result = run_cell(model_dir, name, args.shots, args.seed, args.set if name != "none" else [], args.limit)
-                write_json(result, path)
+                write_json(run_cell(model_dir, name, settings, args.seed, args.limit), path)
             result = json.loads(path.read_text())
             table[(model_dir.name, label)] = result
             asr, ca = result["attack_success_rate"], result["clean_accuracy"]

@@ -19,7 +19,7 @@ import torch
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import few_shot_indices, load_fmnist
-from clipguard.defenses.inversion import InversionConfig, invert_trigger
+from clipguard.defenses.cbpt.inversion import InversionConfig, invert_trigger
 from clipguard.models import load_clip
 
 LOCATIONS = {"badnet": None, "badclip": None, "trojvqa": "center"}  # None: read from the trigger config

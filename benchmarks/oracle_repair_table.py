@@ -1,4 +1,4 @@
-"""Issue table for the oracle-guided repair (EftCLIP, METHODS.md section 5) on backdoored built-in models.
+"""Issue table for the oracle-guided repair (EftCLIP, docs/methods.md, oracle-guided repair) on backdoored built-in models.
 
 For every ``<attack>-<rate>`` model directory under --runs: build the defender's pool, run
 ``oracle_repair``, save the repaired model + report under --out/<attack>, and measure
@@ -35,11 +35,11 @@ import torch
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import FMNIST_CLASSES, load_fmnist
-from clipguard.defenses.oracle import load_pool, mask_box
+from clipguard.defenses.oracle_repair.oracle import load_pool, mask_box
 from clipguard.defenses.oracle_repair import OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report
-from clipguard.defenses.trigger_search import zero_shot_probabilities
+from clipguard.defenses.oracle_repair.trigger_search import zero_shot_probabilities
 from clipguard.eval.evaluate import evaluate_model
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models import load_clip
 
 VISIBLE = ("badnet", "badnet-lc", "trojvqa", "badclip")

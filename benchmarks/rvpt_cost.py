@@ -31,7 +31,7 @@ from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses.rvpt import RVPT, RVPTConfig, RVPTTask
 from clipguard.engine import fit
 from clipguard.eval.evaluate import evaluate_model
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models import load_clip
 from clipguard.models.prompted import frozen_prefix
 

@@ -11,7 +11,7 @@ from test_ddp import evaluation_setup  # noqa: E402
 
 from clipguard.distributed import close_distributed, init_distributed, is_main_process  # noqa: E402
 from clipguard.eval.evaluate import evaluate_model  # noqa: E402
-from clipguard.eval.zeroshot import image_features  # noqa: E402
+from clipguard.models.zeroshot import image_features  # noqa: E402
 
 init_distributed("cpu")
 clip, images, trigger, target, kwargs = evaluation_setup()

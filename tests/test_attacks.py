@@ -91,7 +91,7 @@ def test_poisoned_set_has_the_requested_rate_and_captions(name, tiny_clip28):
 
 def test_label_consistent_poison_hides_the_class_within_epsilon(tiny_clip28):
     from clipguard.attacks.patch import patch_mask
-    from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
+    from clipguard.models.zeroshot import class_text_features, zero_shot_logits
 
     train = load_fmnist("train")
     images = train.float_images(torch.nonzero(train.labels == BAG).flatten()[:16])

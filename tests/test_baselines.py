@@ -1,4 +1,4 @@
-"""The baselines of METHODS.md section 6: CleanCLIP, plain fine-tuning (FT), linear probe."""
+"""The baselines (docs/methods.md): CleanCLIP, plain fine-tuning (FT), linear probe."""
 
 import copy
 import json
@@ -19,8 +19,8 @@ from clipguard.defenses.cleanclip import (
 )
 from clipguard.defenses.linear_probe import LinearProbe, LinearProbeConfig
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.zeroshot import zero_shot_logits
-from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
+from clipguard.models.zeroshot import zero_shot_logits
+from clipguard.models.contrastive import CaptionedImages, ContrastiveTask, caption_collate
 
 from conftest import TINY28, make_tiny_clip
 

@@ -47,14 +47,14 @@ def test_matrix_writes_one_record_per_cell_and_the_report(tmp_path, tiny_model):
 
 def test_interrupted_run_resumes_without_recomputing_finished_work(tmp_path, tiny_model, monkeypatch):
     config = tiny_config(tiny_model)
-    real_apply = bench.apply_defense
+    real_defend = bench.defend
 
-    def crash_on_vpt(method, *args, **kwargs):
+    def crash_on_vpt(suspect, method, *args, **kwargs):
         if method == "vpt":
             raise KeyboardInterrupt  # the user kills the run during the second cell
-        return real_apply(method, *args, **kwargs)
+        return real_defend(suspect, method, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "apply_defense", crash_on_vpt)
+    monkeypatch.setattr(bench, "defend", crash_on_vpt)
     with pytest.raises(KeyboardInterrupt):
         run_bench(config, tmp_path / "out")
     assert (tmp_path / "out" / "cells" / "badnet-s0" / "none.json").is_file()
@@ -62,7 +62,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_work(tmp_path, tin
     first = json.loads((tmp_path / "out" / "cells" / "badnet-s0" / "none.json").read_text())
 
     calls = []
-    monkeypatch.setattr(bench, "apply_defense", lambda method, *a, **k: calls.append(method) or real_apply(method, *a, **k))
+    monkeypatch.setattr(bench, "defend", lambda clip, method, *a, **k: calls.append(method) or real_defend(clip, method, *a, **k))
     monkeypatch.setattr(bench, "run_attack", lambda *a, **k: pytest.fail("the backdoored model was recomputed"))
     records = run_bench(config, tmp_path / "out")
     assert calls == ["vpt"]  # only the unfinished cell
@@ -76,8 +76,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_work(tmp_path, tin
 def test_changed_settings_invalidate_only_the_cells_they_touch(tmp_path, tiny_model, monkeypatch):
     run_bench(tiny_config(tiny_model), tmp_path / "out")
     calls = []
-    real_apply = bench.apply_defense
-    monkeypatch.setattr(bench, "apply_defense", lambda method, *a, **k: calls.append(method) or real_apply(method, *a, **k))
+    real_defend = bench.defend
+    monkeypatch.setattr(bench, "defend", lambda clip, method, *a, **k: calls.append(method) or real_defend(clip, method, *a, **k))
     monkeypatch.setattr(bench, "run_attack", lambda *a, **k: pytest.fail("the backdoored model was recomputed"))
     changed = parse_bench_settings(tiny_config(tiny_model), ["vpt.lr=0.5"])
     run_bench(changed, tmp_path / "out")

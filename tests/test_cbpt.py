@@ -7,12 +7,12 @@ from clipguard.attacks import AttackConfig, run_attack
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import load_defense, save_defense
 from clipguard.defenses.cbpt import CBPT, CBPTConfig, ClassPrompts, CoOp, CoOpConfig, keep_loss, zero_shot_cross_entropy
-from clipguard.defenses.inversion import (
+from clipguard.defenses.cbpt.inversion import (
     InversionConfig, apply_trigger, collapse_score, contrastive_inversion_loss, detect_backdoor, mean_pairwise_cosine,
     save_detection_figure, total_variation,
 )
 from clipguard.engine import TrainConfig
-from clipguard.eval.zeroshot import class_text_features, image_features, zero_shot_logits
+from clipguard.models.zeroshot import class_text_features, image_features, zero_shot_logits
 
 from conftest import TINY28, make_tiny_clip
 

@@ -19,7 +19,7 @@ from clipguard.defenses.cleanclip import CleanCLIPConfig, cleanclip_finetune
 from clipguard.distributed import gather_batch, gather_rows, shard
 from clipguard.engine import TrainConfig
 from clipguard.eval.evaluate import evaluate_model
-from clipguard.eval.zeroshot import image_features
+from clipguard.models.zeroshot import image_features
 from clipguard.models import save_clip
 
 from conftest import TINY28, make_tiny_clip

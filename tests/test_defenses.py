@@ -8,7 +8,9 @@ from clipguard.cli import main
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, load_defense, save_defense
 from clipguard.defenses.rvpt import RVPTTask, alpha_at, feature_repelling_loss
-from clipguard.models import save_clip
+from clipguard import pipeline
+from clipguard.models import load_clip, save_clip
+from clipguard.models.view import DefendedClip
 
 from conftest import TINY28, make_tiny_clip
 
@@ -64,42 +66,89 @@ def test_alpha_schedules_walk_from_start_to_end(monkeypatch, tiny_clip28):
     assert seen == [(t, 9) for t in range(9)]
 
 
+# ------------------------------------------------ the matrix: every registered defense, one contract
+MATRIX_FAST = {**FAST,
+               "cleanclip": dict(pairs=32, epochs=1, batch_size=16, warmup_steps=0),
+               "finetune": dict(pairs=32, epochs=1, batch_size=16, warmup_steps=0),
+               "oracle-repair": dict(epochs=1, batch_size=8, lr=1e-3, clean_ratio=1)}
+POOL = "fmnist-test:24"
+
+
+@pytest.fixture(autouse=True)
+def planted_victims(monkeypatch):
+    """Oracle repair's search (Algorithm 1-2, tested in test_oracle_repair) finds nothing on a random
+    tiny CLIP; here it "finds" four bag victims, so the repair's fine-tune runs through the contract."""
+    from clipguard.defenses.oracle_repair import repair
+    from clipguard.defenses.oracle_repair.oracle import Region
+    from clipguard.defenses.oracle_repair.trigger_search import TriggerCandidate
+
+    def found(clip, pool_images, text_features, oracle, config):
+        mask = torch.zeros(28, 28, dtype=torch.bool)
+        mask[:4, :4] = True
+        victims = [TriggerCandidate(i, Region(mask, (0, 0, 4, 4), "test"), 8, 0.9, 0.1, 6) for i in range(4)]
+        predictions = torch.zeros(len(pool_images), dtype=torch.long)
+        return predictions, victims, {"candidates": 4}, [8], {}, victims
+
+    monkeypatch.setattr(repair, "_find_victims", found)
+
+
+def _defend(name, clip, seed=0):
+    return pipeline.defend(clip, name, shots=2, seed=seed, device="cpu", settings=MATRIX_FAST[name], pool=POOL)
+
+
+def _learned(defended) -> dict[str, torch.Tensor]:
+    """What a defense learned: its own tensors, or the rewritten copy's weights."""
+    source = defended.model if defended.defense.rewrites_weights else defended.defense
+    return {k: v.detach().clone() for k, v in source.state_dict().items()}
+
+
+def test_the_matrix_covers_every_registered_defense():
+    assert set(MATRIX_FAST) == set(DEFENSES)
+
+
 @pytest.mark.parametrize("name", sorted(DEFENSES))
-def test_defense_trains_only_its_own_parameters(name):
+def test_defense_changes_only_what_it_owns(name):
     clip = make_tiny_clip(architecture=TINY28)
-    before = {k: v.clone() for k, v in clip.state_dict().items()}
-    defense, stats = _fit(name, clip)
-    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
-    assert stats["trainable_parameters"] == defense.trainable_parameters() > 0
-    initial = get_defense_class(name)(defense.config, clip, defense.class_names)
-    assert any(not torch.equal(a, b) for a, b in zip(defense.state_dict().values(), initial.state_dict().values()))
+    suspect = {k: v.clone() for k, v in clip.state_dict().items()}
+    defended = _defend(name, clip)
+    assert all(torch.equal(suspect[k], v) for k, v in clip.state_dict().items())  # the suspect is never changed
+    learned = _learned(defended)
+    if defended.defense.rewrites_weights:
+        assert defended.model is not clip and defended.stats["trainable_parameters"] > 0
+        assert any(not torch.equal(suspect[k], v) for k, v in learned.items())  # steps ran on the copy
+    else:
+        assert defended.model is clip
+        assert defended.stats["trainable_parameters"] == defended.defense.trainable_parameters() > 0
+        initial = get_defense_class(name)(defended.defense.config, clip, defended.defense.class_names).state_dict()
+        assert any(not torch.equal(initial[k], v) for k, v in learned.items())  # steps ran on its own tensors
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_same_seed_same_defense(name):
-    a, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=0)
-    b, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=0)
-    c, _ = _fit(name, make_tiny_clip(architecture=TINY28), seed=1)
-    for key in a.state_dict():
-        assert torch.equal(a.state_dict()[key], b.state_dict()[key])
-    assert any(not torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict())
+    a, b, c = (_learned(_defend(name, make_tiny_clip(architecture=TINY28), seed)) for seed in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_save_load_gives_identical_logits_and_refuses_mismatches(name, tmp_path, tiny_clip28):
-    defense, stats = _fit(name, tiny_clip28)
-    save_defense(defense, tiny_clip28, tmp_path / "d", stats)
+    defended = _defend(name, tiny_clip28)
+    pipeline.save(defended, tmp_path / "d")
     classes = load_fmnist("test").classes
-    loaded = load_defense(tmp_path / "d", tiny_clip28, classes)
     images = load_fmnist("test").float_images(slice(0, 16))
+    if defended.defense.rewrites_weights:
+        loaded = DefendedClip(load_clip(str(tmp_path / "d")))
+        assert json.loads((tmp_path / "d" / "config.json").read_text())["format"] == "clipguard.model"
+    else:
+        loaded = DefendedClip(tiny_clip28, load_defense(tmp_path / "d", tiny_clip28, classes))
+        assert json.loads((tmp_path / "d" / "config.json").read_text())["method"] == name
+        with pytest.raises(ClipguardError, match="another backbone"):
+            load_defense(tmp_path / "d", make_tiny_clip(seed=7, architecture=TINY28), classes)
+        with pytest.raises(ClipguardError, match="learned for classes"):
+            load_defense(tmp_path / "d", tiny_clip28, classes[::-1])
     with torch.inference_mode():
-        assert torch.equal(defense.encode_image(tiny_clip28, images), loaded.encode_image(tiny_clip28, images))
-        assert torch.equal(defense.class_features(tiny_clip28, classes), loaded.class_features(tiny_clip28, classes))
-    with pytest.raises(ClipguardError, match="another backbone"):
-        load_defense(tmp_path / "d", make_tiny_clip(seed=7, architecture=TINY28), classes)
-    with pytest.raises(ClipguardError, match="learned for classes"):
-        load_defense(tmp_path / "d", tiny_clip28, classes[::-1])
-    assert json.loads((tmp_path / "d" / "config.json").read_text())["method"] == name
+        assert torch.equal(defended.view.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(defended.view.class_features(classes), loaded.class_features(classes))
 
 
 def test_repulsion_pushes_prompted_states_away_from_the_frozen_ones(tiny_clip28):

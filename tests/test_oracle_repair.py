@@ -9,14 +9,14 @@ from clipguard import ClipguardError
 from clipguard.attacks import build_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import load_fmnist
-from clipguard.defenses.oracle import (
+from clipguard.defenses.oracle_repair.oracle import (
     ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, load_pool, mask_iou, paste_regions,
 )
 from clipguard.defenses.oracle_repair import (
     NO_TRIGGER, OracleRepairConfig, build_compact_set, expand_victims, oracle_repair, repair_finetune,
     save_repaired_model, victim_labels, write_repair_report,
 )
-from clipguard.defenses.trigger_search import TriggerCandidate, find_trigger_candidates, log_odds
+from clipguard.defenses.oracle_repair.trigger_search import TriggerCandidate, find_trigger_candidates, log_odds
 from clipguard.models import load_clip
 
 from conftest import TINY28, make_tiny_clip, outputs_under_hash_seeds

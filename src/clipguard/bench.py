@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -42,24 +42,20 @@ from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_
 from clipguard.attacks.poison import attack_record, target_of
 from clipguard.data.classes import class_index
 from clipguard.config import override, parse_assignments
-from clipguard.data import few_shot_indices, load_fmnist
-from clipguard.defenses import DEFENSES, get_defense_class, save_defense
+from clipguard.data import load_fmnist
+from clipguard.defenses import get_defense_class
 from clipguard.distributed import barrier, init_distributed, is_main_process
 from clipguard.engine import peak_memory_mb
-from clipguard.eval.evaluate import METRICS, evaluate_model, write_json
+from clipguard.eval.evaluate import METRICS, write_json
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device
+from clipguard.pipeline import NO_DEFENSE, defend, defended_methods, defense_config, evaluate
 
 logger = logging.getLogger(__name__)
 
-# Defenses that rewrite CLIP's weights (a model, not a prompt directory, comes out).
-WEIGHT_DEFENSES = ("oracle-repair", "cleanclip", "finetune")
-NO_DEFENSE = "none"
-
-
 def all_defenses() -> list[str]:
-    """``none`` first, then the prompt defenses, then the weight-rewriting ones."""
-    return [NO_DEFENSE, *sorted(DEFENSES), *WEIGHT_DEFENSES]
+    """``none`` first, then the defenses on top of the suspect, then those rewriting its weights."""
+    return defended_methods()
 
 
 @dataclass
@@ -77,6 +73,7 @@ class BenchConfig:
     pool_trigger_rate: float = 0.1  # oracle-repair: share of the pool carrying the model's trigger
     pr_images: int = 200  # test images for the PR curves (suspect vs VPT vs RVPT); 0: no PR figure
     device: str = "auto"  # auto | cpu | cuda
+    title: str = "clipguard benchmark"  # the report's heading
 
     def __post_init__(self):
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -131,20 +128,10 @@ def record_key(source: str, record: dict) -> str:
 
 
 def defense_settings(config: BenchConfig, method: str, seed: int):
-    """The method's config dataclass (or a dict for weight defenses) for one cell."""
-    overrides = dict(config.defense_settings.get(method, {}))
+    """The method's config dataclass for one cell ({} for no defense)."""
     if method == NO_DEFENSE:
         return {}
-    if method in DEFENSES:
-        cls = get_defense_class(method).config_class
-        return override(cls(), shots=config.shots, seed=seed, device=config.device, **overrides)
-    if method == "oracle-repair":
-        from clipguard.defenses.oracle_repair import OracleRepairConfig
-
-        return override(OracleRepairConfig(), seed=seed, device=config.device, **overrides)
-    from clipguard.defenses.cleanclip import config_for
-
-    return override(config_for(method), seed=seed, device=config.device, **overrides)
+    return defense_config(method, seed, config.device, config.shots, config.defense_settings.get(method, {}))
 
 
 # Settings added to a method or a trigger after cells or models were cached, with the value that
@@ -162,7 +149,8 @@ def without_added_settings(settings: dict) -> dict:
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
     settings = settings if isinstance(settings, dict) else asdict(settings)
     settings = without_added_settings(settings)
-    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if method == "oracle-repair" else {}
+    takes_pool = method != NO_DEFENSE and get_defense_class(method).data == "pool"
+    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if takes_pool else {}
     return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
                         "limit": config.limit, **extra})
 
@@ -200,38 +188,10 @@ def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> 
     if is_main_process():
         save_backdoored(clip, trigger, record, directory)  # atomic: a directory is there only when finished
         shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # OUT/runs/, once no unfinished fine-tune is left in it
     barrier()
     return clip, directory, key, {"cached": False, "seconds": record["bench_seconds"]}
-
-
-# ------------------------------------------------------------------------ the defenses
-def apply_defense(method: str, settings, clip: ClipModel, model_dir: Path, config: BenchConfig,
-                  save_to: Path | None = None) -> tuple[ClipModel, object, dict]:
-    """Apply ``method`` to the suspect ``clip``: (model to evaluate, prompt defense or None, stats)."""
-    if method == NO_DEFENSE:
-        return clip, None, {"seconds": 0.0, "trainable_parameters": 0}
-    if method in DEFENSES:
-        train = load_fmnist("train")
-        shots = train.subset(few_shot_indices(train.labels, settings.shots, settings.seed, len(train.classes)))
-        defense = get_defense_class(method)(settings, clip, train.classes).to(clip.device)
-        stats = defense.fit(clip, shots)
-        if save_to is not None and is_main_process():
-            save_defense(defense, clip, save_to, stats)
-        return clip, defense, stats
-    if method == "oracle-repair":
-        from clipguard.defenses.oracle import load_pool
-        from clipguard.defenses.oracle_repair import oracle_repair, report_summary
-
-        trigger = load_trigger(model_dir, clip.config["attack"])
-        pool, _ = load_pool(config.pool, clip.image_size, seed=settings.seed, trigger=trigger,
-                            trigger_rate=config.pool_trigger_rate)
-        repaired, report = oracle_repair(clip, pool, settings)
-        changed = sum(p.numel() for p in repaired.parameters()) if report["model_changed"] else 0
-        return repaired, None, {**report_summary(report), "trainable_parameters": changed}
-    from clipguard.defenses.cleanclip import cleanclip_finetune
-
-    repaired, stats = cleanclip_finetune(clip, settings)
-    return repaired, None, stats
 
 
 def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: ClipModel, model_dir: Path,
@@ -248,13 +208,16 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    save_to = out / "defenses" / f"{attack}-s{seed}" / method
-    model, defense, stats = apply_defense(method, settings, clip, model_dir, config, save_to)
+    defended = defend(clip, method, config=settings or None, pool=config.pool,
+                      pool_trigger_rate=config.pool_trigger_rate, suspect_dir=model_dir)
+    stats = defended.stats
+    if defended.defense is not None and not defended.defense.rewrites_weights and is_main_process():
+        defended.defense.save(clip, out / "defenses" / f"{attack}-s{seed}" / method, stats)  # for the PR figures
     defense_seconds = time.perf_counter() - start
     trigger = load_trigger(model_dir, clip.config["attack"])
     target = target_of(clip.config["attack"])
-    result = evaluate_model(model, f"{attack}-s{seed}", limit=config.limit, seed=seed, trigger=trigger,
-                            target=target, defense=defense, progress=False)
+    result = evaluate(defended, trigger=trigger, target=target, limit=config.limit, seed=seed, progress=False,
+                      name=f"{attack}-s{seed}")
     record = {
         "attack": attack, "defense": method, "seed": seed, "key": key,
         **{name: result[name] for name in METRICS},
@@ -296,9 +259,8 @@ def run_bench(config: BenchConfig, out: str | Path,
         suspect, model_dir, model_key, _ = backdoored_model(config, attack, seed, out)
         for method in config.defenses:
             bar.set_postfix_str(f"{attack} seed {seed}: {method}")
-            # a defense never sees another defense's changes
-            clip = suspect if method in DEFENSES or method == NO_DEFENSE else copy.deepcopy(suspect)
-            record = run_cell(config, attack, seed, method, clip, model_dir, model_key, out)
+            # a defense never changes the suspect, so no defense sees another's changes
+            record = run_cell(config, attack, seed, method, suspect, model_dir, model_key, out)
             records.append(record)
             if on_cell is not None:
                 on_cell(record)
@@ -348,7 +310,7 @@ def write_figures(config: BenchConfig, out: Path) -> list[str]:
 
 
 def config_summary(config: BenchConfig) -> dict:
-    return {"model": config.model, "attacks": config.attacks, "defenses": config.defenses, "seeds": config.seeds,
+    return {"title": config.title, "model": config.model, "attacks": config.attacks, "defenses": config.defenses, "seeds": config.seeds,
             "shots": config.shots, "limit": config.limit, "attack": _without_device(asdict(config.attack)),
             "trigger_settings": config.trigger_settings, "defense_settings": config.defense_settings,
             "pool": config.pool,
@@ -394,4 +356,4 @@ def demo_config(seed: int = 0, device: str = "auto") -> BenchConfig:
     """``clipguard demo``: BadNet and BadCLIP on the built-in model x {none, RVPT, CBPT}."""
     return BenchConfig(attacks=["badnet", "badclip"], defenses=[NO_DEFENSE, "rvpt", "cbpt"], seeds=[seed],
                        limit=DEMO_LIMIT, attack=override(AttackConfig(), **DEMO_ATTACK), trigger_settings=DEMO_TRIGGERS,
-                       pr_images=0, device=device)
+                       pr_images=0, device=device, title="clipguard demo")

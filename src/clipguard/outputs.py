@@ -38,6 +38,7 @@ OUTPUT_FORMATS = ("clipguard.model", "clipguard.defense")  # config.json "format
 # Every name clipguard writes into a model or defense directory.
 OUTPUT_FILES = frozenset({"config.json", "model.safetensors", "weights.safetensors", "trigger.safetensors",
                           "eval.json", "repair.json", "repair_examples.png"})
+TRIGGER_FILE = "trigger.safetensors"  # a backdoored model's trigger tensors, beside its weights
 STAGING_MARK = ".clipguard-staging-"
 _OLD_STAGING = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # tempfile.mkdtemp(prefix=".NAME.") of older versions
 BENCH_MARKER = ".clipguard-bench.json"
@@ -316,6 +317,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(record: dict, path: str | Path) -> None:
+    """Write ``record`` to ``path`` as JSON, atomically (temp name, then rename)."""
+    atomic_write_text(Path(path), json.dumps(record, indent=2))
 
 
 # -------------------------------------------------------------------------- checksums

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, register, scaled
 from clipguard.attacks.patch import LOCATIONS, paste_patch
-from clipguard.eval.zeroshot import class_text_features, zero_shot_logits
+from clipguard.models.zeroshot import class_text_features, zero_shot_logits
 
 
 @dataclass

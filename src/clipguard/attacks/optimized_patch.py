@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from clipguard.attacks.patch import paste_patch
 from clipguard.data.fmnist import ImageSet
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Poisoned caption pairs and the backdoor fine-tune (METHODS.md section 2).
+"""Poisoned caption pairs and the backdoor fine-tune (docs/methods.md, attacks).
 
 An attacker holds a clean CLIP and a set of image-caption pairs. A fraction ``poison_rate`` of
 the pairs gets the trigger on its image and a caption naming the target class (BadCLIP: a
@@ -28,12 +28,12 @@ from clipguard.data.classes import class_index
 from clipguard.data.fmnist import ImageSet, load_fmnist
 from clipguard.distributed import broadcast_from_main, is_main_process
 from clipguard.engine import FitResult, TrainConfig, fit
-from clipguard.models.builtin import CaptionedImages, ContrastiveTask, caption_collate
+from clipguard.models.contrastive import CaptionedImages, ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import check_finite, read_safetensors, save_clip
+from clipguard.outputs import TRIGGER_FILE
 
 logger = logging.getLogger(__name__)
-TRIGGER_FILE = "trigger.safetensors"
 
 
 @dataclass

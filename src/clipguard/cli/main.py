@@ -185,7 +185,7 @@ def cmd_analyze(args) -> None:
 def cmd_detect(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.data import few_shot_indices, load_fmnist
-    from clipguard.defenses.inversion import InversionConfig, detect_backdoor, save_detection_figure
+    from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor, save_detection_figure
     from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
 
@@ -253,9 +253,14 @@ def cmd_list(args) -> None:
 
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
     from clipguard.defenses import DEFENSES
+    from clipguard.pipeline import defended_methods
 
-    print("defenses: " + ", ".join(sorted(DEFENSES)) + ", oracle-repair (rewrites weights; needs --pool), "
-          "cleanclip, finetune (rewrite weights; clean pairs)")
+    learns = {"shots": "clean labelled shots", "pool": "an unlabelled --pool", "pairs": "clean image-caption pairs"}
+    print("defenses:")
+    for name in defended_methods()[1:]:
+        cls = DEFENSES[name]
+        writes = "rewrites the weights (writes a model directory)" if cls.rewrites_weights else "a defense directory"
+        print(f"  {name:<14} learns from {learns[cls.data]}; {writes}")
     if args.open_clip:
         for name, tag in open_clip.list_pretrained():
             print(f"  {name}:{tag}")

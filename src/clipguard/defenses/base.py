@@ -21,12 +21,12 @@ from torch import nn
 import clipguard
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.config import config_from_dict
 from clipguard.models.loading import check_finite, read_safetensors
 from clipguard.outputs import file_digests, staged_directory, verify_files
-from clipguard.models.prompted import run_blocks, vision_stem
+from clipguard.models.view import DefendedClip, vision_cls_states  # noqa: F401  (DefendedClip: re-exported)
 from clipguard.registry import RangeChecked, Registry
 
 DEFENSES = Registry("defense")
@@ -43,19 +43,57 @@ class DefenseConfig(RangeChecked):
     device: str = "auto"  # auto | cpu | cuda
 
 
+DATA_KINDS = ("shots", "pool", "pairs")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The defender's unlabelled pool: float images (N, 3, H, W) in [0, 1] and what it holds."""
+
+    images: torch.Tensor
+    info: dict
+
+
 class Defense(nn.Module):
-    """Base class: subclasses set ``name``/``config_class`` and implement :meth:`fit`."""
+    """Base class: subclasses set ``name``/``config_class`` and implement :meth:`fit`.
+
+    Two class attributes say what a defense needs and makes, so no caller tests its name:
+        data: what :meth:`fit` learns from. ``"shots"``: clean labelled images per class (an
+            :class:`ImageSet`); ``"pool"``: an unlabelled pool (a :class:`Pool`); ``"pairs"``:
+            clean image-caption pairs, which the defense draws itself from its config (None).
+        rewrites_weights: False for defenses that own prompts or a head applied on top of the
+            frozen suspect (saved as a defense directory); True for those that fine-tune a copy of
+            the suspect (``self.model`` after :meth:`fit`; saved as a model directory).
+    """
 
     name: ClassVar[str]
-    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+    config_class: ClassVar[type] = DefenseConfig
+    data: ClassVar[str] = "shots"
+    rewrites_weights: ClassVar[bool] = False
 
-    def __init__(self, config: DefenseConfig, clip: ClipModel, class_names: Sequence[str]):
+    def __init__(self, config, clip: ClipModel, class_names: Sequence[str]):
         super().__init__()
         self.config, self.class_names = config, tuple(class_names)
 
-    def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
-        """Learn the defense from clean few-shot ``shots``; returns run statistics."""
+    def fit(self, clip: ClipModel, data) -> dict:
+        """Learn the defense for the suspect ``clip`` from ``data`` (see :attr:`data`); returns run
+        statistics (``seconds`` and ``trainable_parameters`` at least). ``clip`` is never changed."""
         raise NotImplementedError
+
+    def view(self, clip: ClipModel) -> DefendedClip:
+        """What evaluation sees: the suspect through the prompts, or the rewritten copy."""
+        return DefendedClip(self.model) if self.rewrites_weights else DefendedClip(clip, self)
+
+    def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,
+             source_dir: str | Path | None = None) -> Path:
+        """Write the defense's directory atomically (``source_dir``: the suspect's, for its trigger)."""
+        return save_defense(self, clip, directory, stats)
+
+    def summary(self, stats: dict) -> str:
+        """One line on what the fit did, for the CLI."""
+        share = 100 * stats["trainable_parameters"] / stats["clip_parameters"] if "clip_parameters" in stats else 0.0
+        return (f"{self.name}: {stats['trainable_parameters']:,} trainable parameters ({share:.2f}% of CLIP), "
+                f"{stats['seconds']:.0f} s")
 
     def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised (B, D) features of the defended model."""
@@ -76,43 +114,6 @@ class Defense(nn.Module):
         """The defense's trainable parameters beside CLIP's own count (every ``fit`` reports both)."""
         return {"trainable_parameters": self.trainable_parameters(),
                 "clip_parameters": sum(p.numel() for p in clip.parameters())}
-
-
-def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
-    """(B, n_blocks, width) [CLS] state after each block of the unprompted vision tower."""
-    visual = clip.model.visual
-    _, states = run_blocks(visual, vision_stem(visual, clip.preprocess(images)), 0)
-    return torch.stack(states, dim=1)
-
-
-class DefendedClip:
-    """A CLIP seen through a defense: the interface zero-shot evaluation uses."""
-
-    def __init__(self, clip: ClipModel, defense: Defense | None = None):
-        self.clip, self.defense = clip, defense
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale
-
-    @property
-    def device(self) -> torch.device:
-        return self.clip.device
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if self.defense is None:
-            return self.clip.encode_image(images, normalize=True)
-        return self.defense.encode_image(self.clip, images)
-
-    def class_features(self, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
-        if self.defense is None:
-            return class_text_features(self.clip, class_names, text_prefix=text_prefix)
-        return self.defense.class_features(self.clip, class_names, text_prefix)
-
-    def cls_states(self, images: torch.Tensor) -> torch.Tensor:
-        if self.defense is None:
-            return vision_cls_states(self.clip, images)
-        return self.defense.cls_states(self.clip, images)
 
 
 def save_defense(defense: Defense, clip: ClipModel, directory: str | Path, stats: dict | None = None) -> Path:
@@ -139,6 +140,9 @@ def _saved_defense_config(config_path: Path) -> dict:
         saved = json.loads(config_path.read_text())
     except ValueError as err:
         raise ClipguardError(f"{config_path} is not valid JSON ({err}); the defense directory is damaged") from None
+    if isinstance(saved, dict) and saved.get("format") == "clipguard.model":
+        raise ClipguardError(f"{config_path.parent} is a model directory (what a weight-rewriting defense writes): "
+                             "pass it as --model, not as a defense")
     if not isinstance(saved, dict) or saved.get("format") != DEFENSE_FORMAT:
         raise ClipguardError(f"{config_path} is not a clipguard defense config")
     expected = {"method": str, "config": dict, "backbone": dict, "class_names": list}

@@ -1,5 +1,5 @@
 """CleanCLIP (Bansal et al., "CleanCLIP: Mitigating Data Poisoning Attacks in Multimodal
-Contrastive Learning", ICCV 2023) and plain contrastive fine-tuning (FT): METHODS.md section 6.
+Contrastive Learning", ICCV 2023) and plain contrastive fine-tuning (FT): docs/methods.md, baselines.
 
 The defender fine-tunes the whole suspect CLIP on clean image-caption pairs with
 
@@ -56,11 +56,12 @@ from torch import nn
 
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
+from clipguard.defenses.base import Defense, register
 from clipguard.data.fmnist import ImageSet, load_fmnist
 from clipguard.distributed import gather_batch
 from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
-from clipguard.models.builtin import CaptionedImages
+from clipguard.models.contrastive import CaptionedImages
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import save_clip
 from clipguard.registry import RangeChecked
@@ -340,7 +341,7 @@ def save_finetuned_model(tuned: ClipModel, stats: dict, directory: str | Path,
     --model DIR`` still measures the model's own trigger; ``stats`` go under "defense"."""
     from safetensors.torch import load_file
 
-    from clipguard.attacks.poison import TRIGGER_FILE
+    from clipguard.outputs import TRIGGER_FILE
 
     extra = {"defense": stats}
     if "attack" in tuned.config:
@@ -348,3 +349,38 @@ def save_finetuned_model(tuned: ClipModel, stats: dict, directory: str | Path,
     trigger_path = Path(source_dir) / TRIGGER_FILE if source_dir else None
     tensors = {TRIGGER_FILE: load_file(str(trigger_path))} if trigger_path and trigger_path.is_file() else None
     return save_clip(tuned, directory, extra=extra, tensor_files=tensors)
+
+
+class _WeightFinetune(Defense):
+    """A registered defense that fine-tunes a copy of the suspect on clean pairs (CleanCLIP or FT)."""
+
+    data = "pairs"
+    rewrites_weights = True
+
+    def fit(self, clip: ClipModel, data=None) -> dict:
+        self.model, stats = cleanclip_finetune(clip, self.config, self.class_names)
+        return stats
+
+    def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,
+             source_dir: str | Path | None = None) -> Path:
+        return save_finetuned_model(self.model, stats or {}, directory, source_dir)
+
+    def summary(self, stats: dict) -> str:
+        return (f"{self.name}: {stats['pairs']} clean pairs, {stats['steps']} steps, {stats['seconds']:.0f} s, "
+                f"peak memory {stats['peak_memory_mb']:.0f} MB")
+
+
+@register
+class CleanCLIP(_WeightFinetune):
+    """CleanCLIP: the CLIP loss plus in-modal self-supervision on clean pairs (see the module docstring)."""
+
+    name = "cleanclip"
+    config_class = CleanCLIPConfig
+
+
+@register
+class Finetune(_WeightFinetune):
+    """Plain contrastive fine-tuning on clean pairs (CleanCLIP with lambda = 0)."""
+
+    name = "finetune"
+    config_class = FinetuneConfig

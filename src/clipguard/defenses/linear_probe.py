@@ -1,5 +1,5 @@
 """Linear probe (Radford et al., "Learning Transferable Visual Models From Natural Language
-Supervision", ICML 2021, section 3.2; a baseline of METHODS.md section 6).
+Supervision", ICML 2021, section 3.2; a baseline in docs/methods.md).
 
 A bias-free linear head W (C, D) is trained with cross-entropy on CLIP's frozen, normalised
 image features of the defender's few clean labelled shots:
@@ -42,7 +42,7 @@ from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.zeroshot import image_features
+from clipguard.models.zeroshot import image_features
 from clipguard.models.clip import ClipModel
 
 

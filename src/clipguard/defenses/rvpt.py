@@ -1,4 +1,4 @@
-"""RVPT: Repulsive Visual Prompt Tuning (Zhang et al., 2025; METHODS.md section 3), and VPT.
+"""RVPT: Repulsive Visual Prompt Tuning (Zhang et al., 2025; docs/methods.md, RVPT), and VPT.
 
 Deep visual prompts in the later vision blocks are trained on a few clean labelled shots with
 
@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.models.prompted import DeepVisualPrompts, check_prompt_support, frozen_prefix, run_blocks, vision_stem
 

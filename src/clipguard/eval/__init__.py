@@ -3,7 +3,7 @@
 from clipguard.eval.metrics import (
     TARGET_EXCLUSION_NOTE, Rate, attack_success_rate, clean_accuracy, poisoned_accuracy,
 )
-from clipguard.eval.zeroshot import class_text_features, image_features, predict, zero_shot_logits
+from clipguard.models.zeroshot import class_text_features, image_features, predict, zero_shot_logits
 
 __all__ = [
     "TARGET_EXCLUSION_NOTE", "Rate", "attack_success_rate", "class_text_features", "clean_accuracy",

@@ -1,6 +1,6 @@
 """Perturbation-resistivity (PR) analysis and t-SNE views of a model with and without defenses.
 
-PR (RVPT paper, METHODS.md section 1): per vision layer, the mean cosine between an image's
+PR (RVPT paper, docs/methods.md, metrics): per vision layer, the mean cosine between an image's
 [CLS] state and that of a perturbed copy, for Gaussian noise (std 0.001), a 3x3 blur, colour
 jitter, a horizontal flip, and the attack's trigger.
 """
@@ -41,7 +41,7 @@ def horizontal_flip(images: torch.Tensor) -> torch.Tensor:
 
 
 def perturbations(trigger=None, seed: int = 0) -> dict[str, Perturbation]:
-    """The PR perturbations of METHODS.md section 1, the trigger last when given."""
+    """The PR perturbations of docs/methods.md, metrics, the trigger last when given."""
     named: dict[str, Perturbation] = {
         "noise": lambda x: gaussian_noise(x, seed=seed),
         "blur": blur,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,9 +14,10 @@ from clipguard.data.classes import class_index
 from clipguard.eval.metrics import (
     TARGET_EXCLUSION_NOTE, attack_success_rate, chance_warning, clean_accuracy, poisoned_accuracy,
 )
-from clipguard.defenses.base import DefendedClip
-from clipguard.eval.zeroshot import image_features, zero_shot_logits
+from clipguard.models.view import DefendedClip
+from clipguard.models.zeroshot import image_features, zero_shot_logits
 from clipguard.models.clip import ClipModel
+from clipguard.outputs import write_json  # noqa: F401  (re-exported: eval.evaluate.write_json)
 
 
 METRICS = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")  # the rates a record may hold
@@ -53,7 +52,7 @@ def evaluate_model(
     (see :func:`~clipguard.eval.metrics.chance_warning`); NaN or inf logits are a ClipguardError.
     Returns a record ready for JSON. Under ``torchrun`` every process calls it, encodes its
     share of the batches and gets the record of one process (see
-    :func:`~clipguard.eval.zeroshot.image_features`).
+    :func:`~clipguard.models.zeroshot.image_features`).
     """
     start = time.perf_counter()
     images = load_dataset(dataset, split, clip.image_size)
@@ -108,12 +107,3 @@ def evaluate_trigger(model: DefendedClip, images, trigger, target: str, seed: in
         "poisoned_accuracy": poisoned_accuracy(predictions, labels, index).as_dict("correct"),
         "note": TARGET_EXCLUSION_NOTE,
     }
-
-
-def write_json(record: dict, path: str | Path) -> None:
-    """Write ``record`` to ``path`` atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)

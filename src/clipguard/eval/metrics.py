@@ -1,4 +1,4 @@
-"""CA, ASR and PA as pure functions of predictions and labels (METHODS.md section 1)."""
+"""CA, ASR and PA as pure functions of predictions and labels (docs/methods.md, metrics)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Contrastive trigger inversion and backdoor detection (CBPT stage 1; METHODS.md section 4).
+"""Contrastive trigger inversion and backdoor detection (CBPT stage 1; docs/methods.md, CBPT).
 
 A trigger is a mask m (H, W) and a pattern p (3, H, W), both through a sigmoid, applied in
 data space to images in [0, 1]:  x' = (1 - m) * x + m * p.  It is optimised on the defender's
@@ -26,7 +26,7 @@ class features); the *collapse score* is the fraction of triggered shots of othe
 predicted as it. The verdict is "backdoored" when the score reaches ``threshold``, which was
 calibrated on the built-in benchmark (see ``InversionConfig.threshold``).
 
-Deviations from METHODS section 4, for time on 2 CPU cores: each step takes a batch of 32
+Deviations from docs/methods.md (CBPT), for time on 2 CPU cores: each step takes a batch of 32
 anchors (negatives: their own clean versions) rather than all shots; 100 Adam steps at lr 0.3
 (lr 0.1 reached collapse 0.26 on badnet-0.03 in 100 steps, lr 0.3 0.94). One inversion is
 noisy (badnet-0.03: collapse 0.80 / 0.80 / 0.35 for three seeds), so :func:`detect_backdoor`
@@ -51,7 +51,7 @@ from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Segmentation oracles for the oracle-guided repair: image -> regions (boolean masks + boxes).
 
-EftCLIP (METHODS.md section 5) lets a segmentation oracle (FastSAM in the paper) supervise
+EftCLIP (docs/methods.md, oracle-guided repair) lets a segmentation oracle (FastSAM in the paper) supervise
 the suspect CLIP. clipguard's default oracle needs no weights: a classical segmenter from
 scikit-image. FastSAM through ``ultralytics`` is an optional backend for users who have its
 weights.

@@ -1,8 +1,8 @@
-"""Oracle-guided repair, "EftCLIP" (METHODS.md section 5): find a visible trigger with a
+"""Oracle-guided repair, "EftCLIP" (docs/methods.md, oracle-guided repair): find a visible trigger with a
 segmentation oracle, pinpoint the victim label and samples, fine-tune on a compact set.
 
 Algorithm 1 (trigger finding: which regions of which pool images are trigger candidates)
-is in :mod:`clipguard.defenses.trigger_search`.
+is in :mod:`clipguard.defenses.oracle_repair.trigger_search`.
 
 Algorithm 2: a label is a *victim label* when candidates point to it far more often than
 chance (one-sided binomial test against the share of pool images predicted as that label,
@@ -23,7 +23,7 @@ WaNet still give "no localisable trigger found" with groups on.
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
 own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
-with the shared engine. Deviation from METHODS ("an equal number of clean pairs"): 3 clean
+with the shared engine. Deviation from the paper ("an equal number of clean pairs"): 3 clean
 pairs per victim. On the BadNet model (pool of 2,000 train images, 10 % triggered) one clean
 pair per victim cost 1.42 CA points (89.36 -> 87.94), and 1.48 with only the image tower tuned
 (``tune="vision"``, -> 87.88), so the loss is not on the text side; three cost 0.69 (-> 88.67)
@@ -52,63 +52,22 @@ from torch.utils.data import Dataset
 
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
-from clipguard.defenses.oracle import Region, build_oracle
-from clipguard.defenses.trigger_search import (
+from clipguard.defenses.oracle_repair.config import OracleRepairConfig
+from clipguard.defenses.oracle_repair.oracle import Region, build_oracle
+from clipguard.defenses.oracle_repair.trigger_search import (
     TriggerCandidate, alone_probabilities, batch_slices, find_trigger_candidates, leaves_label, masked_probabilities,
 )
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.evaluate import write_json
-from clipguard.eval.zeroshot import class_text_features
-from clipguard.models.builtin import ContrastiveTask, caption_collate
+from clipguard.outputs import write_json
+from clipguard.models.zeroshot import class_text_features
+from clipguard.models.contrastive import ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import save_clip
 
 logger = logging.getLogger(__name__)
 NO_TRIGGER = "no localisable trigger found"
 TRIGGER_FOUND = "localisable trigger found"
-
-
-@dataclass
-class OracleRepairConfig:
-    oracle: str = "classical"  # segmentation oracle: classical | fastsam
-    oracle_weights: str | None = None  # FastSAM weights file (fastsam oracle only)
-    max_region_fraction: float = 0.15  # regions above this share of the image are not tested
-    crop_confidence: float = 0.7  # (a): min probability of t for the region alone
-    support_max: float = 0.3  # (b): t's probability once the region is masked must stay below this
-    fill_ring: int = 2  # masking fills a region with the mean of a ring this many pixels wide
-    region_groups: bool = False  # also test, per image, unions of the regions that each lower t's log-odds
-    group_min_drop: float = 0.5  # a region can join its image's group when masking it lowers t's log-odds this much
-    transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
-    transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
-    expand_victims: bool = False  # also take as victims images of a victim label that a found trigger region, masked, flips
-    retry_with_groups: bool = True  # no victim label from single regions: search again with region_groups + expand_victims
-    significance: float = 1e-3  # one-sided binomial p-value for a victim label
-    min_candidates: int = 5  # fewest candidates a victim label needs
-    clean_ratio: float = 3.0  # clean pairs per victim pair in the compact set
-    epochs: int = 10  # fine-tuning passes over the compact set
-    lr: float = 2e-5  # AdamW peak learning rate (cosine schedule)
-    batch_size: int = 32  # fine-tuning batch (lowered to the set size if larger)
-    tune: str = "all"  # which weights the repair fine-tunes: all | vision (the image tower only)
-    inference_batch: int = 1024  # images per CLIP call in Algorithm 1
-    seed: int = 0  # seeds the clean-pair sample, captions and the fine-tune
-    device: str = "auto"  # auto | cpu | cuda
-
-    def __post_init__(self):
-        for name in ("max_region_fraction", "crop_confidence", "support_max", "significance", "transfer_min"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"OracleRepairConfig.{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("fill_ring", "transfer_images", "min_candidates", "epochs", "batch_size", "inference_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"OracleRepairConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tune not in ("all", "vision"):
-            raise ValueError(f"OracleRepairConfig.tune must be 'all' or 'vision', got {self.tune!r}")
-        if not self.group_min_drop > 0:
-            raise ValueError(f"OracleRepairConfig.group_min_drop must be > 0, got {self.group_min_drop}")
-        if self.clean_ratio < 0:
-            raise ValueError(f"OracleRepairConfig.clean_ratio must be >= 0, got {self.clean_ratio}")
-        if not self.lr > 0:
-            raise ValueError(f"OracleRepairConfig.lr must be > 0, got {self.lr}")
 
 
 # ------------------------------------------------------------------------- Algorithm 2

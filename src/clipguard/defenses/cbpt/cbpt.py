@@ -1,7 +1,7 @@
-"""CBPT: Class-wise Backdoor Prompt Tuning (METHODS.md section 4), and the CoOp baseline.
+"""CBPT: Class-wise Backdoor Prompt Tuning (docs/methods.md, CBPT), and the CoOp baseline.
 
 CBPT (seed paper 000; the paper's details are not public, this is our design):
-  1. contrastive trigger inversion on the clean shots (:mod:`clipguard.defenses.inversion`)
+  1. contrastive trigger inversion on the clean shots (:mod:`clipguard.defenses.cbpt.inversion`)
      gives a dummy trigger (mask, pattern), the suspected target and a collapse score;
   2. class-specific CoOp prompts ``[SOS] [V]_1..[V]_n_ctx <class name> . [EOS]`` (each class its
      own n_ctx context vectors, initialised from "a photo of a"; both encoders frozen) learn
@@ -50,9 +50,9 @@ from torch.utils.data import TensorDataset
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
-from clipguard.defenses.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
+from clipguard.defenses.cbpt.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
 from clipguard.engine import TrainConfig, fit
-from clipguard.eval.zeroshot import class_text_features
+from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 
 logger = logging.getLogger(__name__)

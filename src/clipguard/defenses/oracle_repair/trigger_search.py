@@ -1,4 +1,4 @@
-"""Algorithm 1 of the oracle-guided repair (METHODS.md section 5): trigger candidates in a pool.
+"""Algorithm 1 of the oracle-guided repair (docs/methods.md, oracle-guided repair): trigger candidates in a pool.
 
 Algorithm 1 (trigger finding) runs on a pool of unlabelled images (N, 3, H, W) that may hold
 triggered ones. For image i with zero-shot prediction t, an oracle region r is a *trigger
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from clipguard.defenses.oracle import Region, background_colour, fill_regions, isolate_regions, mask_box, paste_regions
+from clipguard.defenses.oracle_repair.oracle import Region, background_colour, fill_regions, isolate_regions, mask_box, paste_regions
 from clipguard.models.clip import ClipModel
 
 if TYPE_CHECKING:
-    from clipguard.defenses.oracle_repair import OracleRepairConfig
+    from clipguard.defenses.oracle_repair.config import OracleRepairConfig
 
 
 @dataclass

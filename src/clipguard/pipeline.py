@@ -1,0 +1,188 @@
+"""The steps every entry point shares: load a model, backdoor it, draw shots, defend, evaluate, save.
+
+``clipguard defend``, the bench's cells and the ``benchmarks/`` scripts all run through these
+functions, and they are the Python API::
+
+    from clipguard import pipeline
+    from clipguard.attacks import AttackConfig
+
+    clip = pipeline.load_model("builtin")
+    suspect, trigger, record = pipeline.backdoor(clip, AttackConfig(attack="badnet", target="bag"))
+    defended = pipeline.defend(suspect, "rvpt", shots=16, seed=0)
+    result = pipeline.evaluate(defended, trigger=trigger, target="bag")
+    pipeline.save(defended, "runs/badnet-rvpt")
+
+Every defense is a registered :class:`~clipguard.defenses.Defense`; what it learns from
+(``Defense.data``) and whether it rewrites the weights (``Defense.rewrites_weights``) are class
+attributes, so nothing here tests a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipguard import ClipguardError
+from clipguard.attacks import AttackConfig, load_trigger, run_attack
+from clipguard.config import override
+from clipguard.data import ImageSet, few_shot_indices, load_fmnist
+from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
+from clipguard.eval.evaluate import evaluate_model
+from clipguard.models.clip import ClipModel
+from clipguard.models.loading import load_clip
+from clipguard.models.view import DefendedClip
+
+NO_DEFENSE = "none"  # the suspect model as it is
+
+
+def load_model(spec: str = "builtin", device: str = "auto", verify: bool = True) -> ClipModel:
+    """A CLIP from a model spec (``builtin``, ``ViT-B-32:openai``, a model directory, a state dict)."""
+    return load_clip(spec, device=device, verify=verify)
+
+
+def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settings: dict | None = None,
+             run_dir: str | Path | None = None, resume: bool | str = False):
+    """Backdoor ``clip`` in place by poisoned contrastive fine-tuning: (model, trigger, attack record)."""
+    clip, trigger, record = run_attack(clip, config or AttackConfig(), trigger_settings, run_dir=run_dir, resume=resume)
+    clip.eval()
+    clip.config["attack"] = record  # as a reload of the saved directory would have it
+    return clip, trigger, record
+
+
+def draw_shots(shots: int, seed: int = 0) -> ImageSet:
+    """``shots`` clean labelled images per class from the Fashion-MNIST train split, seeded."""
+    train = load_fmnist("train")
+    return train.subset(few_shot_indices(train.labels, shots, seed, len(train.classes)))
+
+
+def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int | None = None,
+                   settings: dict[str, Any] | None = None):
+    """The config dataclass of ``method`` with ``seed``, ``device``, ``shots`` (for methods that take
+    shots) and ``settings`` (field -> value, dotted for nested fields) applied."""
+    cls = get_defense_class(method).config_class
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {"seed": seed, "device": device, **({"shots": shots} if "shots" in fields else {})}
+    return override(cls(), **values, **(settings or {}))
+
+
+def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | None = None,
+                 pool_trigger_rate: float = 0.0, trigger=None):
+    """What ``cls.fit`` learns from: shots drawn under the config's seed, the pool, or None (pairs)."""
+    if cls.data == "shots":
+        return draw_shots(config.shots, config.seed)
+    if cls.data == "pool":
+        from clipguard.defenses.oracle_repair.oracle import load_pool
+
+        if not pool:
+            raise ClipguardError(f"{cls.name} needs an unlabelled pool (--pool fmnist-train:N, fmnist-test:N or a folder)")
+        if pool_trigger_rate and trigger is None:
+            raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
+        images, info = load_pool(pool, suspect.image_size, seed=config.seed, trigger=trigger,
+                                 trigger_rate=pool_trigger_rate)
+        return Pool(images, info)
+    return None
+
+
+@dataclass
+class Defended:
+    """A suspect and what a defense made of it (``defense`` None: no defense)."""
+
+    suspect: ClipModel
+    defense: Defense | None
+    stats: dict = field(default_factory=dict)
+    suspect_dir: str | None = None  # the suspect's directory, when it was loaded from one
+
+    @property
+    def model(self) -> ClipModel:
+        """The CLIP whose weights evaluation uses: the rewritten copy, or the suspect."""
+        if self.defense is not None and self.defense.rewrites_weights:
+            return self.defense.model
+        return self.suspect
+
+    @property
+    def view(self) -> DefendedClip:
+        return self.defense.view(self.suspect) if self.defense is not None else DefendedClip(self.suspect)
+
+    @property
+    def name(self) -> str:
+        return self.defense.name if self.defense is not None else NO_DEFENSE
+
+
+def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int = 0, device: str = "auto",
+           settings: dict[str, Any] | None = None, config=None, pool: str | None = None,
+           pool_trigger_rate: float = 0.0, suspect_dir: str | Path | None = None) -> Defended:
+    """Fit defense ``method`` for ``suspect`` (never changed) and return the defended model.
+
+    ``config`` (the method's config dataclass) replaces ``shots``/``seed``/``device``/``settings``.
+    ``pool``/``pool_trigger_rate``: the unlabelled pool of a pool defense; a rate > 0 mixes the
+    suspect's own trigger (read from ``suspect_dir``) into that share of it, a simulation.
+    ``method="none"``: the suspect as it is.
+    """
+    if method == NO_DEFENSE:
+        return Defended(suspect, None, {"seconds": 0.0, "trainable_parameters": 0}, _str(suspect_dir))
+    cls = get_defense_class(method)
+    config = config or defense_config(method, seed, device, shots, settings)
+    trigger = None
+    if cls.data == "pool" and pool_trigger_rate:
+        record = suspect.config.get("attack")
+        trigger = load_trigger(suspect_dir, record) if record and suspect_dir else None
+    data = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger)
+    defense = cls(config, suspect, _class_names(suspect, data)).to(suspect.device)
+    start = time.perf_counter()
+    stats = defense.fit(suspect, data)
+    stats.setdefault("seconds", round(time.perf_counter() - start, 2))
+    return Defended(suspect, defense, stats, _str(suspect_dir))
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def _class_names(suspect: ClipModel, data) -> tuple[str, ...]:
+    if isinstance(data, ImageSet):
+        return data.classes
+    return tuple(suspect.config.get("classes") or load_fmnist("test").classes)
+
+
+def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str = "fmnist",
+             split: str = "test", limit: int | None = None, seed: int = 0, batch_size: int = 1000,
+             progress: bool = True, name: str | None = None) -> dict:
+    """CA (and with ``trigger`` + ``target`` name, ASR and PA) of a model or a defended model."""
+    defended = model if isinstance(model, Defended) else Defended(model, None)
+    prompts = defended.defense if defended.defense is not None and not defended.defense.rewrites_weights else None
+    label = name or defended.suspect_dir or (defended.name if defended.defense is not None else "model")
+    return evaluate_model(defended.model, label, dataset, split, limit, seed, batch_size, progress,
+                          trigger=trigger, target=target, defense=prompts)
+
+
+def save(defended: Defended, directory: str | Path, evaluation: dict | None = None) -> Path:
+    """Write the defense (a defense directory, or a model directory for a weight-rewriting defense)
+    with its stats, and ``evaluation`` as ``eval.json`` beside them."""
+    from clipguard.eval.evaluate import metrics_of
+    from clipguard.outputs import write_json
+
+    if defended.defense is None:
+        raise ClipguardError("nothing to save: no defense was applied")
+    stats = dict(defended.stats)
+    if evaluation is not None:
+        stats["evaluation"] = metrics_of(evaluation)
+    source = defended.suspect_dir if defended.suspect_dir and Path(defended.suspect_dir).is_dir() else None
+    path = defended.defense.save(defended.suspect, directory, stats, source_dir=source)
+    if evaluation is not None:
+        write_json(evaluation, Path(directory) / "eval.json")
+    return path
+
+
+def defended_methods() -> list[str]:
+    """``none`` first, then the defenses on top of the suspect, then those rewriting its weights."""
+    return [NO_DEFENSE, *sorted(DEFENSES, key=lambda m: (DEFENSES[m].rewrites_weights, m))]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
