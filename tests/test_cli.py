@@ -84,3 +84,21 @@ def test_detect_cli_writes_verdict_figure_and_json(tmp_path, capsys):
     result = json.loads((tmp_path / "det.json").read_text())
     assert set(result) >= {"backdoored", "target_name", "collapse"} and 0 <= result["collapse"] <= 1
     assert (tmp_path / "det.png").stat().st_size > 0
+
+
+def test_list_settings_shows_every_field_with_its_default_and_comment(capsys):
+    assert main(["list", "--settings", "rvpt"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha = 2.0  # weight of the feature-repelling loss" in out and "lr = 0.002" in out
+    assert main(["list", "--settings", "oracle-repair"]) == 0 and "clean_ratio = 3.0" in capsys.readouterr().out
+    assert main(["list", "--settings", "nonsense"]) == 2
+
+
+def test_every_registered_defense_is_listed_with_what_it_learns_from(capsys):
+    from clipguard.defenses import DEFENSES
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in DEFENSES.items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert ("rewrites the weights" in line) == cls.rewrites_weights

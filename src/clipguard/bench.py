@@ -253,10 +253,13 @@ def run_bench(config: BenchConfig, out: str | Path,
         mark_bench_directory(out, out / RESULTS_MD)
     records: list[dict] = []
     jobs = [(attack, seed) for seed in config.seeds for attack in config.attacks]
-    bar = tqdm(total=len(jobs) * len(config.defenses), desc="bench", unit="cell", disable=not is_main_process())
+    # one step per backdoored model and one per cell, so the first ETA is not a cell's
+    bar = tqdm(total=len(jobs) * (1 + len(config.defenses)), desc="bench (backdoors + cells)", unit="step",
+               disable=not is_main_process())
     for attack, seed in jobs:
         bar.set_postfix_str(f"{attack} seed {seed}: backdoor")
         suspect, model_dir, model_key, _ = backdoored_model(config, attack, seed, out)
+        bar.update()
         for method in config.defenses:
             bar.set_postfix_str(f"{attack} seed {seed}: {method}")
             # a defense never changes the suspect, so no defense sees another's changes

@@ -88,7 +88,8 @@ def attack_for(args, clip):
 
 def summary_line(record: dict) -> str:
     ca = record["clean_accuracy"]
-    line = f"{record['model']} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
+    through = f" through {record['defense']}" if record.get("defense") else ""
+    line = f"{record['model']}{through} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
     if "attack_success_rate" in record:
         asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
         line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "

@@ -247,6 +247,9 @@ def cmd_demo(args) -> None:
 def cmd_list(args) -> None:
     import open_clip
 
+    if args.settings:
+        return _print_settings(args.settings)
+
     print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
     print("datasets: fmnist, or a path to an ImageFolder tree")
     from clipguard.attacks import ATTACKS
@@ -266,6 +269,41 @@ def cmd_list(args) -> None:
             print(f"  {name}:{tag}")
 
 
+def _print_settings(name: str) -> None:
+    """Every field of a config dataclass with its default and its comment, as --set takes them."""
+    import dataclasses
+    import inspect
+
+    from clipguard.attacks import ATTACKS, AttackConfig
+    from clipguard.defenses import DEFENSES
+    from clipguard.defenses.cbpt.inversion import InversionConfig
+
+    if name in ATTACKS:
+        cls = ATTACKS[name].config_class
+    elif name in DEFENSES:
+        cls = DEFENSES[name].config_class
+    elif name in ("attack", "detect"):
+        cls = AttackConfig if name == "attack" else InversionConfig
+    else:
+        raise ClipguardError(f"--settings {name!r}: not an attack, a defense, 'attack' or 'detect'; see 'clipguard list'")
+    comments = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            head, _, comment = line.partition("  # ")
+            field_name = head.strip().split(":")[0]
+            if comment and field_name.isidentifier():
+                comments[field_name] = comment.strip()
+    print(f"{name} ({cls.__name__}): --set FIELD=VALUE")
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        print(f"  {field.name} = {default!r}" + (f"  # {comments[field.name]}" if field.name in comments else ""))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with clipguard's one-line errors (``clipguard: error: ...``) instead of usage + exit."""
 
@@ -278,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clipguard", description="Find, measure and remove backdoors in CLIP.")
     parser.add_argument("--version", action="version", version=f"clipguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
 
     p = sub.add_parser("train-builtin", help="train the built-in Fashion-MNIST CLIP from scratch")
     add_common_args(p)
@@ -316,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=positive_int, help="fine-tuning pairs (default 10000)")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="trigger config field, repeatable")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a field of the attack's trigger config, repeatable ('clipguard list --settings ATTACK' lists them)")
     p.add_argument("--out", required=True, help="backdoored model directory to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
     p.set_defaults(func=cmd_attack)
@@ -331,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", help="oracle-repair: unlabelled pool (fmnist-train:N, fmnist-test:N, image folder)")
     p.add_argument("--pool-trigger-rate", type=fraction, default=0.0,
                    help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config field, repeatable")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a field of the method's config, repeatable ('clipguard list --settings METHOD' lists them)")
     p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
     p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
@@ -343,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="suspect model")
     p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class")
     p.add_argument("--config", help="YAML InversionConfig; flags override it")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="inversion setting, repeatable")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="an inversion setting, repeatable ('clipguard list --settings detect' lists them)")
     p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")
     p.set_defaults(func=cmd_detect)
 
@@ -384,13 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="results directory (also the cache: re-run to resume)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the main job on the built-in model: attack, defend, report (~10 min on 2 cores)")
+    p = sub.add_parser("demo", help="the main job on the built-in model: attack, defend, report (about 8 min on 2 idle cores; longer under load)")
     add_common_args(p)
     p.add_argument("--out", default="runs/demo", help="results directory (re-run to resume)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("list", help="what can be loaded and run")
     p.add_argument("--open-clip", action="store_true", help="also list open_clip's pretrained tags")
+    p.add_argument("--settings", metavar="NAME",
+                   help="the --set fields of an attack's trigger, a defense, 'attack' (AttackConfig) or 'detect'")
     p.set_defaults(func=cmd_list)
     return parser
 
