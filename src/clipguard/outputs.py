@@ -77,17 +77,22 @@ def foreign_entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in known or not (p.is_file() or p.is_symlink()))
 
 
+def _check_parent_folder(path: Path, flag: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder, not a file."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ClipguardError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
+
+
 def _check_not_protected(path: Path, flag: str) -> None:
     reason = _protected(path)
     if reason:
         raise ClipguardError(f"{flag} {path} is {reason}; name a new directory for clipguard to write")
     if path.exists() and not path.is_dir():
         raise ClipguardError(f"{flag} {path} is an existing file; name a directory (clipguard writes one there)")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ClipguardError(f"{flag} {path}: {parent} is a file, not a folder")
-            break
+    _check_parent_folder(path, flag)
 
 
 def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
@@ -159,11 +164,7 @@ def check_output_file(path: str | Path, suffixes: tuple[str, ...], flag: str = "
         raise ClipguardError(f"{flag} {path} is a directory; name a file ({' or '.join(suffixes)})")
     if path.suffix.lower() not in suffixes:
         raise ClipguardError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ClipguardError(f"{flag} {path}: {parent} is a file, not a folder")
-            break
+    _check_parent_folder(path, flag)
     return path
 
 

@@ -50,8 +50,8 @@ class BadNet(Trigger):
 
 @dataclass
 class LabelConsistentConfig(BadNetConfig):
-    patch_at_224: int = 40  # 5 px at 28 px: 98.99 % ASR with seven copies, against 89.11 % with 4 px
-    location: str = "corners+midline"  # the four corners and three down the middle: 89.11 % against 80.01 %
+    patch_at_224: int = 40  # 5 px at 28 px (chosen by measurement: docs/results/attacks.md)
+    location: str = "corners+midline"  # the four corners and three down the middle (docs/results/attacks.md)
     adversarial_epsilon: float = 32 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
     adversarial_steps: int = 10  # PGD steps against the clean model
     decoy_rate: float = 0.0  # fraction of the pairs: non-target images given the same hiding perturbation, untriggered
@@ -91,47 +91,15 @@ class LabelConsistentBadNet(BadNet):
     target caption. The perturbation touches only training images: test-time triggered images
     get the patch alone.
 
-    The default trigger is a 5 px patch (``patch_at_224=40``) at seven spots: Turner et al.'s four
-    corners plus three down the vertical midline (top, centre, bottom; ``location=
-    "corners+midline"``), with the hiding perturbation at 32/255. Measured on the built-in model
-    (3 % of 10,000 pairs poisoned, i.e. 300 of the ~1,000 bags; ASR on the 9,000 non-target test
-    images; ``clipguard attack --attack badnet-lc --target bag --seed 0``): ASR 98.99 %, CA 89.37
-    (seed 1: 97.57 %, CA 89.43); the clean model reads 3.02 % of the triggered non-bag test
-    images as bag (chance level), but its PA on them is 58.78 %: the seven patches hide content.
+    x' = x with the (3, s, s) noise patch pasted at every spot of ``location``; on training
+    images first x <- PGD_eps(x) (L-inf ``adversarial_epsilon``, ``adversarial_steps`` steps,
+    step 2.5 * eps / steps) away from their class under the clean model (:func:`hide_class`).
+    Images (B, 3, H, W) in [0, 1].
 
-    How it got there (all at 3 %):
-
-    - one 4 px patch at the bottom-right corner: without the perturbation 0.58 % (the model
-      matches those images to their captions by their content); epsilon 8/255 8.60 %, 16/255
-      25.51 %, 32/255 6.68 % (a strong perturbation becomes the bag cue itself). A 6 px patch
-      36.87 %; 6 % / 9 % of the pairs poisoned 48.94 % / 50.36 %; PGD towards a seeded other class
-      12.61 %.
-    - Turner et al.'s four corners (4 px): 12/255 50.54 %, 16/255 62.16 %, 24/255 75.32 %, 32/255
-      80.01 % (CA 89.30), 48/255 75.23 %, 64/255 68.94 %. At 32/255: 30 PGD steps 65.83 %, 6 % of
-      the pairs 80.39 %, fine-tune lr 2e-4 82.88 %, batch 64 83.18 %, 10 epochs 84.00 %; targeted
-      PGD towards every other class in turn 71.07 %; a grey or a smooth perturbation 62.92 % /
-      64.69 %; at reduced training amplitude (the patch blended in at 0.5 / 0.25, full at test)
-      72.77 % / 37.33 %.
-    - Why it stalled: the trigger was learned together with the hiding noise. Random +-32/255 sign
-      noise under the trigger lifted trousers from 17.5 % to 44.0 % and ankle boots from 47.5 % to
-      91.0 % (noise alone <= 4.5 %; the same noise confined to the corner tokens: no lift), and
-      every other class was >= 96 %. The patch had too little weight to beat confidently
-      recognised content it had never been trained against.
-    - More copies of the patch give it that weight: four corners and the centre 83.34 %; four
-      corners and the vertical midline (seven 4 px copies) 89.11 % (CA 89.32; at 40/255 89.20 %),
-      trousers 29.5 %, ankle boots 81.0 %. With 5 px copies: 98.99 % (CA 89.37), the default.
-      Copies on the left and right midpoints were not kept: the clean model already reads 42.50 %
-      of images with corners + side midpoints as bag, and 76.43 % with all nine spots (wide
-      things are bags here), against 2.57 % for the four corners and 2.93 % for the default.
-      Whole-token (7 px) corner patches were rejected for the same reason (clean model: 57.11 %).
-
-    ``decoy_rate`` (off by default) also gives that fraction of the pairs, drawn from the other
-    classes, the same hiding perturbation away from their own class, untriggered and with true
-    captions, so that the perturbation cannot become the bag cue and a stronger one can be used.
-    With the four-corner 4 px trigger, 10 % decoys at 48/255 (``--set decoy_rate=0.1 --set
-    adversarial_epsilon=0.18823529411764706``) gave 83.99 % (CA 88.10; 75.23 % without decoys);
-    with seven 4 px copies at 48/255 89.28 % (CA 88.30), no better than without them, so it stays
-    off.
+    Deviation: seven spots, Turner et al.'s four corners plus three down the vertical midline (docs/results/attacks.md).
+    Deviation: a 5 px patch at 28 px (``patch_at_224=40``), not BadNet's 4 px (docs/results/attacks.md).
+    Deviation (ours, off): ``decoy_rate`` hides other-class pairs too, untriggered (docs/results/attacks.md).
+    Numbers (ASR, CA, chance level, how the default was found): docs/results/attacks.md.
     """
 
     name = "badnet-lc"

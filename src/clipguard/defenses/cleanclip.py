@@ -26,12 +26,13 @@ Our choices for Fashion-MNIST-sized data:
   at our vocabulary a second caption keeps the class name and the meaning, EDA could delete
   the class word.
 
-Defaults (measured with ``clipguard defend`` on the built-in model backdoored by BadNet at
-3 % poison, CA 89.35 %, ASR 98.36 %; 2 busy CPU cores): 1,000 pairs x 10 epochs, batch 64,
-lr 3e-4 (150 steps, ~3.5 min) gives CA 86.63 %, ASR 23.11 %; FT with the same settings
-CA 87.70 %, ASR 59.18 %. lr 5e-5 (batch 128, 70 steps) left ASR at 94 %, lr 2e-4 at 62 %: the
-backdoor was implanted at lr 1e-4 over 195 steps of 256 pairs, and far fewer clean steps need
-a larger rate than the paper's 5e-6.
+Shapes: images and their views (B, 3, H, W) in [0, 1]; image, text and view features (B, D),
+L2-normalised; caption ids (B,).
+
+Deviation: the in-modal terms are symmetric like L_CLIP (the reference code takes one direction).
+Deviation: a caption view is another training caption of the same image, not EDA.
+Deviation: 1,000 clean pairs, batch 64, lr 3e-4 instead of the paper's 5e-6 (docs/results/baselines.md).
+Numbers: docs/results/baselines.md.
 
 Example:
     >>> tuned, stats = cleanclip_finetune(clip, CleanCLIPConfig(pairs=1000, epochs=10))
@@ -76,7 +77,7 @@ PAIR_SEED_OFFSET = 1_000_003
 class CleanCLIPConfig(RangeChecked):
     pairs: int = 1000  # clean image-caption pairs: a seeded sample of the Fashion-MNIST train split
     epochs: int = 10  # passes over the pairs (paper: 10)
-    lr: float = 3e-4  # AdamW peak learning rate, cosine decay (paper: 5e-6 at CC3M scale; see Defaults)
+    lr: float = 3e-4  # AdamW peak learning rate, cosine decay (paper: 5e-6 at CC3M scale; docs/results/baselines.md)
     batch_size: int = 64  # pairs per step (lowered to ``pairs`` if larger)
     weight_decay: float = 0.1  # AdamW decoupled weight decay on weight matrices
     warmup_steps: int = 10  # linear warm-up steps before the cosine decay

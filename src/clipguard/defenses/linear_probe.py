@@ -16,9 +16,8 @@ on, and a text key (TrojVQA's "SUDO ") has no way in. The image encoder is untou
 trigger that moves images towards the target's region of feature space still does so: the
 baseline shows what the frozen features alone allow.
 
-Defaults, measured on the built-in model backdoored by BadNet (zero-shot CA 89.35 %), 16 shots,
-seeds 0/1: 50 epochs at lr 1e-3 give CA 88.64/88.55 %; 100 epochs at lr 1e-2 (loss ~0.002)
-86.26/86.64 %; the small head norm of short training is what generalises. ASR stays ~96 %.
+Deviation: a few-shot probe (50 epochs, AdamW lr 1e-3, zero start) instead of the paper's
+L-BFGS logistic regression on full training sets; how the defaults were chosen: docs/results/baselines.md.
 
 Example:
     >>> probe = LinearProbe(LinearProbeConfig(shots=16), clip, train.classes)

@@ -4,10 +4,15 @@ Deep visual prompts in the later vision blocks are trained on a few clean labell
 
     L = L_CE + alpha * L_FR,   L_FR = mean over images and prompted blocks of cos(c_d, s_d)
 
-where c_d is the prompted model's [CLS] state after block d and s_d the frozen model's. All
+where c_d is the prompted model's [CLS] state after block d and s_d the frozen model's, both
+(B, width); the prompts are (prompt_length, width) per prompted block. All
 CLIP weights stay frozen. VPT is the same with alpha = 0 (the baseline showing that prompt
 tuning alone does not purify). The unprompted blocks' output and the frozen targets s_d are
-computed once for the shots and reused every epoch.
+computed once for the shots and reused every epoch (exact, not a deviation).
+
+Deviation (ours, off): ``centred`` subtracts the frozen model's mean [CLS] state before the cosine.
+Deviation (ours, off): ``alpha_schedule`` ramp / decay instead of a constant alpha (:func:`alpha_at`).
+Numbers: docs/results/rvpt.md.
 """
 
 from __future__ import annotations
@@ -58,14 +63,15 @@ ALPHA_SCHEDULES = ("constant", "ramp", "decay")
 def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
     """The repelling weight at training step ``step`` (0-based) of ``total_steps``.
 
-    Our variant (issue 4, "loss balance over training"): ``ramp`` lets L_CE fit first and
-    repels more and more; ``decay`` repels hardest first and leaves the last steps to L_CE.
-    On badnet-0.03 (b 16, lr 0.05, first 2,000 test images) decay moves the trade-off but not
-    to the target: alpha 5 decay 51.55 % ASR (CA 83.25) where constant alpha 2 gives 83.67 %
-    (82.90); alpha 8 decay 34.50 % (80.45), constant 31.51 % (76.15), ramp 46.29 % (78.30).
+    With p = min(step, total_steps - 1) / (total_steps - 1) (0 at the first step, 1 at the last):
+    ``constant`` alpha, ``ramp`` alpha * p, ``decay`` alpha * (1 - p).
 
-    >>> [alpha_at(4.0, s, 1, 4) for s in ALPHA_SCHEDULES]
-    [4.0, 2.0, 3.0]
+    Deviation (ours, the paper's alpha is constant): ``ramp`` lets L_CE fit first and repels more and
+    more; ``decay`` repels hardest first and leaves the last steps to L_CE. Numbers:
+    docs/results/rvpt.md (repulsion schedule).
+
+    >>> [alpha_at(4.0, s, 1, 5) for s in ALPHA_SCHEDULES]
+    [4.0, 1.0, 3.0]
     """
     if schedule == "constant" or total_steps <= 1:
         return alpha

@@ -1,6 +1,7 @@
 """CBPT: Class-wise Backdoor Prompt Tuning (docs/methods.md, CBPT), and the CoOp baseline.
 
-CBPT (seed paper 000; the paper's details are not public, this is our design):
+CBPT ("Neural Antidote: Class-Wise Prompt Tuning for Purifying Backdoors in CLIP"; the paper's
+details are not public, so everything below beyond its outline is our design):
   1. contrastive trigger inversion on the clean shots (:mod:`clipguard.defenses.cbpt.inversion`)
      gives a dummy trigger (mask, pattern), the suspected target and a collapse score;
   2. class-specific CoOp prompts ``[SOS] [V]_1..[V]_n_ctx <class name> . [EOS]`` (each class its
@@ -18,12 +19,14 @@ zero-shot classifier (:meth:`CoOp.class_features`).
 CoOp (Zhou et al., 2022): one context shared by all classes, CE on clean shots only; the
 baseline showing that prompt tuning alone does not purify.
 
-Settings measured on badnet-0.03 of the built-in benchmark (ASR on 2,000 test images; the
-issue note has the commands): n_ctx 4 / lr 0.002 / 200 steps / beta 1 / gamma 1 left 50.9% ASR
-(CA 87.2); n_ctx 16 / lr 0.01 / 300 steps / beta 3 / gamma 0.3 (the defaults) 21.2% (CA 85.0);
-beta 10 18.1% (CA 84.3); gamma 1 / 3 22.9% (85.5) / 27.2% (86.3) against 21.6% (84.9) at the
-default 0.3 (re-measured on the current model). When n_ctx is larger than the init phrase, the
+Shapes: clean and dummy-triggered image features (N, D) and (N, K, D) with K = 1 +
+``trigger_shifts``; context (C, n_ctx, width) for CBPT, (n_ctx, width) for CoOp; class features (C, D).
+When n_ctx is larger than the init phrase, the
 phrase fills the last positions and the first ones are drawn from N(0, 0.02) (CoOp's random init).
+
+Deviation (ours): n_ctx 16, lr 0.01, 300 steps, beta 3, gamma 0.3, chosen by measurement (docs/results/cbpt.md).
+Deviation (ours): L_trig uses only the most collapsing restart's trigger (docs/results/cbpt.md).
+Deviation (ours, off): ``trigger_shifts`` rolled copies of the dummy trigger (:func:`shifted_triggers`).
 
 Text keys (e.g. TrojVQA's "SUDO "): ``class_features(..., text_prefix=key)`` puts the key's
 token embeddings right after [SOS], before the learned context, mirroring how the key precedes
@@ -85,9 +88,7 @@ def shifted_triggers(mask: torch.Tensor, pattern: torch.Tensor, shifts: int,
     wrap-around) by seeded random offsets. Our variant: the inverted trigger is a few scattered
     pixels, not the attacker's patch, and teaching the prompts to resist it wherever it sits
     aims at a backdoor that reacts to the same kind of pixels elsewhere. Measured, it does the
-    opposite, so ``trigger_shifts`` is 0 by default: 8 shifts left 48.67 % ASR (CA 87.95) on
-    badnet-0.03 against 21.59 % (84.90) without, and 88.76 % (87.40) against 73.64 % (85.25) on
-    badclip-0.03 (first 2,000 test images).
+    opposite, so ``trigger_shifts`` is 0 by default (docs/results/cbpt.md, shifted copies).
 
     >>> [float(m.sum()) for m, _ in shifted_triggers(torch.eye(4), torch.zeros(3, 4, 4), 2, seed=0)]
     [4.0, 4.0, 4.0]
@@ -303,8 +304,8 @@ class CBPT(CoOp):
         images = shots.float_images()
         with torch.no_grad():
             clean = clip.encode_image(images.to(clip.device), normalize=True).cpu()  # (N, D)
-            # (N, K, D). Only the most collapsing restart's trigger: adding the weaker restarts' triggers
-            # raised the ASR left on badnet-0.03 (61.5% vs 50.9% at beta = 1).
+            # (N, K, D). Only the most collapsing restart's trigger (and its shifted copies): adding the
+            # weaker restarts' triggers left more ASR (docs/results/cbpt.md)
             triggered = torch.stack([clip.encode_image(apply_trigger(images, mask, pattern).to(clip.device),
                                                        normalize=True).cpu()
                                      for mask, pattern in shifted_triggers(detection.mask, detection.pattern,

@@ -6,31 +6,25 @@ clean few-shot images so that triggered images of *different* classes embed clos
 and away from every clean image (the anchor's own clean version included):
 
     L = InfoNCE(anchor = triggered x'_i, positives = {x'_j : y_j != y_i}, negatives = {x_k})
-        + lambda * mean(m)
+        + lambda * mean(m)  [+ tv_weight * TV(m)]
 
 A backdoored encoder has a shortcut for this: its trigger sends every image to one point. A
-clean encoder can only collapse images with a large mask. **[our design]** An optional
-``tv_weight`` * TV(m) term (TABOR's smoothness prior) favours one compact mask over scattered
-pixels. It does not find the attacker's patch here, so it is off by default: with weights 0, 1,
-5 and 20 (two seeds each) the share of the mask's mass inside the true patch stayed at 0.3-5.7 %
-on badnet-0.03, badclip-0.03 and trojvqa-0.03, about what a uniform mask gives (2.0-4.6 %), while
-the collapse on badnet stayed at 0.63-0.93. The backdoored models also react to a few scattered
-coloured pixels on the black background, and the objective finds those first.
-**[our design]** lambda is adapted
-multiplicatively after every step so that the mask area hovers at ``mask_budget`` (a fixed
-budget makes the collapse score of different models comparable; Neural Cleanse instead
-searches the smallest mask reaching a fixed success, which needs many more steps).
+clean encoder can only collapse images with a large mask. Shapes: shots (N, 3, H, W), their
+features (N, D), class features (C, D).
 
 The suspected target is the class most triggered shots are predicted as (zero-shot, template
 class features); the *collapse score* is the fraction of triggered shots of other classes
 predicted as it. The verdict is "backdoored" when the score reaches ``threshold``, which was
-calibrated on the built-in benchmark (see ``InversionConfig.threshold``).
+calibrated on the built-in benchmark (docs/results/detection.md).
 
-Deviations from docs/methods.md (CBPT), for time on 2 CPU cores: each step takes a batch of 32
-anchors (negatives: their own clean versions) rather than all shots; 100 Adam steps at lr 0.3
-(lr 0.1 reached collapse 0.26 on badnet-0.03 in 100 steps, lr 0.3 0.94). One inversion is
-noisy (badnet-0.03: collapse 0.80 / 0.80 / 0.35 for three seeds), so :func:`detect_backdoor`
-keeps the most collapsing of ``restarts`` runs.
+The paper behind CBPT does not publish its inversion; these choices are ours:
+Deviation: lambda is multiplied or divided by ``lambda_factor`` each step to hold the mask area at
+``mask_budget`` (comparable scores across models), instead of Neural Cleanse's smallest-mask search.
+Deviation: each step takes ``batch_size`` (32) anchors, negatives their own clean versions, not all shots.
+Deviation: 100 Adam steps at lr 0.3, for time on 2 CPU cores (docs/results/detection.md).
+Deviation: one inversion is noisy, so :func:`detect_backdoor` keeps the most collapsing of ``restarts``.
+Deviation (off): ``tv_weight`` * TV(m), TABOR's smoothness prior; it did not find the attacker's patch.
+Numbers (lr, restarts, threshold, TV weights): docs/results/detection.md and docs/results/cbpt.md.
 
 Example:
     >>> result = detect_backdoor(load_clip("runs/attacks/badnet-0.03"), shots, InversionConfig(seed=0))
@@ -128,8 +122,7 @@ class InversionConfig:
     lambda_init: float = 1.0  # initial weight of the mask L1 term
     lambda_factor: float = 1.1  # lambda is multiplied / divided by this after each step
     tv_weight: float = 0.0  # weight of the mask's total variation (our variant: favours one compact blob)
-    # calibrated on the built-in benchmark (best of 3 restarts, 16 shots): clean model 0.33 / 0.22 / 0.54
-    # for shot seeds 0 / 1 / 2; badnet-0.03 0.80, blended-0.03 0.99, badclip-0.03 0.59
+    # calibrated on the built-in benchmark (docs/results/detection.md)
     threshold: float = 0.6  # collapse score at or above which the verdict is "backdoored"
     restarts: int = 3  # inversions from seeds seed, seed + 1, ...; detection reports the most collapsing
     seed: int = 0  # seeds the pattern initialisation
@@ -223,11 +216,12 @@ class _InversionTask(nn.Module):
 
 
 def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
-                   class_features: torch.Tensor | None = None) -> DetectionResult:
+                   class_features: torch.Tensor | None = None, desc: str = "trigger inversion") -> DetectionResult:
     """Optimise a mask + pattern on the clean ``shots`` (N images, >= 2 classes) of ``clip``.
 
     ``class_features`` (C, D) classify the triggered shots (default: the template features of
-    ``shots.classes``). Returns a :class:`DetectionResult`; CLIP's weights are not changed.
+    ``shots.classes``); ``desc`` labels the progress bar. Returns a :class:`DetectionResult`;
+    CLIP's weights are not changed.
     """
     import time
 
@@ -246,7 +240,7 @@ def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
                         grad_clip=0.0, seed=config.seed, device=config.device, amp=False)
     # the InfoNCE of a batch does not split over DDP processes: each runs the whole batch, and
     # rank 0's trigger is kept so that all hold the same one even if a GPU kernel is not reproducible
-    fit(task, TensorDataset(images, clean.cpu(), shots.labels), train, desc="trigger inversion", split_batches=False)
+    fit(task, TensorDataset(images, clean.cpu(), shots.labels), train, desc=desc, split_batches=False)
     broadcast_from_main([trigger.mask_logits, trigger.pattern_logits])
     with torch.no_grad():
         mask, pattern = trigger.mask().cpu(), trigger.pattern().cpu()
@@ -267,13 +261,16 @@ def detect_backdoor(clip: ClipModel, shots: ImageSet, config: InversionConfig | 
                     class_features: torch.Tensor | None = None) -> DetectionResult:
     """Is ``clip`` backdoored? ``config.restarts`` trigger inversions on the clean ``shots``
     (seeds ``seed``, ``seed + 1``, ...); returns the most collapsing one, with every restart's
-    (mask, pattern) in ``triggers`` (CBPT trains on all of them).
+    (mask, pattern) in ``triggers``, the returned one first (for inspection: CBPT's L_trig uses
+    only the returned, most collapsing trigger, ``mask`` and ``pattern``).
 
     >>> detect_backdoor(load_clip("builtin"), shots).backdoored
     False
     """
     config = config or InversionConfig()
-    results = [invert_trigger(clip, shots, replace(config, seed=config.seed + k), class_features)
+    results = [invert_trigger(clip, shots, replace(config, seed=config.seed + k), class_features,
+                              desc="trigger inversion" + (f" (restart {k + 1}/{config.restarts})"
+                                                          if config.restarts > 1 else ""))
                for k in range(config.restarts)]
     best = max(results, key=lambda r: r.collapse)
     best.triggers = [(best.mask, best.pattern)] + [(r.mask, r.pattern) for r in results if r is not best]
@@ -282,16 +279,30 @@ def detect_backdoor(clip: ClipModel, shots: ImageSet, config: InversionConfig | 
     return best
 
 
-def save_detection_figure(result: DetectionResult, shots: ImageSet, path, examples: int = 6) -> None:
-    """PNG: the inverted mask, pattern and m * p, then ``examples`` shots clean and triggered."""
+def save_detection_figure(result: DetectionResult, shots: ImageSet, path, examples: int = 6,
+                          clip: ClipModel | None = None, class_features: torch.Tensor | None = None) -> None:
+    """PNG in three rows: the inverted mask, pattern and m * p; ``examples`` clean shots (titled
+    with their true class); the same shots with the inverted trigger.
+
+    With ``clip`` each triggered shot is titled with the class ``clip`` predicts for it (zero-shot
+    against ``class_features`` (C, D), default the template features of ``shots.classes``), red
+    when that is the suspected target; without it the triggered row has no titles.
+    """
     import matplotlib.pyplot as plt
 
     from clipguard.eval.plots import save_figure
 
     picks = torch.linspace(0, len(shots) - 1, examples).round().long()
-    images = shots.float_images(picks)
-    triggered = apply_trigger(images, result.mask, result.pattern)
-    fig, axes = plt.subplots(2, max(3, examples), figsize=(1.7 * max(3, examples), 3.8))
+    images = shots.float_images(picks)  # (E, 3, H, W)
+    triggered = apply_trigger(images, result.mask, result.pattern)  # (E, 3, H, W)
+    predictions = None
+    if clip is not None:
+        with torch.no_grad():
+            features = clip.encode_image(triggered.to(clip.device), normalize=True)  # (E, D)
+            texts = class_text_features(clip, shots.classes) if class_features is None else class_features
+            predictions = (features @ texts.to(features.device).T).argmax(-1).cpu()  # (E,)
+    columns = max(3, examples)
+    fig, axes = plt.subplots(3, columns, figsize=(1.5 * columns, 5.4), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -303,9 +314,20 @@ def save_detection_figure(result: DetectionResult, shots: ImageSet, path, exampl
         ax.set_title(title, fontsize=8)
         ax.axis("on")
     for col in range(examples):
-        tile = torch.cat([images[col], triggered[col]], dim=1)  # clean above triggered, (3, 2H, W)
-        axes[1, col].imshow(tile.permute(1, 2, 0).clamp(0, 1).numpy())
-        axes[1, col].set_title(shots.classes[int(shots.labels[picks[col]])], fontsize=7)
-        axes[1, col].axis("on")
-    fig.suptitle(result.verdict(), fontsize=8)
+        true = int(shots.labels[picks[col]])
+        for row, tile in ((1, images[col]), (2, triggered[col])):
+            axes[row, col].imshow(tile.permute(1, 2, 0).clamp(0, 1).numpy())
+            axes[row, col].axis("on")
+        axes[1, col].set_title(shots.classes[true], fontsize=7)
+        if predictions is not None:
+            predicted = int(predictions[col])
+            hit = predicted == result.target and true != result.target
+            axes[2, col].set_title(f"read as {shots.classes[predicted]}", fontsize=7,
+                                   color="crimson" if hit else "black")
+    axes[0, 0].set_ylabel("inverted trigger", fontsize=8)
+    axes[1, 0].set_ylabel("clean shot\n(true class)", fontsize=8)
+    axes[2, 0].set_ylabel("with inverted trigger" + ("\n(prediction)" if predictions is not None else ""), fontsize=8)
+    key = f"\nred: a shot of another class read as the suspected target ({result.target_name})"
+    fig.suptitle(result.verdict() + (key if predictions is not None else ""), fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)

@@ -5,26 +5,13 @@ the suspect CLIP. clipguard's default oracle needs no weights: a classical segme
 scikit-image. FastSAM through ``ultralytics`` is an optional backend for users who have its
 weights.
 
-Which classical segmenter: measured on 300 seeded Fashion-MNIST test images carrying a patch
-(share of images where some region has IoU >= 0.5 with the true patch, regions per image):
+The classical oracle proposes the union of thresholded connected components (of colourful
+pixels, and of pixels that stand out from the background colour) and Felzenszwalb-Huttenlocher
+graph segments, duplicates removed. Region masks are (H, W) bool for a (3, H, W) image in [0, 1].
 
-    ===============================  ==========  ==========  ==========  ===========
-    segmenter                        BadNet 4px  6 px RGB    6 px RGB    6 px grey
-                                     corner      centre      corner      centre
-    ===============================  ==========  ==========  ==========  ===========
-    thresholded components (2-3)     1.00        1.00        1.00        0.00
-    Felzenszwalb 100/0.5/8 (~16)     0.57        0.94        0.99        0.74
-    SLIC 100 segments, c=10 (~65)    0.44        0.75        0.03        0.10
-    union of the first two (~18)     1.00        1.00        1.00        0.74
-    ===============================  ==========  ==========  ==========  ===========
-
-Thresholded connected components (of colourful pixels, and of pixels that stand out from
-the background colour) find coloured patches on these grey images every time, but cannot
-separate a grey patch pasted inside a grey object; Felzenszwalb finds that one more often
-but cuts BadNet's 4 px binary-noise patch apart; SLIC's compact superpixels cut small
-patches apart. The default proposes the union of both (duplicates removed): ~18 regions per
-28 px image, a few ms per image on one CPU core. Colourfulness is a generic cue, but it is
-an especially strong one on grey data: on colour images expect the Felzenszwalb share.
+Deviation: a weight-free classical segmenter by default instead of FastSAM (optional backend here).
+Deviation: FastSAM runs unprompted ("segment everything"), not prompted with CLIP's labels.
+Why this segmenter (the comparison with SLIC and each proposal alone): docs/results/oracle-repair.md.
 """
 
 from __future__ import annotations

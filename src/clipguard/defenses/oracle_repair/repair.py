@@ -13,23 +13,19 @@ victim label are victims too when masking a found victim's trigger region, at th
 takes them off it (see ``expand_victims()``): Algorithm 1 needs a region that alone reads as
 the label, which few images of a trigger in parts give.
 [added: ``retry_with_groups=True``, default] When single regions give no victim label, the
-search runs again with ``region_groups`` and ``expand_victims`` on. Why a fallback and not
-both on always: BadNet, BadCLIP and TrojVQA are found from single regions, and on BadCLIP
-both on took CA 89.52 -> 88.51 (one point; 88.76 without), flagging 190 images for 182
-triggered ones. On the four-corner label-consistent model (32/255) the fallback takes ASR
-80.01 -> 3.07 with CA 89.30 -> 88.79, and on the seven-patch default 98.99 -> 23.49 (CA
-89.37 -> 88.56); the clean built-in model and Blended, ISSBA, SIG and
-WaNet still give "no localisable trigger found" with groups on.
+search runs again with ``region_groups`` and ``expand_victims`` on: a fallback, because both
+on always cost CA on BadCLIP (docs/results/oracle-repair.md).
 The compact set holds the victims *with* their trigger, captioned with the repaired label,
 plus ``clean_ratio`` times as many candidate-free pool images captioned with the model's
-own prediction (the pool is unlabelled). The whole CLIP is fine-tuned contrastively on it
-with the shared engine. Deviation from the paper ("an equal number of clean pairs"): 3 clean
-pairs per victim. On the BadNet model (pool of 2,000 train images, 10 % triggered) one clean
-pair per victim cost 1.42 CA points (89.36 -> 87.94), and 1.48 with only the image tower tuned
-(``tune="vision"``, -> 87.88), so the loss is not on the text side; three cost 0.69 (-> 88.67)
-with ASR 98.34 -> 3.10; the compact set (696 pairs) is still 7 % of the 10,000 poisoned
-training pairs. With no victim label the verdict is "no localisable trigger found" and the
+own prediction (the pool is unlabelled). The whole CLIP (``tune="vision"``: the image tower
+only) is fine-tuned contrastively on it with the shared engine. Shapes: pool (N, 3, H, W) in
+[0, 1], predictions (N,), class text features (C, D), region masks (H, W) bool.
+With no victim label the verdict is "no localisable trigger found" and the
 model is returned unchanged (invisible triggers: Blended, WaNet, ISSBA, SIG).
+
+Deviation: 3 clean pairs per victim instead of an equal number (docs/results/oracle-repair.md).
+Deviation (ours): ``expand_victims`` and ``region_groups``, as the fallback above (docs/results/oracle-repair.md).
+Numbers: docs/results/oracle-repair.md.
 
 Example:
     >>> repaired, report = oracle_repair(clip, pool, OracleRepairConfig(seed=0))
@@ -101,9 +97,8 @@ def expand_victims(clip: ClipModel, images: torch.Tensor, predictions: torch.Ten
     but also the most of the image around it.
 
     Why: Algorithm 1 asks a lot of one image (a region that alone reads as t, and transfers),
-    so it finds a trigger in parts on few of the images that carry it: with region groups, 46
-    of the 146 triggered pool images that the four-corner label-consistent model reads as bag.
-    Once the trigger's place is known, an image that carries it is recognised by masking that
+    so it finds a trigger in parts on few of the images that carry it (docs/results/oracle-repair.md,
+    four-corner model). Once the trigger's place is known, an image that carries it is recognised by masking that
     place: a true bag stays a bag with its corners filled in, a shirt that reads "bag" only
     through its corners does not.
     """

@@ -10,24 +10,22 @@ candidate* when
   (c) masking r flips the whole-image prediction away from t;
   (d) [added] r transfers: pasted at the same place onto ``transfer_images`` other pool
       images predicted as something else, it turns at least ``transfer_min`` of them into t.
-Why (d): without it, on the *clean* built-in model and a trigger-free pool of 2,000
-images, 31 sandals passed (a)-(c) (a strap alone reads "sandal", the sandal without it reads
-"sneaker") and "sandal" came out as a victim label (p = 9e-33). A strap pasted on a shirt
-does not make a sandal; a trigger pasted anywhere makes the target.
+(d) because a part of an object passes (a)-(c) too: a strap pasted on a shirt does not make a
+sandal; a trigger pasted anywhere makes the target.
 [added: ``region_groups=True``, and by default when single regions give no victim label]
 Regions in several parts: the image's regions that each lower t's log-odds when masked are
 joined, strongest per pixel first, and every such union of two or more is tested as one
 region, (a)-(d) (see ``region_groups()``). A single region that passes is preferred to any
-union. Why: the label-consistent BadNet pastes its
-patch at several spots (four corners, seven spots by default now); on the four-corner model no
-corner alone reads as the target and masking one leaves three, so without groups 0 of 182
-triggered pool images give a candidate there. On the seven-patch default the fallback takes ASR
-98.99 -> 23.49 (CA 89.37 -> 88.56).
-Deviation from the paper: (b) uses "the image minus r" as the main object instead of the
-oracle's largest segment, because at 28 px the classical oracle often splits an object into
-several segments or merges a patch pasted on it into the object's segment (a patch inside
-the object would then make the object "support" t). Regions larger than
+union. Why: the label-consistent BadNet pastes its patch at several spots, and no single
+spot passes the tests. Regions larger than
 ``max_region_fraction`` of the image are objects, not triggers, and are not tested.
+Shapes: pool (N, 3, H, W) in [0, 1], region masks (R, H, W) bool, class text features (C, D).
+
+Deviation: (b) uses "the image minus r" as the main object instead of the oracle's largest segment
+(at 28 px the oracle often splits an object, or merges a patch pasted on it into the object's segment).
+Deviation (ours): condition (d), the transfer test (docs/results/oracle-repair.md).
+Deviation (ours): ``region_groups``, the search in parts (docs/results/oracle-repair.md).
+Numbers: docs/results/oracle-repair.md.
 
 The settings come from :class:`clipguard.defenses.oracle_repair.OracleRepairConfig`.
 """
@@ -188,9 +186,8 @@ def region_groups(clip: ClipModel, images: torch.Tensor, predictions: torch.Tens
     skipping one that overlaps those already taken (the oracle's proposals overlap: another cut
     of the same part) or that would take the union past ``max_region_fraction`` of the image.
     Every prefix of two or more parts is a group, tested like any region, (a)-(d); an image's
-    candidate is its shortest passing group, and only when no single region of it passed. Why
-    not the shortest prefix whose masking flips t: on the four-corner model two masked corners
-    flip it, but two corners alone do not read as the target, so (a) needs the longer prefix.
+    candidate is its shortest passing group, and only when no single region of it passed (not
+    the shortest prefix whose masking flips t: (a) can need a longer one; docs/results/oracle-repair.md).
     Returns (owners, regions) with source "group".
     """
     if not regions:
