@@ -196,7 +196,7 @@ def cmd_detect(args) -> None:
     train = load_fmnist("train")
     shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
     result = detect_backdoor(clip, shots, config)
-    save_detection_figure(result, shots, args.out)
+    save_detection_figure(result, shots, args.out, clip=clip)
     write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
                Path(args.out).with_suffix(".json"))
     print(f"{args.model}: {result.verdict()}; wrote {args.out}")

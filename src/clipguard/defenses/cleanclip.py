@@ -31,7 +31,7 @@ L2-normalised; caption ids (B,).
 
 Deviation: the in-modal terms are symmetric like L_CLIP (the reference code takes one direction).
 Deviation: a caption view is another training caption of the same image, not EDA.
-Deviation: 1,000 clean pairs, batch 64, lr 3e-4 instead of the paper's 5e-6 (docs/results/baselines.md).
+Deviation: lr 3e-4 instead of the paper's 5e-6, for only 1,000 clean pairs (docs/results/baselines.md).
 Numbers: docs/results/baselines.md.
 
 Example:

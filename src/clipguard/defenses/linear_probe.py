@@ -16,8 +16,10 @@ on, and a text key (TrojVQA's "SUDO ") has no way in. The image encoder is untou
 trigger that moves images towards the target's region of feature space still does so: the
 baseline shows what the frozen features alone allow.
 
-Deviation: a few-shot probe (50 epochs, AdamW lr 1e-3, zero start) instead of the paper's
-L-BFGS logistic regression on full training sets; how the defaults were chosen: docs/results/baselines.md.
+Shapes: shot features f (N, D), head W (C, D), logits (B, C).
+
+Deviation: bias-free, trained with AdamW (50 epochs, lr 1e-3, zero start) instead of the paper's
+L-BFGS logistic regression; how these defaults were chosen: docs/results/baselines.md.
 
 Example:
     >>> probe = LinearProbe(LinearProbeConfig(shots=16), clip, train.classes)
