@@ -81,7 +81,8 @@ def attack_for(args, clip):
     return None, None
 
 
-def summary_line(record: dict) -> str:
+def summary_line(record: dict, suffix: str = "") -> str:
+    """One line of CA (and ASR, PA) with ``suffix``; a chance-level warning on its own line below."""
     ca = record["clean_accuracy"]
     through = f" through {record['defense']}" if record.get("defense") else ""
     line = f"{record['model']}{through} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
@@ -89,6 +90,7 @@ def summary_line(record: dict) -> str:
         asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
         line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "
                  f"PA {100 * pa['value']:.2f}% [target-class images excluded]")
+    line += suffix
     if record.get("warning"):
         line += f"\nWARNING: {record['warning']}"
     return line

@@ -44,9 +44,8 @@ def cmd_defend(args) -> None:
         result = pipeline.evaluate(defended, trigger=trigger, target=target, seed=args.seed, name=name)
         if is_main_process():
             pipeline.save(defended, args.out, evaluation=result)
-    line = summary_line(result)
     if cls.rewrites_weights:
         print(defended.defense.summary(defended.stats))
-        print(line + f"; saved {args.out}")
+        print(summary_line(result, f"; saved {args.out}"))
     else:
-        print(line + f" | {defended.defense.summary(defended.stats)}; saved {args.out}")
+        print(summary_line(result, f" | {defended.defense.summary(defended.stats)}; saved {args.out}"))

@@ -64,7 +64,7 @@ def cmd_evaluate(args) -> None:
                             trigger=trigger, target=target, defense=defense)
     if args.json and is_main_process():
         write_json(record, args.json)
-    print(summary_line(record) + f" in {record['seconds']:.1f} s")
+    print(summary_line(record, f" in {record['seconds']:.1f} s"))
 
 
 def cmd_attack(args) -> None:
@@ -94,8 +94,9 @@ def cmd_attack(args) -> None:
         write_json(result, out / "eval.json")
         shutil.rmtree(run_dir, ignore_errors=True)  # the finished run's checkpoint
     decoys = f" (+ {record['decoy_pairs']} untriggered decoys)" if record.get("decoy_pairs") else ""
-    print(summary_line(result) + f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
-          f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; saved {args.out}")
+    print(summary_line(result, f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
+                               f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; "
+                               f"saved {args.out}"))
 
 
 @contextlib.contextmanager
