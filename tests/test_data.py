@@ -52,7 +52,7 @@ def test_image_folder_and_caption_csv(tmp_path):
         _png(tmp_path / cls / "a.png", value)
     folder = load_image_folder(tmp_path, size=16)
     assert folder.classes == ("cat", "dog house")
-    assert folder.images.shape == (2, 3, 16, 16) and folder.labels.tolist() == [0, 1]
+    assert folder.float_images().shape == (2, 3, 16, 16) and folder.labels.tolist() == [0, 1]
     (tmp_path / "pairs.csv").write_text("filepath,caption\ncat/a.png,a cat\ndog_house/a.png,a dog house\n")
     images, captions = load_caption_csv(tmp_path / "pairs.csv", size=8)
     assert images.shape == (2, 3, 8, 8) and captions == ["a cat", "a dog house"]
@@ -61,8 +61,11 @@ def test_image_folder_and_caption_csv(tmp_path):
 def test_corrupt_image_gives_one_line_error(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "bad.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ClipguardError, match="cannot read image") as err:
-        load_image_folder(tmp_path, size=16)
+    (tmp_path / "dog").mkdir()
+    _png(tmp_path / "dog" / "good.png", 10)
+    folder = load_image_folder(tmp_path, size=16)  # listed, not decoded
+    with pytest.raises(ClipguardError, match="cannot read image .*bad.png") as err:
+        folder.float_images()
     assert "\n" not in str(err.value)
 
 
@@ -70,3 +73,35 @@ def test_caption_csv_needs_its_columns(tmp_path):
     (tmp_path / "x.csv").write_text("path,text\na.png,hi\n")
     with pytest.raises(ClipguardError, match="'filepath' and 'caption'"):
         load_caption_csv(tmp_path / "x.csv", size=8)
+
+
+def test_image_folder_names_classes_from_classnames_txt_and_needs_two_classes(tmp_path):
+    for cls in ("n01", "n02"):
+        (tmp_path / cls).mkdir()
+        _png(tmp_path / cls / "a.png", 50)
+    (tmp_path / "classnames.txt").write_text("goldfish\ngreat white shark\n")
+    assert load_image_folder(tmp_path, size=8).classes == ("goldfish", "great white shark")
+    (tmp_path / "classnames.txt").write_text("goldfish\n")
+    with pytest.raises(ClipguardError, match="names 1 classes but .* has 2"):
+        load_image_folder(tmp_path, size=8)
+    (tmp_path / "classnames.txt").unlink()
+    (tmp_path / "n02" / "a.png").unlink()
+    with pytest.raises(ClipguardError, match="one class only"):
+        load_image_folder(tmp_path, size=8)
+
+
+def test_image_folder_decodes_only_what_a_subset_asks_for(tmp_path, monkeypatch):
+    from clipguard.data import folders
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(20):
+            _png(tmp_path / cls / f"{i:02d}.png", 10 * i)
+    decoded = []
+    real = folders.read_image
+    monkeypatch.setattr(folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    folder = load_image_folder(tmp_path, size=8)
+    assert len(folder) == 40 and decoded == []  # listing decodes nothing
+    shots = folder.subset(few_shot_indices(folder.labels, 2, 0, 2))
+    assert shots.float_images().shape == (4, 3, 8, 8) and len(decoded) == 4
+    assert torch.equal(shots.labels, folder.labels[few_shot_indices(folder.labels, 2, 0, 2)])

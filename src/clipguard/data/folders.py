@@ -1,9 +1,12 @@
-"""Users' own data: an ImageFolder-style tree (one sub-folder per class) or a CSV of (filepath, caption)."""
+"""Users' own data: an ImageFolder-style tree (one sub-folder per class, streamed) or a CSV of (filepath, caption)."""
 
 from __future__ import annotations
 
 import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,24 +34,81 @@ def read_image(path: Path, size: int) -> torch.Tensor:
         raise ClipguardError(f"cannot read image {path} ({err}); remove or replace the file") from None
 
 
-def load_image_folder(root: str | Path, size: int) -> ImageSet:
-    """An ImageFolder tree ``root/<class name>/<image>``; classes in sorted folder order."""
+class FolderImages:
+    """An ImageFolder tree, listed up front and decoded only when a batch asks for it.
+
+    The interface of :class:`ImageSet` that evaluation and few-shot sampling use (``labels``,
+    ``classes``, ``image_size``, ``float_images``, ``subset``), but no image is held: memory does
+    not grow with the folder, and ``subset`` (``--limit``, the shots) decodes only what it keeps.
+    A batch is decoded by ``workers`` threads (PIL decodes and resizes outside the GIL).
+
+    files: the image paths (N,); labels: int64 (N,), positions in ``classes``.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: torch.Tensor, classes: tuple[str, ...], size: int,
+                 workers: int | None = None):
+        self.files, self.labels, self.classes, self.size = tuple(files), labels, classes, size
+        self.workers = workers or min(8, os.cpu_count() or 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    def float_images(self, index=slice(None)) -> torch.Tensor:
+        """Float (B, 3, S, S) in [0, 1] for an index, slice or index tensor: decoded now."""
+        if isinstance(index, int):
+            index = [index]
+        positions = range(len(self.files))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+        paths = [self.files[i] for i in positions]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(paths)))) as pool:
+            decoded = list(pool.map(lambda path: read_image(path, self.size), paths))
+        return torch.stack(decoded).float().div_(255) if decoded else torch.empty(0, 3, self.size, self.size)
+
+    def subset(self, index: torch.Tensor) -> "FolderImages":
+        keep = torch.as_tensor(index).tolist()
+        return FolderImages([self.files[i] for i in keep], self.labels[index], self.classes, self.size, self.workers)
+
+
+CLASSNAMES_FILE = "classnames.txt"
+
+
+def load_image_folder(root: str | Path, size: int, workers: int | None = None) -> FolderImages:
+    """An ImageFolder tree ``root/<class>/<image>``: classes in sorted folder order, named by the
+    folder (``_`` read as a space) or by ``root/classnames.txt`` (one name per line, same order).
+
+    Only the file list is read here; images are decoded when a batch asks for them, and an
+    unreadable one is then refused with its name (skipping it would change the counts).
+    """
     root = Path(root)
     if not root.is_dir():
         raise ClipguardError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
         raise ClipguardError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
-    images, labels = [], []
-    for label, name in enumerate(classes):
+    files, labels = [], []
+    for label, name in enumerate(folders):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(read_image(path, size))
+                files.append(path)
                 labels.append(label)
-    if not images:
+    if not files:
         raise ClipguardError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    class_names = tuple(name.replace("_", " ") for name in classes)
-    return ImageSet(torch.stack(images), torch.tensor(labels), class_names)
+    classes = tuple(name.replace("_", " ") for name in folders)
+    names_file = root / CLASSNAMES_FILE
+    if names_file.is_file():
+        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        if len(names) != len(folders):
+            raise ClipguardError(f"{names_file} names {len(names)} classes but {root} has {len(folders)} class "
+                                 "folders; give one name per folder, in sorted folder order")
+        classes = names
+    used = sorted(set(labels))
+    if len(used) < 2:
+        raise ClipguardError(f"{root} has images of one class only ({classes[used[0]]!r}); zero-shot "
+                             "classification needs at least two classes")
+    return FolderImages(files, torch.tensor(labels), classes, size, workers)
 
 
 def load_caption_csv(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
