@@ -30,7 +30,7 @@ import torch
 from clipguard import ClipguardError
 from clipguard.attacks import AttackConfig, load_trigger, run_attack
 from clipguard.config import override
-from clipguard.data import ImageSet, few_shot_indices, load_fmnist
+from clipguard.data import FolderImages, ImageSet, few_shot_indices, has_splits, load_dataset, load_fmnist
 from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.clip import ClipModel
@@ -54,10 +54,16 @@ def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settin
     return clip, trigger, record
 
 
-def draw_shots(shots: int, seed: int = 0) -> ImageSet:
-    """``shots`` clean labelled images per class from the Fashion-MNIST train split, seeded."""
-    train = load_fmnist("train")
-    return train.subset(few_shot_indices(train.labels, shots, seed, len(train.classes)))
+def shot_indices(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28) -> torch.Tensor:
+    """Positions in ``dataset``'s train split of ``shots`` images per class, seeded (nothing decoded)."""
+    train = load_dataset(dataset, "train", image_size)
+    return few_shot_indices(train.labels, shots, seed, len(train.classes))
+
+
+def draw_shots(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28):
+    """``shots`` clean labelled images per class from ``dataset``'s train split (the whole folder
+    when it has no splits), seeded. Only the shots are decoded."""
+    return load_dataset(dataset, "train", image_size).subset(shot_indices(shots, seed, dataset, image_size))
 
 
 def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int | None = None,
@@ -71,10 +77,11 @@ def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int 
 
 
 def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | None = None,
-                 pool_trigger_rate: float = 0.0, trigger=None):
-    """What ``cls.fit`` learns from: shots drawn under the config's seed, the pool, or None (pairs)."""
+                 pool_trigger_rate: float = 0.0, trigger=None, dataset: str = "fmnist"):
+    """What ``cls.fit`` learns from: shots of ``dataset`` drawn under the config's seed, the pool,
+    or None (pairs)."""
     if cls.data == "shots":
-        return draw_shots(config.shots, config.seed)
+        return draw_shots(config.shots, config.seed, dataset, suspect.image_size)
     if cls.data == "pool":
         from clipguard.defenses.oracle_repair.oracle import load_pool
 
@@ -96,6 +103,8 @@ class Defended:
     defense: Defense | None
     stats: dict = field(default_factory=dict)
     suspect_dir: str | None = None  # the suspect's directory, when it was loaded from one
+    dataset: str = "fmnist"  # the labelled spec the shots came from
+    shots_index: torch.Tensor | None = None  # their positions in its train split (shot defenses)
 
     @property
     def model(self) -> ClipModel:
@@ -115,12 +124,15 @@ class Defended:
 
 def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int = 0, device: str = "auto",
            settings: dict[str, Any] | None = None, config=None, pool: str | None = None,
-           pool_trigger_rate: float = 0.0, suspect_dir: str | Path | None = None) -> Defended:
+           pool_trigger_rate: float = 0.0, suspect_dir: str | Path | None = None,
+           dataset: str = "fmnist") -> Defended:
     """Fit defense ``method`` for ``suspect`` (never changed) and return the defended model.
 
     ``config`` (the method's config dataclass) replaces ``shots``/``seed``/``device``/``settings``.
     ``pool``/``pool_trigger_rate``: the unlabelled pool of a pool defense; a rate > 0 mixes the
     suspect's own trigger (read from ``suspect_dir``) into that share of it, a simulation.
+    ``dataset``: the labelled spec a shot defense draws its shots from (its train split, or the
+    whole folder when it has none; :func:`evaluate` then leaves the shots out).
     ``method="none"``: the suspect as it is.
     """
     if method == NO_DEFENSE:
@@ -131,12 +143,13 @@ def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int 
     if cls.data == "pool" and pool_trigger_rate:
         record = suspect.config.get("attack")
         trigger = load_trigger(suspect_dir, record) if record and suspect_dir else None
-    data = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger)
+    data = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset)
+    index = shot_indices(config.shots, config.seed, dataset, suspect.image_size) if cls.data == "shots" else None
     defense = cls(config, suspect, _class_names(suspect, data)).to(suspect.device)
     start = time.perf_counter()
     stats = defense.fit(suspect, data)
     stats.setdefault("seconds", round(time.perf_counter() - start, 2))
-    return Defended(suspect, defense, stats, _str(suspect_dir))
+    return Defended(suspect, defense, stats, _str(suspect_dir), dataset, index)
 
 
 def _str(path) -> str | None:
@@ -144,7 +157,7 @@ def _str(path) -> str | None:
 
 
 def _class_names(suspect: ClipModel, data) -> tuple[str, ...]:
-    if isinstance(data, ImageSet):
+    if isinstance(data, (ImageSet, FolderImages)):
         return data.classes
     return tuple(suspect.config.get("classes") or load_fmnist("test").classes)
 
@@ -152,12 +165,16 @@ def _class_names(suspect: ClipModel, data) -> tuple[str, ...]:
 def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str = "fmnist",
              split: str = "test", limit: int | None = None, seed: int = 0, batch_size: int = 1000,
              progress: bool = True, name: str | None = None) -> dict:
-    """CA (and with ``trigger`` + ``target`` name, ASR and PA) of a model or a defended model."""
+    """CA (and with ``trigger`` + ``target`` name, ASR and PA) of a model or a defended model.
+
+    A defense fitted on shots of a dataset without separate splits is evaluated on its other images."""
     defended = model if isinstance(model, Defended) else Defended(model, None)
     prompts = defended.defense if defended.defense is not None and not defended.defense.rewrites_weights else None
     label = name or defended.suspect_dir or (defended.name if defended.defense is not None else "model")
+    shots_here = defended.shots_index is not None and dataset == defended.dataset and not has_splits(dataset)
     return evaluate_model(defended.model, label, dataset, split, limit, seed, batch_size, progress,
-                          trigger=trigger, target=target, defense=prompts)
+                          trigger=trigger, target=target, defense=prompts,
+                          exclude=defended.shots_index if shots_here else None)
 
 
 def save(defended: Defended, directory: str | Path, evaluation: dict | None = None) -> Path:

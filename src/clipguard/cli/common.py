@@ -85,7 +85,10 @@ def summary_line(record: dict, suffix: str = "") -> str:
     """One line of CA (and ASR, PA) with ``suffix``; a chance-level warning on its own line below."""
     ca = record["clean_accuracy"]
     through = f" through {record['defense']}" if record.get("defense") else ""
-    line = f"{record['model']}{through} on {record['dataset']}/{record['split']}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
+    where = f"{record['dataset']}/{record['split']}"
+    if "not drawn as shots" in record.get("evaluated_on", ""):
+        where = f"{record['dataset']} ({record['evaluated_on']})"
+    line = f"{record['model']}{through} on {where}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
     if "attack_success_rate" in record:
         asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]
         line += (f", {attack['name']} -> {attack['target']}: ASR {100 * asr['value']:.2f}% ({asr['hits']}/{asr['total']}), "

@@ -39,9 +39,11 @@ def cmd_defend(args) -> None:
         suspect = pipeline.load_model(args.model, device=args.device, verify=verify(args))
         trigger, target = attack_for(args, suspect)
         defended = pipeline.defend(suspect, args.method, config=config, pool=args.pool,
-                                   pool_trigger_rate=args.pool_trigger_rate, suspect_dir=args.model)
+                                   pool_trigger_rate=args.pool_trigger_rate, suspect_dir=args.model,
+                                   dataset=args.dataset)
         name = args.out if cls.rewrites_weights else args.model
-        result = pipeline.evaluate(defended, trigger=trigger, target=target, seed=args.seed, name=name)
+        result = pipeline.evaluate(defended, trigger=trigger, target=target, dataset=args.dataset, seed=args.seed,
+                                   name=name)
         if is_main_process():
             pipeline.save(defended, args.out, evaluation=result)
     if cls.rewrites_weights:

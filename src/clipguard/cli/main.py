@@ -185,8 +185,8 @@ def cmd_analyze(args) -> None:
 
 def cmd_detect(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
-    from clipguard.data import few_shot_indices, load_fmnist
     from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor, save_detection_figure
+    from clipguard.pipeline import draw_shots
     from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
 
@@ -194,8 +194,7 @@ def cmd_detect(args) -> None:
     config = load_config(InversionConfig, args.config)
     config = override(config, seed=args.seed, device=args.device, **parse_assignments(InversionConfig, args.set))
     clip = load_clip(args.model, device=args.device, verify=verify(args))
-    train = load_fmnist("train")
-    shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
+    shots = draw_shots(args.shots, args.seed, args.dataset, clip.image_size)
     result = detect_backdoor(clip, shots, config)
     save_detection_figure(result, shots, args.out, clip=clip)
     write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
@@ -374,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a field of the method's config, repeatable ('clipguard list --settings METHOD' lists them)")
-    p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", default="fmnist",
+                   help="labelled images: fmnist or an ImageFolder (shots from its train/ split and evaluation "
+                        "on val/ or test/; without splits, evaluation on the images not drawn as shots)")
     p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
     p.add_argument("--out", required=True, help="defense directory to write (a model directory for weight-rewriting methods)")
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--model", default="builtin", help="suspect model")
     p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class")
+    p.add_argument("--dataset", default="fmnist", help="where the shots come from: fmnist or an ImageFolder "
+                                                      "(its train/ split when it has one)")
     p.add_argument("--config", help="YAML InversionConfig; flags override it")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="an inversion setting, repeatable ('clipguard list --settings detect' lists them)")
     p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")

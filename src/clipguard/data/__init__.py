@@ -1,20 +1,42 @@
 """Datasets: Fashion-MNIST, users' image folders and caption CSVs, few-shot sampling."""
 
+from pathlib import Path
+
+from clipguard import ClipguardError
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
 from clipguard.data.fewshot import few_shot_indices
 from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
 from clipguard.data.folders import FolderImages, load_caption_csv, load_image_folder
 
 
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageFolder split sub-folders, in preference order
+
+
+def split_root(root: Path, split: str) -> Path | None:
+    """``root/train`` or ``root/test`` (``root/val``) when ``root`` holds a train and an evaluation
+    split, else None (a folder without splits: every split is the whole folder)."""
+    found = {name: next((root / d for d in dirs if (root / d).is_dir()), None) for name, dirs in SPLIT_FOLDERS.items()}
+    return found[split] if all(found.values()) else None
+
+
+def has_splits(name: str) -> bool:
+    """Whether the labelled spec ``name`` has separate train and evaluation images."""
+    return name == "fmnist" or split_root(Path(name), "train") is not None
+
+
 def load_dataset(name: str, split: str = "test", image_size: int = 28):
-    """A labelled evaluation set: ``fmnist`` (an :class:`ImageSet`) or a path to an ImageFolder
-    tree (a :class:`FolderImages`, decoded batch by batch)."""
+    """A labelled image set: ``fmnist`` (an :class:`ImageSet`) or a path to an ImageFolder tree (a
+    :class:`FolderImages`, decoded batch by batch). A tree with ``train/`` and ``val/`` (or
+    ``test/``) sub-folders gives the asked split; one without gives the whole tree for any split."""
     if name == "fmnist":
         return load_fmnist(split)
-    return load_image_folder(name, image_size)
+    if split not in SPLIT_FOLDERS:
+        raise ClipguardError(f"split {split!r}: choose train or test")
+    root = Path(name)
+    return load_image_folder(split_root(root, split) or root, image_size)
 
 
 __all__ = [
     "FMNIST_CLASSES", "FolderImages", "ImageSet", "PROMPT_TEMPLATES", "few_shot_indices", "load_caption_csv",
-    "load_dataset", "load_fmnist", "load_image_folder", "training_caption",
+    "has_splits", "load_dataset", "load_fmnist", "load_image_folder", "split_root", "training_caption",
 ]

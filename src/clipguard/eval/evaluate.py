@@ -40,6 +40,7 @@ def evaluate_model(
     trigger=None,
     target: str | None = None,
     defense=None,
+    exclude: torch.Tensor | None = None,
 ) -> dict:
     """Zero-shot CA of ``clip`` (seen through ``defense`` if given); with a ``trigger`` and the
     ``target`` class *name* also ASR and PA.
@@ -47,7 +48,9 @@ def evaluate_model(
     ``target`` is looked up in the dataset's own class list, so an ImageFolder that orders the
     classes differently measures the same class; a dataset without it is a ClipguardError
     before any image is encoded. ``limit`` keeps the first N images (a fixed subset, the same
-    for every model). ASR and PA are computed on triggered images of non-target classes only.
+    for every model), after ``exclude`` (indices into the split, e.g. the shots a defense was fitted
+    on, when the dataset has no separate splits) is left out. ASR and PA are computed on triggered
+    images of non-target classes only.
     ``seed`` fixes any random trigger placement. A CA at chance adds a ``warning`` to the record
     (see :func:`~clipguard.eval.metrics.chance_warning`); NaN or inf logits are a ClipguardError.
     Returns a record ready for JSON. Under ``torchrun`` every process calls it, encodes its
@@ -60,6 +63,12 @@ def evaluate_model(
         if target is None:
             raise ClipguardError("a trigger needs its target class name to measure ASR")
         class_index(images.classes, target, where=f"the evaluation data ({dataset})")
+    evaluated_on = f"the {split} split"
+    if exclude is not None and len(exclude):
+        keep = torch.ones(len(images), dtype=torch.bool)
+        keep[exclude] = False
+        images = images.subset(torch.nonzero(keep).flatten())
+        evaluated_on = f"the {len(images)} images not drawn as shots (the dataset has no separate splits)"
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
     model = DefendedClip(clip, defense)
@@ -69,7 +78,7 @@ def evaluate_model(
     ca = clean_accuracy(predictions, images.labels)
     record = {
         "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
-        "clean_accuracy": ca.as_dict("correct"),
+        "evaluated_on": evaluated_on, "clean_accuracy": ca.as_dict("correct"),
     }
     if trigger is not None:
         record.update(evaluate_trigger(model, images, trigger, target, seed, batch_size, progress))
