@@ -3,6 +3,8 @@ without train/ and val/ splits)."""
 
 import json
 
+import torch
+
 from clipguard.cli import main
 from clipguard.data import FMNIST_CLASSES, load_dataset
 from clipguard.models import save_clip
@@ -46,3 +48,58 @@ def test_detect_draws_its_shots_from_a_folder(tmp_path, capsys):
                  "cpu", "--set", "steps=2", "--set", "restarts=1", "--out", str(tmp_path / "det.png")]) == 0
     result = json.loads((tmp_path / "det.json").read_text())
     assert result["target_name"] in sorted(FMNIST_CLASSES)
+
+
+def _pngs(folder, count, value=60):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(np.full((20, 20, 3), value + i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagenet_synset_folders_are_named_by_id_with_openai_templates(tmp_path):
+    import pytest
+
+    from clipguard import ClipguardError
+
+    # a subset of the 1,000 synsets: goldfish (class 1) and great white shark (class 2), not tench (0)
+    for synset in ("n01443537", "n01484850"):
+        _pngs(tmp_path / "val" / synset, 2)
+        _pngs(tmp_path / "train" / synset, 3)
+    images = load_dataset(f"imagenet:{tmp_path}", "test", 16)
+    assert images.classes == ("goldfish", "great white shark") and len(images) == 4
+    assert len(images.templates) == 80 and images.templates[0] == "a bad photo of a {}."
+    assert len(load_dataset(f"imagenet:{tmp_path}", "train", 16)) == 6
+    from clipguard.eval.evaluate import evaluate_model
+    from clipguard.models.zeroshot import class_text_features
+
+    clip = make_tiny_clip(architecture=TINY28)
+    record = evaluate_model(clip, "tiny", f"imagenet:{tmp_path}", progress=False)
+    assert record["classes"] == ["goldfish", "great white shark"] and record["clean_accuracy"]["total"] == 4
+    openai = class_text_features(clip, images.classes, images.templates)
+    assert not torch.allclose(openai, class_text_features(clip, images.classes))  # the 80 templates are used
+    _pngs(tmp_path / "val" / "n99999999", 1)
+    with pytest.raises(ClipguardError, match="'n99999999' is not one of the 1,000 ImageNet synset IDs"):
+        load_dataset(f"imagenet:{tmp_path}", "test", 16)
+
+
+def test_a_labelled_csv_is_a_dataset_spec(tmp_path, capsys):
+    import pytest
+
+    from clipguard import ClipguardError
+
+    _pngs(tmp_path / "img", 6)
+    rows = "".join(f"img/{i}.png,{'bag' if i % 2 else 'sandal'}\n" for i in range(6))
+    (tmp_path / "data.csv").write_text("filepath,label\n" + rows)
+    images = load_dataset(f"csv:{tmp_path / 'data.csv'}", "test", 28)
+    assert images.classes == ("bag", "sandal") and images.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "m")
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", f"csv:{tmp_path / 'data.csv'}",
+                 "--attack", "badnet", "--target", "bag", "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["clean_accuracy"]["total"] == 6 and record["attack_success_rate"]["total"] == 3
+    (tmp_path / "bad.csv").write_text("path,class\nimg/0.png,bag\n")
+    with pytest.raises(ClipguardError, match="'filepath' and 'label'"):
+        load_dataset(f"csv:{tmp_path / 'bad.csv'}", "test", 28)

@@ -251,7 +251,8 @@ def cmd_list(args) -> None:
         return _print_settings(args.settings)
 
     print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
-    print("datasets: fmnist, or a path to an ImageFolder tree")
+    print("datasets: fmnist, DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
+          "OpenAI's class names and templates), csv:FILE (filepath,label)")
     from clipguard.attacks import ATTACKS
 
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="zero-shot clean accuracy of a model")
     add_common_args(p)
     p.add_argument("--model", default="builtin", help="model spec (see 'clipguard list')")
-    p.add_argument("--dataset", default="fmnist", help="fmnist or an ImageFolder path")
+    p.add_argument("--dataset", default="fmnist", help="fmnist, DIR (an ImageFolder), imagenet:DIR or csv:FILE")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=positive_int, default=1000)

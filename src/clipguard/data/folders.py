@@ -46,9 +46,10 @@ class FolderImages:
     """
 
     def __init__(self, files: Sequence[Path], labels: torch.Tensor, classes: tuple[str, ...], size: int,
-                 workers: int | None = None):
+                 workers: int | None = None, templates: tuple[str, ...] | None = None):
         self.files, self.labels, self.classes, self.size = tuple(files), labels, classes, size
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self.templates = templates  # prompt templates ("a photo of a {}."); None: clipguard's defaults
 
     def __len__(self) -> int:
         return len(self.files)
@@ -69,7 +70,8 @@ class FolderImages:
 
     def subset(self, index: torch.Tensor) -> "FolderImages":
         keep = torch.as_tensor(index).tolist()
-        return FolderImages([self.files[i] for i in keep], self.labels[index], self.classes, self.size, self.workers)
+        return FolderImages([self.files[i] for i in keep], self.labels[index], self.classes, self.size, self.workers,
+                            self.templates)
 
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -109,6 +111,50 @@ def load_image_folder(root: str | Path, size: int, workers: int | None = None) -
         raise ClipguardError(f"{root} has images of one class only ({classes[used[0]]!r}); zero-shot "
                              "classification needs at least two classes")
     return FolderImages(files, torch.tensor(labels), classes, size, workers)
+
+
+def load_imagenet_folder(root: str | Path, size: int, workers: int | None = None) -> FolderImages:
+    """ImageNet-style synset folders (``root/n01440764/...``) with OpenAI's class names and 80 prompt
+    templates (both from ``open_clip.zero_shot_metadata``). Each folder is named by its synset ID,
+    looked up in the 1,000 IDs in class order that timm ships, so a subset of the synsets still
+    gets the right names."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from timm.data import ImageNetInfo
+
+    folder = load_image_folder(root, size, workers)
+    order = {synset: i for i, synset in enumerate(ImageNetInfo().label_names())}
+    folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    unknown = [f for f in folders if f not in order]
+    if unknown:
+        raise ClipguardError(f"{Path(root) / unknown[0]}: {unknown[0]!r} is not one of the 1,000 ImageNet synset IDs "
+                             "(nXXXXXXXX); use a plain folder path for other classes")
+    classes = tuple(IMAGENET_CLASSNAMES[order[f]] for f in folders)
+    templates = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+    return FolderImages(folder.files, folder.labels, classes, size, workers, templates)
+
+
+def load_labelled_csv(path: str | Path, size: int, workers: int | None = None) -> FolderImages:
+    """Images listed in a CSV with columns ``filepath,label`` (the label a class name); classes in
+    sorted name order; relative paths resolve against the CSV's folder. Streamed like a folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipguardError(f"labelled CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"filepath", "label"} <= set(reader.fieldnames):
+            raise ClipguardError(f"{path}: needs a header with columns 'filepath' and 'label', got {reader.fieldnames}")
+        rows = [(row["filepath"], row["label"].strip()) for row in reader]
+    if not rows:
+        raise ClipguardError(f"{path}: no rows")
+    classes = tuple(sorted({label for _, label in rows}))
+    if len(classes) < 2:
+        raise ClipguardError(f"{path}: every row has label {classes[0]!r}; zero-shot classification needs two classes")
+    files = [path.parent / file for file, _ in rows]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise ClipguardError(f"{path}: image not found: {missing}")
+    labels = torch.tensor([classes.index(label) for _, label in rows])
+    return FolderImages(files, labels, classes, size, workers)
 
 
 def load_caption_csv(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:

@@ -99,9 +99,13 @@ class Defense(nn.Module):
         """(B, 3, H, W) in [0, 1] -> normalised (B, D) features of the defended model."""
         return clip.encode_image(images, normalize=True)
 
-    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
-        """(C, D) normalised class features of the defended model."""
-        return class_text_features(clip, class_names, text_prefix=text_prefix)
+    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "",
+                       templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(C, D) normalised class features of the defended model (hand-made prompts from
+        ``templates``, default clipguard's; a defense that learns its prompts ignores them)."""
+        if templates is None:
+            return class_text_features(clip, class_names, text_prefix=text_prefix)
+        return class_text_features(clip, class_names, templates, text_prefix)
 
     def cls_states(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
         """(B, n_blocks, width) [CLS] state after each vision block (for PR analysis)."""

@@ -112,7 +112,8 @@ class LinearProbe(Defense):
                 "train_accuracy": round(float((predictions == shots.labels).float().mean()), 4),
                 **self.parameter_counts(clip)}
 
-    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
+    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "",
+                       templates: Sequence[str] | None = None) -> torch.Tensor:  # a learned head: no templates
         """The head (C, D), rows in ``self.class_names`` order; ``text_prefix`` is ignored."""
         if tuple(class_names) != self.class_names:
             raise ClipguardError(f"the linear probe was trained for classes {list(self.class_names)}, "

@@ -72,7 +72,7 @@ def evaluate_model(
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
     model = DefendedClip(clip, defense)
-    texts = model.class_features(images.classes)
+    texts = model.class_features(images.classes, templates=getattr(images, "templates", None))
     features = image_features(model, images, batch_size=batch_size, progress=progress)
     predictions = _predictions(model, features, texts, model_name)
     ca = clean_accuracy(predictions, images.labels)
@@ -105,7 +105,8 @@ def evaluate_trigger(model: DefendedClip, images, trigger, target: str, seed: in
     index = class_index(images.classes, target, where="the evaluation data")
     trigger.generator.manual_seed(seed)
     keep = torch.nonzero(images.labels != index).flatten()
-    texts = model.class_features(images.classes, text_prefix=trigger.text_key)
+    texts = model.class_features(images.classes, text_prefix=trigger.text_key,
+                                 templates=getattr(images, "templates", None))
     features = image_features(model, images, lambda x, _: trigger(x), batch_size, progress, indices=keep)
     predictions = _predictions(model, features, texts, "the triggered evaluation")
     labels = images.labels[keep]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.models.clip import ClipModel
 from clipguard.models.prompted import run_blocks, vision_stem
 from clipguard.models.zeroshot import class_text_features
@@ -42,10 +43,12 @@ class DefendedClip:
             return self.clip.encode_image(images, normalize=True)
         return self.defense.encode_image(self.clip, images)
 
-    def class_features(self, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
+    def class_features(self, class_names: Sequence[str], text_prefix: str = "",
+                       templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(C, D) class features; ``templates`` (e.g. OpenAI's ImageNet prompts) replace the default ones."""
         if self.defense is None:
-            return class_text_features(self.clip, class_names, text_prefix=text_prefix)
-        return self.defense.class_features(self.clip, class_names, text_prefix)
+            return class_text_features(self.clip, class_names, templates or PROMPT_TEMPLATES, text_prefix)
+        return self.defense.class_features(self.clip, class_names, text_prefix, templates)
 
     def cls_states(self, images: torch.Tensor) -> torch.Tensor:
         if self.defense is None:

@@ -231,7 +231,8 @@ class CoOp(Defense):
         return {"seconds": round(time.perf_counter() - start, 2), "steps": result.steps, "last_loss": result.last_loss,
                 **self.parameter_counts(clip)}
 
-    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "") -> torch.Tensor:
+    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "",
+                       templates: Sequence[str] | None = None) -> torch.Tensor:  # learned prompts: no templates
         if tuple(class_names) != self.class_names:
             raise ClipguardError(f"{self.name} prompts were learned for classes {list(self.class_names)}, "
                                  f"not {list(class_names)}")
