@@ -101,7 +101,7 @@ def test_two_process_gloo_ddp_matches_one_process():
     fit(single, regression_data(), _config())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(TESTS / "_ddp_worker.py"), str(TESTS)],
         capture_output=True, text=True, timeout=180, env=env,
     )
