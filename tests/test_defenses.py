@@ -6,7 +6,7 @@ import torch
 from clipguard import ClipguardError
 from clipguard.cli import main
 from clipguard.data import few_shot_indices, load_fmnist
-from clipguard.defenses import DEFENSES, get_defense_class, load_defense, save_defense
+from clipguard.defenses import DEFENSES, get_defense_class, load_defense
 from clipguard.defenses.rvpt import RVPTTask, alpha_at, feature_repelling_loss
 from clipguard import pipeline
 from clipguard.models import load_clip, save_clip

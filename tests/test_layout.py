@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).parent.parent / "src" / "clipguard"
 
 

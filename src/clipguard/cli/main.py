@@ -15,6 +15,7 @@ from clipguard.cli.common import (
     add_common_args, attack_for, fraction, non_negative_int, positive_int, summary_line, verify,
 )
 from clipguard.cli.defend import cmd_defend
+from clipguard.cli.listing import cmd_list
 
 
 def cmd_train_builtin(args) -> None:
@@ -244,67 +245,6 @@ def cmd_demo(args) -> None:
     _print_report(args.out)
 
 
-def cmd_list(args) -> None:
-    import open_clip
-
-    if args.settings:
-        return _print_settings(args.settings)
-
-    print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
-    print("datasets: fmnist, DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
-          "OpenAI's class names and templates), csv:FILE (filepath,label)")
-    from clipguard.attacks import ATTACKS
-
-    print("attacks:  " + ", ".join(sorted(ATTACKS)))
-    from clipguard.defenses import DEFENSES
-    from clipguard.pipeline import defended_methods
-
-    learns = {"shots": "clean labelled shots", "pool": "an unlabelled --pool", "pairs": "clean image-caption pairs"}
-    print("defenses:")
-    for name in defended_methods()[1:]:
-        cls = DEFENSES[name]
-        writes = "rewrites the weights (writes a model directory)" if cls.rewrites_weights else "a defense directory"
-        print(f"  {name:<14} learns from {learns[cls.data]}; {writes}")
-    if args.open_clip:
-        for name, tag in open_clip.list_pretrained():
-            print(f"  {name}:{tag}")
-
-
-def _print_settings(name: str) -> None:
-    """Every field of a config dataclass with its default and its comment, as --set takes them."""
-    import dataclasses
-    import inspect
-
-    from clipguard.attacks import ATTACKS, AttackConfig
-    from clipguard.defenses import DEFENSES
-    from clipguard.defenses.cbpt.inversion import InversionConfig
-
-    if name in ATTACKS:
-        cls = ATTACKS[name].config_class
-    elif name in DEFENSES:
-        cls = DEFENSES[name].config_class
-    elif name in ("attack", "detect"):
-        cls = AttackConfig if name == "attack" else InversionConfig
-    else:
-        raise ClipguardError(f"--settings {name!r}: not an attack, a defense, 'attack' or 'detect'; see 'clipguard list'")
-    comments = {}
-    for klass in reversed(cls.__mro__):  # a subclass's comment wins
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for line in source.splitlines():
-            head, _, comment = line.partition("  # ")
-            field_name = head.strip().split(":")[0]
-            if comment and field_name.isidentifier():
-                comments[field_name] = comment.strip()
-    print(f"{name} ({cls.__name__}): --set FIELD=VALUE")
-    for field in dataclasses.fields(cls):
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-        print(f"  {field.name} = {default!r}" + (f"  # {comments[field.name]}" if field.name in comments else ""))
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with clipguard's one-line errors (``clipguard: error: ...``) instead of usage + exit."""
 
@@ -481,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clipguard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `clipguard list | head`): nothing to report
+        sys.stdout = open(os.devnull, "w")
+        return 141
     except Exception as err:  # a bug or an input no check caught: still one line, the traceback with -v
         if verbose:
             raise

@@ -13,7 +13,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clipguard import ClipguardError
-from clipguard.data.fmnist import ImageSet
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -20,7 +20,6 @@ from torch import nn
 
 import clipguard
 from clipguard import ClipguardError
-from clipguard.data.fmnist import ImageSet
 from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.config import config_from_dict

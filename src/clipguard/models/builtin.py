@@ -13,7 +13,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
+from clipguard.data.fmnist import FMNIST_CLASSES, load_fmnist
 from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.models.clip import ClipModel
 from clipguard.models.contrastive import CaptionedImages, ContrastiveTask, caption_collate

@@ -27,7 +27,7 @@ def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
 class DefendedClip:
     """A CLIP seen through a defense: the interface zero-shot evaluation uses."""
 
-    def __init__(self, clip: ClipModel, defense: Defense | None = None):
+    def __init__(self, clip: ClipModel, defense=None):  # defense: a clipguard.defenses.Defense, or None
         self.clip, self.defense = clip, defense
 
     @property

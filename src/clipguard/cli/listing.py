@@ -1,0 +1,66 @@
+"""``clipguard list``: what can be loaded and run, and the ``--set`` fields of any method."""
+
+from __future__ import annotations
+
+from clipguard import ClipguardError
+
+
+def cmd_list(args) -> None:
+    import open_clip
+
+    if args.settings:
+        return _print_settings(args.settings)
+
+    print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
+    print("datasets: fmnist, DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
+          "OpenAI's class names and templates), csv:FILE (filepath,label)")
+    from clipguard.attacks import ATTACKS
+
+    print("attacks:  " + ", ".join(sorted(ATTACKS)))
+    from clipguard.defenses import DEFENSES
+    from clipguard.pipeline import defended_methods
+
+    learns = {"shots": "clean labelled shots", "pool": "an unlabelled --pool", "pairs": "clean image-caption pairs"}
+    print("defenses:")
+    for name in defended_methods()[1:]:
+        cls = DEFENSES[name]
+        writes = "rewrites the weights (writes a model directory)" if cls.rewrites_weights else "a defense directory"
+        print(f"  {name:<14} learns from {learns[cls.data]}; {writes}")
+    if args.open_clip:
+        for name, tag in open_clip.list_pretrained():
+            print(f"  {name}:{tag}")
+
+
+def _print_settings(name: str) -> None:
+    """Every field of a config dataclass with its default and its comment, as --set takes them."""
+    import dataclasses
+    import inspect
+
+    from clipguard.attacks import ATTACKS, AttackConfig
+    from clipguard.defenses import DEFENSES
+    from clipguard.defenses.cbpt.inversion import InversionConfig
+
+    if name in ATTACKS:
+        cls = ATTACKS[name].config_class
+    elif name in DEFENSES:
+        cls = DEFENSES[name].config_class
+    elif name in ("attack", "detect"):
+        cls = AttackConfig if name == "attack" else InversionConfig
+    else:
+        raise ClipguardError(f"--settings {name!r}: not an attack, a defense, 'attack' or 'detect'; see 'clipguard list'")
+    comments = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            head, _, comment = line.partition("  # ")
+            field_name = head.strip().split(":")[0]
+            if comment and field_name.isidentifier():
+                comments[field_name] = comment.strip()
+    print(f"{name} ({cls.__name__}): --set FIELD=VALUE")
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        print(f"  {field.name} = {default!r}" + (f"  # {comments[field.name]}" if field.name in comments else ""))
