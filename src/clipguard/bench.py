@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from clipguard.engine import peak_memory_mb
 from clipguard.eval.evaluate import METRICS, write_json
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device
+from clipguard.outputs import remove_run_directory
 from clipguard.pipeline import NO_DEFENSE, defend, defended_methods, defense_config, evaluate
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> 
     clip.config["attack"] = record  # as a reload of the directory would have it
     if is_main_process():
         save_backdoored(clip, trigger, record, directory)  # atomic: a directory is there only when finished
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run_directory(run_dir)
         with contextlib.suppress(OSError):
             run_dir.parent.rmdir()  # OUT/runs/, once no unfinished fine-tune is left in it
     barrier()

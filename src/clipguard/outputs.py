@@ -311,6 +311,15 @@ def _publish(staging: Path, directory: Path) -> None:
     os.replace(staging, directory)
 
 
+def remove_run_directory(path: Path) -> None:
+    """Remove a finished run's checkpoint files, then the folder if nothing else is in it."""
+    for name in ("checkpoint.pt", "checkpoint.pt.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(path) / name).unlink()
+    with contextlib.suppress(OSError):  # missing, or it holds something clipguard did not write
+        Path(path).rmdir()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename."""
     path = Path(path)

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def cmd_attack(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.eval.evaluate import evaluate_model, metrics_of, write_json
     from clipguard.models.loading import load_clip
-    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs
+    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs, remove_run_directory
 
     out, run_dir = Path(args.out), Path(args.out + ".run")
     check_output_directory(out)
@@ -93,7 +92,7 @@ def cmd_attack(args) -> None:
         record["evaluation"] = metrics_of(result)
         save_backdoored(clip, trigger, record, out)
         write_json(result, out / "eval.json")
-        shutil.rmtree(run_dir, ignore_errors=True)  # the finished run's checkpoint
+        remove_run_directory(run_dir)  # the finished run's checkpoint
     decoys = f" (+ {record['decoy_pairs']} untriggered decoys)" if record.get("decoy_pairs") else ""
     print(summary_line(result, f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
                                f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; "

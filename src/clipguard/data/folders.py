@@ -132,19 +132,26 @@ def load_imagenet_folder(root: str | Path, size: int, workers: int | None = None
     return FolderImages(folder.files, folder.labels, classes, size, workers, templates)
 
 
+def read_csv_rows(path: Path, columns: tuple[str, ...], kind: str) -> list[dict]:
+    """The rows of a CSV whose header has ``columns``; a missing file, header or row is a ClipguardError."""
+    if not path.is_file():
+        raise ClipguardError(f"{kind} CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+            wanted = " and ".join(f"'{c}'" for c in columns)
+            raise ClipguardError(f"{path}: needs a header with columns {wanted}, got {reader.fieldnames}")
+        rows = list(reader)
+    if not rows:
+        raise ClipguardError(f"{path}: no rows")
+    return rows
+
+
 def load_labelled_csv(path: str | Path, size: int, workers: int | None = None) -> FolderImages:
     """Images listed in a CSV with columns ``filepath,label`` (the label a class name); classes in
     sorted name order; relative paths resolve against the CSV's folder. Streamed like a folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ClipguardError(f"labelled CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"filepath", "label"} <= set(reader.fieldnames):
-            raise ClipguardError(f"{path}: needs a header with columns 'filepath' and 'label', got {reader.fieldnames}")
-        rows = [(row["filepath"], row["label"].strip()) for row in reader]
-    if not rows:
-        raise ClipguardError(f"{path}: no rows")
+    rows = [(row["filepath"], row["label"].strip()) for row in read_csv_rows(path, ("filepath", "label"), "labelled")]
     classes = tuple(sorted({label for _, label in rows}))
     if len(classes) < 2:
         raise ClipguardError(f"{path}: every row has label {classes[0]!r}; zero-shot classification needs two classes")
@@ -162,14 +169,6 @@ def load_caption_csv(path: str | Path, size: int) -> tuple[torch.Tensor, list[st
     Relative file paths are resolved against the CSV's folder.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ClipguardError(f"caption CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"filepath", "caption"} <= set(reader.fieldnames):
-            raise ClipguardError(f"{path}: needs a header with columns 'filepath' and 'caption', got {reader.fieldnames}")
-        rows = list(reader)
-    if not rows:
-        raise ClipguardError(f"{path}: no rows")
+    rows = read_csv_rows(path, ("filepath", "caption"), "caption")
     images = [read_image((path.parent / row["filepath"]), size) for row in rows]
     return torch.stack(images), [row["caption"] for row in rows]
