@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("cleanclip", "cleanclip-equal-data", "rvpt", "cbpt")
+COMPARED = ("cleanclip", "cleanclip-equal-data", "rvpt", "cbpt")
 
 
 def child(args) -> None:
@@ -123,7 +123,7 @@ def eval_throughput(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/bench/models/badnet-p0.03-s0", help="a backdoored model directory")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+    parser.add_argument("--methods", nargs="*", default=list(COMPARED), choices=COMPARED,
                         help="defenses to time (none: only the evaluation throughput)")
     parser.add_argument("--repeats", type=int, default=3, help="alternate timings of evaluation vs the bare loop")
     parser.add_argument("--shots", type=int, default=16)

@@ -18,7 +18,7 @@ import torch
 
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
-from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.pipeline import draw_shots
 from clipguard.defenses.cbpt.inversion import InversionConfig, invert_trigger
 from clipguard.models import load_clip
 
@@ -34,13 +34,12 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train = load_fmnist("train")
-    shots = train.subset(few_shot_indices(train.labels, args.shots, 0, len(train.classes)))
+    shots = draw_shots(args.shots, 0)
     for name in args.attacks:
         model = f"{args.runs}/{name}-0.03"
         clip = load_clip(model, device="cpu")
         trigger = load_trigger(model, clip.config["attack"])
-        truth = patch_mask(train.image_size, trigger.patch.shape[-1], LOCATIONS[name] or trigger.config.location)
+        truth = patch_mask(shots.image_size, trigger.patch.shape[-1], LOCATIONS[name] or trigger.config.location)
         for tv in args.tv:
             for seed in args.seeds:
                 r = invert_trigger(clip, shots, InversionConfig(tv_weight=tv, seed=seed, device="cpu"))

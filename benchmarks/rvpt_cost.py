@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 import clipguard.models.prompted as prompted
 from clipguard.config import override, parse_assignments
-from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.pipeline import draw_shots
 from clipguard.defenses.rvpt import RVPT, RVPTConfig, RVPTTask
 from clipguard.engine import fit
 from clipguard.eval.evaluate import evaluate_model
@@ -54,17 +54,16 @@ def eval_throughput(clip, defense, images: int, seed: int) -> tuple[float, dict]
 def run(args, cached: bool) -> tuple[float, float, RVPT]:
     """One RVPT fit: ``RVPT.fit`` itself (cached), or the same loss recomputing the frozen tower."""
     clip = load_clip(args.model, device="cpu").eval()
-    train = load_fmnist("train")
-    shots = train.subset(few_shot_indices(train.labels, args.shots, args.seed, len(train.classes)))
+    shots = draw_shots(args.shots, args.seed)
     config = override(RVPTConfig(shots=args.shots, seed=args.seed, device="cpu"),
                       **parse_assignments(RVPTConfig, args.set or []))
-    defense = RVPT(config, clip, train.classes)
+    defense = RVPT(config, clip, shots.classes)
     if cached:
         stats = defense.fit(clip, shots)
         return stats["seconds"], stats["last_loss"], defense
     clip.requires_grad_(False)
     start = time.perf_counter()
-    texts = class_text_features(clip, train.classes, templates=(config.prompt,)).clone()
+    texts = class_text_features(clip, shots.classes, templates=(config.prompt,)).clone()
     task = _UncachedTask(defense.prompts, clip, texts, config, None)
     dataset = TensorDataset(clip.preprocess(shots.float_images()), shots.labels)
     result = fit(task, dataset, defense.train_config(len(dataset)), desc="rvpt uncached")

@@ -1,10 +1,19 @@
+import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from PIL import Image
+
+from clipguard.cli import main
+from clipguard.data import FMNIST_CLASSES, load_fmnist
+from clipguard.defenses import save_defense
+from clipguard.defenses.rvpt import RVPT, RVPTConfig
+from clipguard.models import load_clip, save_clip
 from clipguard.models.builtin import BuiltinArchitecture, build_builtin
 
 TINY = BuiltinArchitecture(
@@ -53,3 +62,54 @@ def outputs_under_hash_seeds(script: str, seeds=("1", "2")) -> set[str]:
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         for seed in seeds
     }
+
+
+# --------------------------------- shared by the CLI promise tests (bad inputs, outputs, user data)
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a digest of its bytes (folders as entries too)."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return state
+
+
+def refused(capsys, argv: list[str], *fragments: str) -> str:
+    """Run the CLI; assert exit 2 and one ``clipguard: error:`` line holding ``fragments``."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("clipguard: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def defense_dir(tmp_path, model_dir):
+    clip = load_clip(str(model_dir))
+    defense = RVPT(RVPTConfig(prompt_length=2, device="cpu"), clip, FMNIST_CLASSES)
+    save_defense(defense, clip, tmp_path / "defense")
+    return tmp_path / "defense"
+
+
+DEFEND = ["defend", "--method", "rvpt", "--shots", "1", "--set", "epochs=1", "--set", "prompt_length=2",
+          "--device", "cpu"]
+
+
+def folder_of_test_images(root: Path, per_class: int, classes=None) -> Path:
+    """An ImageFolder of the first ``per_class`` test images of each class (folder names with '_')."""
+    test = load_fmnist("test")
+    for name in classes or FMNIST_CLASSES:
+        label = FMNIST_CLASSES.index(name)
+        folder = root / name.replace(" ", "_")
+        folder.mkdir(parents=True)
+        for i, index in enumerate(torch.nonzero(test.labels == label).flatten()[:per_class].tolist()):
+            Image.fromarray(test.images[index, 0].numpy()).save(folder / f"{i:03d}.png")
+    return root

@@ -8,7 +8,8 @@ from clipguard import ClipguardError, bench
 from clipguard.bench import BenchConfig, parse_bench_settings, run_bench
 from clipguard.cli import main
 from clipguard.data import load_fmnist
-from clipguard.eval.report import markdown_table, mean_std
+from clipguard.eval.report import markdown_table
+from clipguard.eval.tables import mean_std
 from clipguard.models import save_clip
 from conftest import TINY28, make_tiny_clip
 

@@ -2,9 +2,9 @@
 
 from matplotlib.container import ErrorbarContainer
 
-from clipguard.eval import report
-from clipguard.eval.report import (LOWERS, NO_EFFECT, REMOVES, counts_table, markdown_table, plot_asr_ca,
-                                   settings_items, verdict, verdict_table, write_report)
+from clipguard.eval import tables
+from clipguard.eval.report import markdown_table, plot_asr_ca, write_report
+from clipguard.eval.tables import LOWERS, NO_EFFECT, REMOVES, counts_table, settings_items, verdict, verdict_table
 
 CPU_KIND = "process peak RSS so far (CPU)"
 
@@ -80,14 +80,14 @@ def test_verdicts_for_hand_picked_numbers():
     assert rows[("rvpt", "badclip")][3] == "5.00" and rows[("rvpt", "badclip")][-1] == NO_EFFECT
     assert rows[("cbpt", "badclip")][-1] == LOWERS  # ASR 5 % but CA cost 10 points: not "removes"
     # the thresholds, at their edges
-    assert verdict(90, report.REMOVED_ASR, 90, 90 - report.REMOVED_CA_COST) == REMOVES
+    assert verdict(90, tables.REMOVED_ASR, 90, 90 - tables.REMOVED_CA_COST) == REMOVES
     assert verdict(90, 10.01, 90, 90) == LOWERS
-    assert verdict(90, 90 - report.LOWERED_ASR_DROP + 0.01, 90, 90) == NO_EFFECT
-    assert verdict(8, 1, 90, 90) == report.NO_BACKDOOR
-    assert verdict(100, 0, 90, 10, broken=True) == report.BROKEN
+    assert verdict(90, 90 - tables.LOWERED_ASR_DROP + 0.01, 90, 90) == NO_EFFECT
+    assert verdict(8, 1, 90, 90) == tables.NO_BACKDOOR
+    assert verdict(100, 0, 90, 10, broken=True) == tables.BROKEN
     table = markdown_table(RECORDS)
     assert "| defense | attack | ASR % none → defended |" in table
-    assert f"≤ {report.REMOVED_ASR:g}%" in table and f"≥ {report.LOWERED_ASR_DROP:g} points" in table
+    assert f"≤ {tables.REMOVED_ASR:g}%" in table and f"≥ {tables.LOWERED_ASR_DROP:g} points" in table
 
 
 def test_no_verdict_without_a_none_cell():
@@ -100,7 +100,7 @@ def test_warnings_are_kept_and_mark_the_verdict():
     table = markdown_table(broken)
     assert "**Warnings**\n\n- ⚠ badnet / cbpt / seed 0: CA 10.0% is at chance" in table
     assert "| badnet | 100.00 (90.00) | 5.00 (89.00) | 0.00 (10.00) ⚠ |" in table
-    assert {r[0]: r[-1] for r in verdict_table(broken)[1]}["cbpt"] == report.BROKEN
+    assert {r[0]: r[-1] for r in verdict_table(broken)[1]}["cbpt"] == tables.BROKEN
 
 
 def test_settings_are_a_list_without_the_default_attack_name():
@@ -118,8 +118,8 @@ def test_settings_are_a_list_without_the_default_attack_name():
 def test_peak_memory_is_labelled_by_kind():
     table = markdown_table(RECORDS)
     assert f"peak memory (MB), {CPU_KIND} |" in table and "| 2,364 |" in table
-    assert report.CPU_MEMORY_NOTE in table
-    assert "whole process's peak resident memory so far" in report.CPU_MEMORY_NOTE
+    assert tables.CPU_MEMORY_NOTE in table
+    assert "whole process's peak resident memory so far" in tables.CPU_MEMORY_NOTE
 
 
 def _errorbars(ax):

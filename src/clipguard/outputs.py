@@ -274,7 +274,7 @@ def remove_stale_staging(path: Path) -> list[Path]:
         old = _OLD_STAGING.match(entry.name)
         if not ours and old and old["name"] == path.name:  # older versions: only if it holds only our files
             ours = all(p.name in OUTPUT_FILES for p in entry.iterdir())
-        if ours:
+        if ours:  # clipguard's own staging: named by it, or holding nothing but its files
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
             logger.warning("removed %s, left by an interrupted save", entry)
@@ -295,7 +295,7 @@ def staged_directory(directory: str | Path) -> Iterator[Path]:
         yield staging
         _publish(staging, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # the staging directory made above
         raise
 
 

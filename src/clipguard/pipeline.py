@@ -30,7 +30,7 @@ import torch
 from clipguard import ClipguardError
 from clipguard.attacks import AttackConfig, load_trigger, run_attack
 from clipguard.config import override
-from clipguard.data import FolderImages, ImageSet, few_shot_indices, has_splits, load_dataset, load_fmnist
+from clipguard.data import FolderImages, ImageSet, few_shot_indices, has_splits, load_dataset
 from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.clip import ClipModel
@@ -54,16 +54,13 @@ def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settin
     return clip, trigger, record
 
 
-def shot_indices(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28) -> torch.Tensor:
-    """Positions in ``dataset``'s train split of ``shots`` images per class, seeded (nothing decoded)."""
-    train = load_dataset(dataset, "train", image_size)
-    return few_shot_indices(train.labels, shots, seed, len(train.classes))
-
-
-def draw_shots(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28):
+def draw_shots(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28, with_index: bool = False):
     """``shots`` clean labelled images per class from ``dataset``'s train split (the whole folder
-    when it has no splits), seeded. Only the shots are decoded."""
-    return load_dataset(dataset, "train", image_size).subset(shot_indices(shots, seed, dataset, image_size))
+    when it has no splits), seeded. Only the shots are decoded. ``with_index``: also their
+    positions in that split, (shots, index)."""
+    train = load_dataset(dataset, "train", image_size)
+    index = few_shot_indices(train.labels, shots, seed, len(train.classes))
+    return (train.subset(index), index) if with_index else train.subset(index)
 
 
 def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int | None = None,
@@ -78,10 +75,10 @@ def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int 
 
 def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | None = None,
                  pool_trigger_rate: float = 0.0, trigger=None, dataset: str = "fmnist"):
-    """What ``cls.fit`` learns from: shots of ``dataset`` drawn under the config's seed, the pool,
-    or None (pairs)."""
+    """(what ``cls.fit`` learns from, the shots' positions or None): shots of ``dataset`` drawn under
+    the config's seed, the pool, or None (pairs)."""
     if cls.data == "shots":
-        return draw_shots(config.shots, config.seed, dataset, suspect.image_size)
+        return draw_shots(config.shots, config.seed, dataset, suspect.image_size, with_index=True)
     if cls.data == "pool":
         from clipguard.defenses.oracle_repair.oracle import load_pool
 
@@ -91,8 +88,8 @@ def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | Non
             raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
         images, info = load_pool(pool, suspect.image_size, seed=config.seed, trigger=trigger,
                                  trigger_rate=pool_trigger_rate)
-        return Pool(images, info)
-    return None
+        return Pool(images, info), None
+    return None, None
 
 
 @dataclass
@@ -143,9 +140,8 @@ def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int 
     if cls.data == "pool" and pool_trigger_rate:
         record = suspect.config.get("attack")
         trigger = load_trigger(suspect_dir, record) if record and suspect_dir else None
-    data = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset)
-    index = shot_indices(config.shots, config.seed, dataset, suspect.image_size) if cls.data == "shots" else None
-    defense = cls(config, suspect, _class_names(suspect, data)).to(suspect.device)
+    data, index = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset)
+    defense = cls(config, suspect, _class_names(suspect, data, dataset)).to(suspect.device)
     start = time.perf_counter()
     stats = defense.fit(suspect, data)
     stats.setdefault("seconds", round(time.perf_counter() - start, 2))
@@ -156,10 +152,11 @@ def _str(path) -> str | None:
     return None if path is None else str(path)
 
 
-def _class_names(suspect: ClipModel, data) -> tuple[str, ...]:
+def _class_names(suspect: ClipModel, data, dataset: str) -> tuple[str, ...]:
+    """The shots' classes; for a pool or pairs defense the model's own, else the dataset's."""
     if isinstance(data, (ImageSet, FolderImages)):
         return data.classes
-    return tuple(suspect.config.get("classes") or load_fmnist("test").classes)
+    return tuple(suspect.config.get("classes") or load_dataset(dataset, "test", suspect.image_size).classes)
 
 
 def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str = "fmnist",
