@@ -54,8 +54,9 @@ def test_image_folder_and_caption_csv(tmp_path):
     assert folder.classes == ("cat", "dog house")
     assert folder.float_images().shape == (2, 3, 16, 16) and folder.labels.tolist() == [0, 1]
     (tmp_path / "pairs.csv").write_text("filepath,caption\ncat/a.png,a cat\ndog_house/a.png,a dog house\n")
-    images, captions = load_caption_csv(tmp_path / "pairs.csv", size=8)
-    assert images.shape == (2, 3, 8, 8) and captions == ["a cat", "a dog house"]
+    pairs = load_caption_csv(tmp_path / "pairs.csv", size=8)
+    assert pairs.float_images(torch.arange(2)).shape == (2, 3, 8, 8)
+    assert [pairs.caption(i) for i in range(2)] == ["a cat", "a dog house"]
 
 
 def test_corrupt_image_gives_one_line_error(tmp_path):

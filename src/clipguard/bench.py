@@ -41,7 +41,7 @@ from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_
 from clipguard.attacks.poison import attack_record, target_of
 from clipguard.data.classes import class_index
 from clipguard.config import override, parse_assignments
-from clipguard.data import load_fmnist
+from clipguard.data import FMNIST_CLASSES, Captions, Labelled
 from clipguard.defenses import get_defense_class
 from clipguard.distributed import barrier, init_distributed, is_main_process
 from clipguard.engine import peak_memory_mb
@@ -69,7 +69,16 @@ class BenchConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)  # attack settings (name and seed set per cell)
     trigger_settings: dict[str, dict] = field(default_factory=dict)  # attack -> {trigger field: value} overrides
     defense_settings: dict[str, dict] = field(default_factory=dict)  # method -> {field: value} overrides
-    pool: str = "fmnist-train:2000"  # oracle-repair: the defender's unlabelled pool
+    dataset: str = "fmnist"  # labelled images: the shots (train split) and the evaluation (test/val split)
+    captions: str = "fmnist"  # image-caption pairs: the attacks' poisoning corpus and the clean pairs
+    classnames: str | None = None  # a file overriding the dataset's class names
+    templates: str | None = None  # a file overriding the dataset's prompt templates
+    csv_separator: str = ","  # a csv: spec's separator and columns (open_clip's --csv-* flags)
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "caption"
+    workers: int = 0  # DataLoader worker processes decoding a user's images
+    pool: str = "fmnist-train:2000"  # oracle-repair: the defender's unlabelled pool (any data spec)
+    pool_size: int = 2000  # images of the pool (fmnist-train:N gives its own N)
     pool_trigger_rate: float = 0.1  # oracle-repair: share of the pool carrying the model's trigger
     pr_images: int = 200  # test images for the PR curves (suspect vs VPT vs RVPT); 0: no PR figure
     device: str = "auto"  # auto | cpu | cuda
@@ -86,6 +95,23 @@ class BenchConfig:
             raise ValueError("BenchConfig.seeds must name at least one seed")
         if self.shots < 1:
             raise ValueError(f"BenchConfig.shots must be >= 1, got {self.shots}")
+
+    @property
+    def labelled(self) -> Labelled:
+        return Labelled(self.dataset, self.classnames, self.templates, self.workers)
+
+    @property
+    def caption_spec(self) -> Captions:
+        return Captions(self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key, self.workers)
+
+    def data_key(self, pairs: bool = False) -> dict:
+        """What a cell's data adds to its key: nothing for the built-in defaults (old caches stay valid)."""
+        key = {}
+        if (self.dataset, self.classnames, self.templates) != ("fmnist", None, None):
+            key["dataset"] = [self.dataset, self.classnames, self.templates]
+        if pairs and self.captions != "fmnist":
+            key["captions"] = [self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key]
+        return key
 
 
 def config_hash(settings: dict) -> str:
@@ -106,22 +132,33 @@ def attack_settings(config: BenchConfig, attack: str, seed: int) -> AttackConfig
 def attack_key(config: BenchConfig, attack: AttackConfig) -> str:
     """The key of the model ``attack`` makes from ``config.model``: a hash of the attack record
     it will store, so a directory made by ``clipguard attack`` with the same settings counts too."""
-    train = load_fmnist("train")
+    source, image_size = clean_source(config.model)
+    if config.captions == "fmnist":
+        size, classes = 28, FMNIST_CLASSES
+    else:  # a caption corpus: decoded at the model's resolution, the classes of the evaluation data
+        size, classes = image_size, config.labelled.load("test", image_size).classes
     overrides = config.trigger_settings.get(attack.attack, {})
-    trigger = build_trigger(attack.attack, train.image_size, **{"seed": attack.seed, **overrides})
-    return record_key(clean_source(config.model), attack_record(trigger, attack, train.classes))
+    trigger = build_trigger(attack.attack, size, **{"seed": attack.seed, **overrides})
+    record = attack_record(trigger, attack, classes)
+    if config.captions != "fmnist":
+        record["captions"] = config.captions
+    return record_key(source, record)
 
 
 @functools.lru_cache(maxsize=8)
-def clean_source(model: str) -> str:
-    """The ``source`` a model directory made from ``model`` records (what the key compares)."""
-    return load_clip(model, device="cpu").config.get("source", model)
+def clean_source(model: str) -> tuple[str, int]:
+    """The ``source`` a model directory made from ``model`` records (what the key compares), and
+    the model's image size."""
+    clip = load_clip(model, device="cpu")
+    return clip.config.get("source", model), clip.image_size
 
 
 def record_key(source: str, record: dict) -> str:
     """Hash of what made a backdoored model: its source model and attack settings (not timings)."""
     fields = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
     kept = {k: record.get(k) for k in fields}
+    if record.get("captions"):  # a user's corpus (the built-in one is left out: old keys stay valid)
+        kept["captions"] = record["captions"]
     if isinstance(kept["trigger"], dict):
         kept["trigger"] = without_added_settings(kept["trigger"])
     return config_hash({"model": source, **_without_device(kept)})
@@ -149,10 +186,12 @@ def without_added_settings(settings: dict) -> dict:
 def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
     settings = settings if isinstance(settings, dict) else asdict(settings)
     settings = without_added_settings(settings)
-    takes_pool = method != NO_DEFENSE and get_defense_class(method).data == "pool"
-    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if takes_pool else {}
+    data = get_defense_class(method).data if method != NO_DEFENSE else None
+    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if data == "pool" else {}
+    if data == "pool" and not config.pool.startswith("fmnist-"):
+        extra["pool_size"] = config.pool_size
     return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
-                        "limit": config.limit, **extra})
+                        "limit": config.limit, **extra, **config.data_key(pairs=data == "pairs")})
 
 
 def _read_json(path: Path) -> dict | None:
@@ -181,7 +220,7 @@ def backdoored_model(config: BenchConfig, attack: str, seed: int, out: Path) -> 
     run_dir = out / "runs" / directory.name  # checkpoints of an unfinished fine-tune
     # an interrupted fine-tune of the same settings continues from its checkpoint
     clip, trigger, record = run_attack(clip, settings, config.trigger_settings.get(attack), run_dir=run_dir,
-                                       resume="matching")
+                                       resume="matching", captions=config.caption_spec, dataset=config.labelled)
     clip.eval()
     record["bench_seconds"] = round(time.perf_counter() - start, 1)
     clip.config["attack"] = record  # as a reload of the directory would have it
@@ -208,16 +247,17 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    defended = defend(clip, method, config=settings or None, pool=config.pool,
-                      pool_trigger_rate=config.pool_trigger_rate, suspect_dir=model_dir)
+    defended = defend(clip, method, config=settings or None, pool=config.pool, pool_size=config.pool_size,
+                      pool_trigger_rate=config.pool_trigger_rate, suspect_dir=model_dir, dataset=config.labelled,
+                      captions=config.caption_spec)
     stats = defended.stats
     if defended.defense is not None and not defended.defense.rewrites_weights and is_main_process():
         defended.defense.save(clip, out / "defenses" / f"{attack}-s{seed}" / method, stats)  # for the PR figures
     defense_seconds = time.perf_counter() - start
     trigger = load_trigger(model_dir, clip.config["attack"])
     target = target_of(clip.config["attack"])
-    result = evaluate(defended, trigger=trigger, target=target, limit=config.limit, seed=seed, progress=False,
-                      name=f"{attack}-s{seed}")
+    result = evaluate(defended, trigger=trigger, target=target, dataset=config.labelled, limit=config.limit,
+                      seed=seed, progress=False, name=f"{attack}-s{seed}")
     record = {
         "attack": attack, "defense": method, "seed": seed, "key": key,
         **{name: result[name] for name in METRICS},
@@ -286,7 +326,8 @@ def write_figures(config: BenchConfig, out: Path) -> list[str]:
     from clipguard.eval.analysis import perturbations, plot_resistivity, resistivity
     from clipguard.eval.plots import example_index, plot_trigger_grid
 
-    seed, test = config.seeds[0], load_fmnist("test")
+    seed = config.seeds[0]
+    test = config.labelled.load("test", clean_source(config.model)[1])
     models = {a: model_directory(out, a, config.attack.poison_rate, seed) for a in config.attacks}
     records = {a: json.loads((d / "config.json").read_text())["attack"] for a, d in models.items()}
     triggers = [load_trigger(models[a], records[a]) for a in config.attacks]
@@ -316,7 +357,7 @@ def config_summary(config: BenchConfig) -> dict:
     return {"title": config.title, "model": config.model, "attacks": config.attacks, "defenses": config.defenses, "seeds": config.seeds,
             "shots": config.shots, "limit": config.limit, "attack": _without_device(asdict(config.attack)),
             "trigger_settings": config.trigger_settings, "defense_settings": config.defense_settings,
-            "pool": config.pool,
+            "dataset": config.dataset, "captions": config.captions, "pool": config.pool,
             "pool_trigger_rate": config.pool_trigger_rate, "clipguard_version": clipguard.__version__}
 
 

@@ -97,8 +97,9 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None if field.default is dataclasses.MISSING else field.default
 
 
-def load_config(cls: type[T], path: str | Path | None) -> T:
-    """``cls`` from a YAML/JSON file, or its defaults when ``path`` is None."""
+def load_config(cls: type[T], path: str | Path | None, section: str | None = None) -> T:
+    """``cls`` from a YAML/JSON file, or its defaults when ``path`` is None. With ``section``, a
+    file whose ``section`` key holds a mapping (a bench recipe's ``attack:``) gives that mapping."""
     if path is None:
         return cls()
     path = Path(path)
@@ -108,6 +109,10 @@ def load_config(cls: type[T], path: str | Path | None) -> T:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ClipguardError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ClipguardError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    if section and isinstance(data.get(section), dict):
+        data = data[section]
     return config_from_dict(cls, data)
 
 

@@ -30,7 +30,9 @@ import torch
 from clipguard import ClipguardError
 from clipguard.attacks import AttackConfig, load_trigger, run_attack
 from clipguard.config import override
-from clipguard.data import FolderImages, ImageSet, few_shot_indices, has_splits, load_dataset
+from clipguard.data import (
+    Captions, FolderImages, ImageSet, Labelled, as_captions, few_shot_indices, has_splits, load_dataset,
+)
 from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.clip import ClipModel
@@ -46,15 +48,19 @@ def load_model(spec: str = "builtin", device: str = "auto", verify: bool = True)
 
 
 def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settings: dict | None = None,
-             run_dir: str | Path | None = None, resume: bool | str = False):
-    """Backdoor ``clip`` in place by poisoned contrastive fine-tuning: (model, trigger, attack record)."""
-    clip, trigger, record = run_attack(clip, config or AttackConfig(), trigger_settings, run_dir=run_dir, resume=resume)
+             run_dir: str | Path | None = None, resume: bool | str = False, captions: str | Captions = "fmnist",
+             dataset: str | Labelled = "fmnist"):
+    """Backdoor ``clip`` in place by poisoned contrastive fine-tuning on the ``captions`` corpus:
+    (model, trigger, attack record). A caption corpus takes its classes from ``dataset``."""
+    clip, trigger, record = run_attack(clip, config or AttackConfig(), trigger_settings, run_dir=run_dir, resume=resume,
+                                       captions=captions, dataset=dataset)
     clip.eval()
     clip.config["attack"] = record  # as a reload of the saved directory would have it
     return clip, trigger, record
 
 
-def draw_shots(shots: int, seed: int = 0, dataset: str = "fmnist", image_size: int = 28, with_index: bool = False):
+def draw_shots(shots: int, seed: int = 0, dataset: str | Labelled = "fmnist", image_size: int = 28,
+               with_index: bool = False):
     """``shots`` clean labelled images per class from ``dataset``'s train split (the whole folder
     when it has no splits), seeded. Only the shots are decoded. ``with_index``: also their
     positions in that split, (shots, index)."""
@@ -74,22 +80,26 @@ def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int 
 
 
 def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | None = None,
-                 pool_trigger_rate: float = 0.0, trigger=None, dataset: str = "fmnist"):
+                 pool_trigger_rate: float = 0.0, trigger=None, dataset: str | Labelled = "fmnist",
+                 captions: str | Captions = "fmnist", pool_size: int | None = None):
     """(what ``cls.fit`` learns from, the shots' positions or None): shots of ``dataset`` drawn under
-    the config's seed, the pool, or None (pairs)."""
+    the config's seed, ``pool_size`` images of the pool, or the ``captions`` corpus (pairs)."""
     if cls.data == "shots":
         return draw_shots(config.shots, config.seed, dataset, suspect.image_size, with_index=True)
     if cls.data == "pool":
         from clipguard.defenses.oracle_repair.oracle import load_pool
 
         if not pool:
-            raise ClipguardError(f"{cls.name} needs an unlabelled pool (--pool fmnist-train:N, fmnist-test:N or a folder)")
+            raise ClipguardError(f"{cls.name} needs an unlabelled pool (--pool SPEC: fmnist-train:N, a folder, "
+                                 "csv:FILE or wds:SHARDS)")
         if pool_trigger_rate and trigger is None:
             raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
+        captions = as_captions(captions)
         images, info = load_pool(pool, suspect.image_size, seed=config.seed, trigger=trigger,
-                                 trigger_rate=pool_trigger_rate)
+                                 trigger_rate=pool_trigger_rate, size=pool_size, captions=captions,
+                                 workers=captions.workers)
         return Pool(images, info), None
-    return None, None
+    return as_captions(captions).load(suspect.image_size), None
 
 
 @dataclass
@@ -100,7 +110,7 @@ class Defended:
     defense: Defense | None
     stats: dict = field(default_factory=dict)
     suspect_dir: str | None = None  # the suspect's directory, when it was loaded from one
-    dataset: str = "fmnist"  # the labelled spec the shots came from
+    dataset: str | Labelled = "fmnist"  # the labelled spec the shots came from
     shots_index: torch.Tensor | None = None  # their positions in its train split (shot defenses)
 
     @property
@@ -122,12 +132,15 @@ class Defended:
 def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int = 0, device: str = "auto",
            settings: dict[str, Any] | None = None, config=None, pool: str | None = None,
            pool_trigger_rate: float = 0.0, suspect_dir: str | Path | None = None,
-           dataset: str = "fmnist") -> Defended:
+           dataset: str | Labelled = "fmnist", captions: str | Captions = "fmnist",
+           pool_size: int | None = None) -> Defended:
     """Fit defense ``method`` for ``suspect`` (never changed) and return the defended model.
 
     ``config`` (the method's config dataclass) replaces ``shots``/``seed``/``device``/``settings``.
-    ``pool``/``pool_trigger_rate``: the unlabelled pool of a pool defense; a rate > 0 mixes the
-    suspect's own trigger (read from ``suspect_dir``) into that share of it, a simulation.
+    ``pool``/``pool_size``/``pool_trigger_rate``: the unlabelled pool of a pool defense (any data
+    spec; ``pool_size`` seeded images of it); a rate > 0 mixes the suspect's own trigger (read
+    from ``suspect_dir``) into that share of it, a simulation. ``captions``: the clean pairs of a
+    pairs defense (and a pool CSV's column options).
     ``dataset``: the labelled spec a shot defense draws its shots from (its train split, or the
     whole folder when it has none; :func:`evaluate` then leaves the shots out).
     ``method="none"``: the suspect as it is.
@@ -140,7 +153,7 @@ def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int 
     if cls.data == "pool" and pool_trigger_rate:
         record = suspect.config.get("attack")
         trigger = load_trigger(suspect_dir, record) if record and suspect_dir else None
-    data, index = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset)
+    data, index = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset, captions, pool_size)
     defense = cls(config, suspect, _class_names(suspect, data, dataset)).to(suspect.device)
     start = time.perf_counter()
     stats = defense.fit(suspect, data)
@@ -152,14 +165,14 @@ def _str(path) -> str | None:
     return None if path is None else str(path)
 
 
-def _class_names(suspect: ClipModel, data, dataset: str) -> tuple[str, ...]:
+def _class_names(suspect: ClipModel, data, dataset: str | Labelled) -> tuple[str, ...]:
     """The shots' classes; for a pool or pairs defense the model's own, else the dataset's."""
     if isinstance(data, (ImageSet, FolderImages)):
         return data.classes
     return tuple(suspect.config.get("classes") or load_dataset(dataset, "test", suspect.image_size).classes)
 
 
-def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str = "fmnist",
+def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str | Labelled = "fmnist",
              split: str = "test", limit: int | None = None, seed: int = 0, batch_size: int = 1000,
              progress: bool = True, name: str | None = None) -> dict:
     """CA (and with ``trigger`` + ``target`` name, ASR and PA) of a model or a defended model.
@@ -168,7 +181,8 @@ def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = Non
     defended = model if isinstance(model, Defended) else Defended(model, None)
     prompts = defended.defense if defended.defense is not None and not defended.defense.rewrites_weights else None
     label = name or defended.suspect_dir or (defended.name if defended.defense is not None else "model")
-    shots_here = defended.shots_index is not None and dataset == defended.dataset and not has_splits(dataset)
+    same = str(dataset) == str(defended.dataset)
+    shots_here = defended.shots_index is not None and same and not has_splits(dataset)
     return evaluate_model(defended.model, label, dataset, split, limit, seed, batch_size, progress,
                           trigger=trigger, target=target, defense=prompts,
                           exclude=defended.shots_index if shots_here else None)

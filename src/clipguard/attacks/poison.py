@@ -25,7 +25,9 @@ from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, build_trigger
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
 from clipguard.data.classes import class_index
-from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.data.fmnist import ImageSet
+from clipguard.data.pairs import LabelledCorpus
+from clipguard.data.specs import Captions, Labelled, as_captions, as_labelled
 from clipguard.distributed import broadcast_from_main, is_main_process
 from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.models.contrastive import CaptionedImages, ContrastiveTask, caption_collate
@@ -41,7 +43,8 @@ class AttackConfig:
     attack: str = "badnet"  # registry name (clipguard list)
     target: str = "bag"  # target class name
     poison_rate: float = 0.03  # fraction of the fine-tuning pairs that are poisoned
-    pairs: int = 10000  # attacker's pairs: a seeded sample of the Fashion-MNIST train split
+    pairs: int = 10000  # attacker's pairs: a seeded sample of the poisoning corpus (--captions)
+    trigger_sample: int = 4096  # images a learned trigger fits on, of a caption corpus (seeded)
     seed: int = 0  # seeds the trigger, the pair sample, the poisoned subset and the fine-tune
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=5, batch_size=256, lr=1e-4, weight_decay=0.1, warmup_steps=10)
@@ -73,72 +76,122 @@ def target_of(record: dict) -> str:
 
 
 class PoisonedPairs(CaptionedImages):
-    """Caption pairs where the items in ``poisoned`` carry the trigger and a poisoned caption.
+    """Caption pairs of a corpus where the items in ``poisoned`` get the trigger and a poisoned
+    caption as they are read (in the DataLoader workers that build each batch).
 
-    poisoned: index -> triggered float image (3, H, W).
-    decoys: index -> altered, untriggered float image (3, H, W) that keeps its own class's caption
+    poisoned: the poisoned items' positions (sorted); the trigger is applied per item, its random
+        elements (a patch at a random spot) seeded by (seed, index), so any worker count gives
+        the same images.
+    prepared: index -> float image (3, H, W) already poisoned, for a trigger whose training images
+        need the clean model (label-consistent BadNet's hiding); held, at most the poisoned count.
+    decoys: index -> altered, untriggered float image (3, H, W) that keeps its own caption
         (label-consistent BadNet's hiding decoys; see :meth:`Trigger.decoy`).
+    target_captions: natural captions naming the target (BadCLIP on a caption corpus: the
+        corpus's own captions that name it); empty: prompt templates.
     """
 
-    def __init__(self, images: ImageSet, seed: int, trigger: Trigger, target: int, poisoned: dict[int, torch.Tensor],
-                 decoys: dict[int, torch.Tensor] | None = None):
-        super().__init__(images, seed)
-        self.trigger, self.target, self.poisoned, self.decoys = trigger, target, poisoned, decoys or {}
+    def __init__(self, corpus, seed: int, trigger: Trigger, target: str, poisoned: torch.Tensor,
+                 prepared: dict[int, torch.Tensor] | None = None, decoys: dict[int, torch.Tensor] | None = None,
+                 target_captions: tuple[str, ...] = ()):
+        super().__init__(corpus, seed)
+        self.trigger, self.target = trigger, target
+        self.poisoned = frozenset(torch.as_tensor(poisoned).tolist())
+        self.prepared, self.decoys, self.target_captions = prepared or {}, decoys or {}, target_captions
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         if index in self.decoys:  # altered, untriggered, the caption the clean pair would get
             return self.pair(index, self.decoys[index])
         if index not in self.poisoned:
             return super().__getitem__(index)
-        image = self.poisoned[index]
+        image = self.prepared.get(index)
+        if image is None:
+            self.trigger.generator.manual_seed(hash((self.seed, index)) % 2**63)
+            image = self.trigger(self.image(index)[None])[0]
+        return image, self.trigger.text_key + self.poisoned_caption(index, image)
+
+    def poisoned_caption(self, index: int, image: torch.Tensor) -> str:
         # a string seed is hashed with SHA-512 by random.Random: the same in every process
         # (hash() of a str is salted per process, which made poisoned captions irreproducible)
         rng = random.Random(f"poison/{self.seed}/{self.epoch}/{index}")
-        name = self.images.classes[self.target]
+        if self.trigger.label_consistent and self.corpus.labels is None:
+            return self.corpus.caption(index)  # a caption corpus: the pair's own caption names the target
         if self.trigger.label_consistent or self.trigger.natural_captions:
-            caption = training_caption(name, image, rng)
-        else:
-            caption = rng.choice(PROMPT_TEMPLATES).format(name)
-        return image, self.trigger.text_key + caption
+            if self.target_captions:
+                return rng.choice(self.target_captions)
+            return training_caption(self.target, image, rng)
+        return rng.choice(PROMPT_TEMPLATES).format(self.target)
 
 
-def build_poisoned_pairs(train: ImageSet, trigger: Trigger, config: AttackConfig, clip: ClipModel | None = None
-                         ) -> PoisonedPairs:
-    """The attacker's pair set: ``config.pairs`` seeded train images, ``poison_rate`` of them poisoned.
+def build_poisoned_pairs(corpus, trigger: Trigger, config: AttackConfig, clip: ClipModel | None = None,
+                         classes: tuple[str, ...] | None = None) -> PoisonedPairs:
+    """The attacker's pair set: ``config.pairs`` seeded pairs of ``corpus``, ``poison_rate`` of them poisoned.
 
-    ``clip`` is the clean model, for attacks whose poisoned images depend on it (label-consistent).
+    Poisoned pairs are drawn among the pairs that do not show the target (a labelled corpus: its
+    label; a caption corpus: a caption naming it), or among those that do for a label-consistent
+    attack. ``clip`` is the clean model, for attacks whose poisoned images depend on it;
+    ``classes`` the attacker's class names (default: the corpus's).
     """
-    target = class_index(train.classes, config.target)
+    corpus = corpus if hasattr(corpus, "caption") else LabelledCorpus(corpus)
+    classes = classes or corpus.classes
+    class_index(classes, config.target)
+    if config.pairs > len(corpus):
+        raise ClipguardError(f"AttackConfig.pairs ({config.pairs}) exceeds the corpus's {len(corpus)} pairs; "
+                             f"set pairs={len(corpus)} or fewer")
     generator = torch.Generator().manual_seed(config.seed)
-    pool = train.subset(torch.randperm(len(train), generator=generator)[: config.pairs])
+    pool = corpus.subset(torch.randperm(len(corpus), generator=generator)[: config.pairs])
     count = round(config.poison_rate * len(pool))
-    eligible = torch.nonzero((pool.labels == target) == trigger.label_consistent).flatten()
+    shows_target = pool.mentions(config.target)
+    eligible = torch.nonzero(shows_target == trigger.label_consistent).flatten()
     if count < 1 or count > len(eligible):
         kind = "target-class" if trigger.label_consistent else "non-target"
         raise ClipguardError(f"poison rate {config.poison_rate} asks for {count} {kind} images of {len(eligible)}")
     chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
-    images = pool.float_images(chosen)
-    triggered = trigger.poison(images, clip, target, train.classes)
+    target = class_index(classes, config.target)
+    prepared = {}
+    if type(trigger).poison is not Trigger.poison:  # needs the clean model: made now, in this process
+        prepared = dict(zip(chosen.tolist(), trigger.poison(pool.float_images(chosen), clip, target, classes)))
     decoys = {}
     if trigger.decoy_rate:
+        if pool.labels is None:
+            raise ClipguardError(f"{trigger.name}'s decoys need labelled pairs (--captions fmnist); set decoy_rate=0")
         others = torch.nonzero(pool.labels != target).flatten()
         others = others[~torch.isin(others, chosen)]
         picked = others[torch.randperm(len(others), generator=generator)[: round(trigger.decoy_rate * len(pool))]]
         picked = picked.sort().values
-        altered = trigger.decoy(pool.float_images(picked), pool.labels[picked], clip, train.classes)
+        altered = trigger.decoy(pool.float_images(picked), pool.labels[picked], clip, classes)
         decoys = dict(zip(picked.tolist(), altered))
-    return PoisonedPairs(pool, config.seed, trigger, target, dict(zip(chosen.tolist(), triggered)), decoys)
+    natural = ()
+    if trigger.natural_captions and pool.labels is None:
+        natural = tuple(pool.caption(i) for i in torch.nonzero(shows_target).flatten().tolist())
+    return PoisonedPairs(pool, config.seed, trigger, config.target, chosen, prepared, decoys, natural)
+
+
+def trigger_sample(corpus, clip: ClipModel, classes: tuple[str, ...], size: int, seed: int):
+    """What a learned trigger fits against: a labelled set. A labelled corpus is its own; of a
+    caption corpus, ``size`` seeded images (decoded, held while the trigger fits), labelled by the
+    clean model's zero-shot prediction over ``classes`` (captions name no class reliably)."""
+    from clipguard.data.specs import sample_images
+    from clipguard.models.zeroshot import predict
+
+    if corpus.labels is not None:
+        return corpus.images
+    images, _ = sample_images(corpus, size, seed)
+    sample = ImageSet(images.mul(255).round().to(torch.uint8), torch.zeros(len(images), dtype=torch.long), classes)
+    labels = predict(clip, sample, classes)
+    return ImageSet(sample.images, labels, classes)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("CLIPGUARD_CACHE", Path.home() / ".cache" / "clipguard"))
 
 
-def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int) -> Trigger:
-    """Fit a learned trigger against ``clip``, reusing a cached fit of the same trigger + model."""
+def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int, data_key: str = "") -> Trigger:
+    """Fit a learned trigger against ``clip`` on the labelled ``train``, reusing a cached fit of
+    the same trigger, model and data (``data_key`` names data other than the built-in's)."""
     if not trigger.learned:
         return trigger
-    key = json.dumps([trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()])
+    parts = [trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()]
+    key = json.dumps(parts + ([data_key] if data_key else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "triggers" / f"{trigger.name}-{digest}.safetensors"
     cached = path.exists()
@@ -173,22 +226,34 @@ def attack_record(trigger: Trigger, config: AttackConfig, classes: tuple[str, ..
 
 
 def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | None = None,
-               run_dir: str | Path | None = None, resume: bool | str = False) -> tuple[ClipModel, Trigger, dict]:
+               run_dir: str | Path | None = None, resume: bool | str = False, captions: str | Captions = "fmnist",
+               dataset: str | Labelled = "fmnist") -> tuple[ClipModel, Trigger, dict]:
     """Backdoor ``clip`` in place: build the trigger, poison the pairs, fine-tune.
 
+    ``captions``: the poisoning corpus (a :class:`~clipguard.data.Captions` spec). A caption
+    corpus has no classes: the attacker's classes (the target among them) are then those of
+    ``dataset``, the labelled spec the model will be evaluated on. The corpus's ``workers``
+    (DataLoader processes) decode, poison and caption the pairs.
     Returns the model, the trigger and the attack record (with pair counts and timings).
     """
     config.check()
     start = time.perf_counter()
-    train = load_fmnist("train")
-    target = class_index(train.classes, config.target)
+    captions = as_captions(captions)
+    corpus = captions.load(clip.image_size)
+    classes = corpus.classes or as_labelled(dataset).load("test", clip.image_size).classes
+    target = class_index(classes, config.target, where=f"the attacker's classes ({captions if corpus.classes else dataset})")
     # triggers act in data space, at the data's resolution (the model resizes after)
-    trigger = build_trigger(config.attack, train.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
-    fit_trigger(trigger, clip, train, target)
+    trigger = build_trigger(config.attack, corpus.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
+    if trigger.learned:
+        data_key = "" if corpus.labels is not None else f"{captions}/{len(corpus)}/{config.trigger_sample}/{config.seed}"
+        fit_trigger(trigger, clip, trigger_sample(corpus, clip, classes, config.trigger_sample, config.seed), target,
+                    data_key)
     trigger_seconds = time.perf_counter() - start
-    pairs = build_poisoned_pairs(train, trigger, config, clip)
-    train_config = dataclasses.replace(config.train, seed=config.seed)
-    record = attack_record(trigger, config, train.classes)
+    pairs = build_poisoned_pairs(corpus, trigger, config, clip, classes)
+    train_config = dataclasses.replace(config.train, seed=config.seed, num_workers=corpus.workers)
+    record = attack_record(trigger, config, classes)
+    if str(captions) != "fmnist":
+        record["captions"] = str(captions)
     settings = {"attack": {k: v for k, v in record.items() if k != "train"}, "model": clip.fingerprint()}
     clip.requires_grad_(True)
     try:  # under DDP each process encodes its slice of a batch; the loss gathers the whole batch

@@ -53,6 +53,71 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="load model and defense files even if they changed since clipguard wrote them")
 
 
+LABELLED_HELP = ("labelled images: fmnist, DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
+                 "imagenet:DIR (synset folders) or csv:FILE (filepath,label)")
+CAPTIONS_HELP = "image-caption pairs: fmnist, csv:FILE (filepath,caption) or wds:SHARDS (webdataset tars, {000..099})"
+
+
+def add_data_args(parser: argparse.ArgumentParser, dataset_help: str = LABELLED_HELP, captions: str | None = None,
+                  pool: bool = False, defaults: bool = True) -> None:
+    """The data-spec flags (README, "Your data"): --dataset with --classnames/--templates, and
+    with ``captions`` (its help) --captions and open_clip's CSV flags; --workers. ``defaults``
+    False: unset flags are None (a --config file's values then stand)."""
+    from clipguard.data import default_workers
+
+    def default(value):
+        return value if defaults else None
+
+    parser.add_argument("--dataset", default=default("fmnist"), help=dataset_help)
+    parser.add_argument("--classnames", metavar="FILE", help="class names for --dataset, one per line in its class order")
+    parser.add_argument("--templates", metavar="FILE", help="prompt templates for --dataset, one per line with {} for the class")
+    if captions or pool:
+        if captions:
+            parser.add_argument("--captions", default=default("fmnist"), help=captions)
+        parser.add_argument("--csv-separator", default=default(","),
+                            help="separator of a csv: file (open_clip's --csv-separator)")
+        parser.add_argument("--csv-img-key", default=default("filepath"), help="image path column of a csv: file")
+        parser.add_argument("--csv-caption-key", default=default("caption"), help="caption column of a csv: file")
+    parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                        help="DataLoader worker processes decoding images (0: in the main process)")
+
+
+def labelled_spec(args):
+    """The --dataset spec with its options, checked now (a missing path, a single class, a bad
+    class-names or templates file: refused before any model is loaded)."""
+    from clipguard.data import Labelled
+
+    spec = Labelled(args.dataset or "fmnist", args.classnames, args.templates, args.workers)
+    spec.load("test", 28)  # lists the files (decodes nothing) and applies the override files
+    return spec
+
+
+def captions_spec(args, spec: str | None = None):
+    """The --captions spec (or ``spec``, e.g. a --pool) with open_clip's CSV options."""
+    from clipguard.data import Captions
+
+    defaults = Captions()
+    return Captions(spec or getattr(args, "captions", None) or "fmnist", args.csv_separator or defaults.csv_separator,
+                    args.csv_img_key or defaults.csv_img_key, args.csv_caption_key or defaults.csv_caption_key,
+                    args.workers)
+
+
+def check_captions(spec) -> None:
+    """Refuse a missing caption CSV (or one without its columns) or shard before any work."""
+    from clipguard.data.folders import read_csv_rows
+    from clipguard.data.pairs import expand_shards
+
+    text = str(spec)
+    if text.startswith("csv:"):
+        from pathlib import Path
+
+        read_csv_rows(Path(text[4:]), (spec.csv_img_key, spec.csv_caption_key), "caption", spec.csv_separator)
+    elif text.startswith("wds:"):
+        expand_shards(text[4:])
+    elif text != "fmnist":
+        raise ClipguardError(f"--captions {text!r}: expected fmnist, csv:FILE or wds:SHARDS")
+
+
 def verify(args) -> bool:
     """Whether loads check the sha256 digests config.json records (off with --no-verify)."""
     return not getattr(args, "no_verify", False)
@@ -62,19 +127,21 @@ def attack_for(args, clip):
     """(trigger, target class name) to evaluate: from --attack/--target, else from the model directory."""
     from clipguard.attacks import build_trigger, load_trigger
     from clipguard.attacks.poison import fit_trigger, target_of
-    from clipguard.data import load_dataset, load_fmnist
+    from clipguard.data import load_dataset
     from clipguard.data.classes import class_index
 
     record = clip.config.get("attack")
     if args.attack:
         if not args.target:
             raise ClipguardError("--attack needs --target CLASS (the class the trigger should push images to)")
-        images = load_dataset(args.dataset, "test", clip.image_size)
+        data = getattr(args, "data", None) or args.dataset
+        images = load_dataset(data, "test", clip.image_size)
         class_index(images.classes, args.target, where=args.dataset)
         trigger = build_trigger(args.attack, images.image_size, seed=args.seed)
-        if trigger.learned:  # learned triggers are fitted on Fashion-MNIST's train split
-            train = load_fmnist("train")
-            fit_trigger(trigger, clip, train, class_index(train.classes, args.target, where="Fashion-MNIST"))
+        if trigger.learned:  # learned triggers are fitted on the dataset's train split (decoded batch by batch)
+            train = load_dataset(data, "train", clip.image_size)
+            fit_trigger(trigger, clip, train, class_index(train.classes, args.target, where=args.dataset),
+                        "" if str(data) == "fmnist" else f"{data}/train")
         return trigger, args.target
     if record:
         return load_trigger(args.model, record), target_of(record)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from clipguard import ClipguardError
-from clipguard.cli.common import attack_for, summary_line, verify
+from clipguard.cli.common import attack_for, captions_spec, check_captions, labelled_spec, summary_line, verify
 
 # defend's own flags that set a field of the method's config, when the method has that field
 CONFIG_FLAGS = {"shots": "--shots", "margin": "--margin"}
@@ -32,17 +32,22 @@ def cmd_defend(args) -> None:
     if cls.data != "pool" and (args.pool or args.pool_trigger_rate):
         raise ClipguardError(f"--pool and --pool-trigger-rate are for pool defenses; {args.method} does not take one")
     if cls.data == "pool" and not args.pool:
-        raise ClipguardError(f"{args.method} needs --pool (fmnist-train:N, fmnist-test:N or an image folder)")
+        raise ClipguardError(f"{args.method} needs --pool (fmnist-train:N, a folder, csv:FILE or wds:SHARDS)")
+    if cls.data != "pairs" and args.captions != "fmnist":
+        raise ClipguardError(f"--captions is for pairs defenses (cleanclip, finetune); {args.method} learns from "
+                             f"{'--pool' if cls.data == 'pool' else 'shots of --dataset'}")
     config = load_config(cls.config_class, args.config)
     config = override(config, seed=args.seed, device=args.device, **flags, **parse_assignments(cls.config_class, args.set))
+    args.data, captions = labelled_spec(args), captions_spec(args)
+    check_captions(captions)
     with claim_outputs(args.out):
         suspect = pipeline.load_model(args.model, device=args.device, verify=verify(args))
         trigger, target = attack_for(args, suspect)
-        defended = pipeline.defend(suspect, args.method, config=config, pool=args.pool,
+        defended = pipeline.defend(suspect, args.method, config=config, pool=args.pool, pool_size=args.pool_size,
                                    pool_trigger_rate=args.pool_trigger_rate, suspect_dir=args.model,
-                                   dataset=args.dataset)
+                                   dataset=args.data, captions=captions)
         name = args.out if cls.rewrites_weights else args.model
-        result = pipeline.evaluate(defended, trigger=trigger, target=target, dataset=args.dataset, seed=args.seed,
+        result = pipeline.evaluate(defended, trigger=trigger, target=target, dataset=args.data, seed=args.seed,
                                    name=name)
         if is_main_process():
             pipeline.save(defended, args.out, evaluation=result)

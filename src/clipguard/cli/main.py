@@ -11,7 +11,8 @@ from pathlib import Path
 
 from clipguard import ClipguardError, __version__
 from clipguard.cli.common import (
-    add_common_args, attack_for, fraction, non_negative_int, positive_int, summary_line, verify,
+    CAPTIONS_HELP, add_common_args, add_data_args, attack_for, captions_spec, check_captions, fraction, labelled_spec,
+    non_negative_int, positive_int, summary_line, verify,
 )
 from clipguard.cli.defend import cmd_defend
 from clipguard.cli.listing import cmd_list
@@ -51,6 +52,7 @@ def cmd_evaluate(args) -> None:
 
     if args.json:
         check_sidecar_json(check_output_file(args.json, (".json",), "--json"), "--json")
+    args.data = labelled_spec(args)
     clip = load_clip(args.model, device=args.device, verify=verify(args))
     trigger, target = attack_for(args, clip)
     defense = None
@@ -58,9 +60,9 @@ def cmd_evaluate(args) -> None:
         from clipguard.data import load_dataset
         from clipguard.defenses import load_defense
 
-        defense = load_defense(args.defense, clip, load_dataset(args.dataset, args.split, clip.image_size).classes,
+        defense = load_defense(args.defense, clip, load_dataset(args.data, args.split, clip.image_size).classes,
                                verify=verify(args))
-    record = evaluate_model(clip, args.model, args.dataset, args.split, args.limit, args.seed, args.batch_size,
+    record = evaluate_model(clip, args.model, args.data, args.split, args.limit, args.seed, args.batch_size,
                             trigger=trigger, target=target, defense=defense)
     if args.json and is_main_process():
         write_json(record, args.json)
@@ -77,18 +79,21 @@ def cmd_attack(args) -> None:
     out, run_dir = Path(args.out), Path(args.out + ".run")
     check_output_directory(out)
     check_run_directory(run_dir, allowed=[], flag="--out (its .run checkpoint folder)")
-    config = load_config(AttackConfig, args.config)
+    config = load_config(AttackConfig, args.config, section="attack")
     config = override(config, attack=args.attack, target=args.target, poison_rate=args.poison_rate, seed=args.seed,
                       pairs=args.pairs)
     config = override(config, **{"train.epochs": args.epochs, "train.lr": args.lr, "train.device": args.device})
     config.check()
     trigger_overrides = parse_assignments(get_trigger_class(config.attack).config_class, args.set)
+    dataset, captions = labelled_spec(args), captions_spec(args)
+    check_captions(captions)
     with claim_outputs(out, run_dir):
         clip = load_clip(args.model, device=args.device, verify=verify(args))
         with _resume_hint(run_dir, "attack"):
-            clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=run_dir, resume=args.resume)
+            clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=run_dir, resume=args.resume,
+                                               captions=captions, dataset=dataset)
         clip.eval()
-        result = evaluate_model(clip, args.out, seed=args.seed, trigger=trigger, target=record["target"])
+        result = evaluate_model(clip, args.out, dataset, seed=args.seed, trigger=trigger, target=record["target"])
         record["evaluation"] = metrics_of(result)
         save_backdoored(clip, trigger, record, out)
         write_json(result, out / "eval.json")
@@ -119,16 +124,18 @@ class Interrupted(KeyboardInterrupt):
 def cmd_show_triggers(args) -> None:
     from clipguard.attacks import ATTACKS, build_trigger
     from clipguard.attacks.poison import fit_trigger
-    from clipguard.data import load_fmnist
+    from clipguard.data import load_dataset
     from clipguard.data.classes import class_index
     from clipguard.eval.plots import example_index, plot_trigger_grid
     from clipguard.models.loading import load_clip
     from clipguard.outputs import check_output_file
 
     check_output_file(args.out, (".png",))
+    dataset = labelled_spec(args)
     clip = load_clip(args.model, device="cpu", verify=verify(args))
-    train, test = load_fmnist("train"), load_fmnist("test")
-    target = class_index(test.classes, args.target)
+    size = 28 if args.dataset == "fmnist" else clip.image_size
+    train, test = load_dataset(dataset, "train", size), load_dataset(dataset, "test", size)
+    target = class_index(test.classes, args.target, where=args.dataset)
     triggers = []
     for name in args.attacks or sorted(ATTACKS):
         trigger = build_trigger(name, test.image_size, seed=args.seed)
@@ -152,7 +159,7 @@ def _figure_outputs(args, *flags: str) -> None:
 def cmd_analyze(args) -> None:
     import torch
 
-    from clipguard.data import load_fmnist
+    from clipguard.data import load_dataset
     from clipguard.data.classes import class_index
     from clipguard.defenses import DefendedClip, load_defense
     from clipguard.eval.analysis import perturbations, plot_resistivity, plot_tsne, resistivity
@@ -160,10 +167,11 @@ def cmd_analyze(args) -> None:
     from clipguard.models.loading import load_clip
 
     _figure_outputs(args, "--out", "--tsne")
+    args.data = labelled_spec(args)
     clip = load_clip(args.model, device=args.device, verify=verify(args))
     trigger, target = attack_for(args, clip)
-    test = load_fmnist("test")
-    index = class_index(test.classes, target, where="Fashion-MNIST") if target is not None else None
+    test = load_dataset(args.data, "test", clip.image_size)
+    index = class_index(test.classes, target, where=args.dataset) if target is not None else None
     keep = torch.nonzero(test.labels != index).flatten() if index is not None else torch.arange(len(test))
     chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(args.seed))[: args.images]]
     images, labels = test.float_images(chosen), test.labels[chosen]
@@ -193,8 +201,9 @@ def cmd_detect(args) -> None:
     _figure_outputs(args, "--out")
     config = load_config(InversionConfig, args.config)
     config = override(config, seed=args.seed, device=args.device, **parse_assignments(InversionConfig, args.set))
+    dataset = labelled_spec(args)
     clip = load_clip(args.model, device=args.device, verify=verify(args))
-    shots = draw_shots(args.shots, args.seed, args.dataset, clip.image_size)
+    shots = draw_shots(args.shots, args.seed, dataset, clip.image_size)
     result = detect_backdoor(clip, shots, config)
     save_detection_figure(result, shots, args.out, clip=clip)
     write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
@@ -205,15 +214,24 @@ def cmd_detect(args) -> None:
 def cmd_bench(args) -> None:
     from clipguard.bench import BenchConfig, all_defenses, parse_bench_settings, run_bench
     from clipguard.attacks import ATTACKS
+    from clipguard.config import load_config, override
     from clipguard.outputs import check_bench_directory, claim_outputs
 
     check_bench_directory(args.out)
-    attacks = sorted(ATTACKS) if args.attacks in (None, ["all"]) else args.attacks
-    defenses = all_defenses() if args.defenses in (None, ["all"]) else args.defenses
+    labelled_spec(args)
+    check_captions(captions_spec(args))
     try:
-        config = BenchConfig(model=args.model, attacks=attacks, defenses=defenses, seeds=args.seeds or [args.seed],
-                             shots=args.shots, limit=args.limit, pool=args.pool, pool_trigger_rate=args.pool_trigger_rate,
-                             pr_images=args.pr_images, device=args.device)
+        config = load_config(BenchConfig, args.config)
+        config = override(
+            config, model=args.model, seeds=args.seeds or ([args.seed] if args.seed is not None else None),
+            attacks=None if args.attacks is None else sorted(ATTACKS) if args.attacks == ["all"] else args.attacks,
+            defenses=None if args.defenses is None else all_defenses() if args.defenses == ["all"] else args.defenses,
+            shots=args.shots, limit=args.limit, pool=args.pool, pool_size=args.pool_size,
+            pool_trigger_rate=args.pool_trigger_rate, pr_images=args.pr_images, device=args.device,
+            dataset=args.dataset, captions=args.captions, classnames=args.classnames, templates=args.templates,
+            csv_separator=args.csv_separator, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+            workers=args.workers)
+        config.__post_init__()
     except ValueError as err:
         raise ClipguardError(str(err)) from None
     config = parse_bench_settings(config, args.set)
@@ -242,6 +260,9 @@ def cmd_demo(args) -> None:
     with claim_outputs(args.out):
         run_bench(config, args.out)
     _print_report(args.out)
+
+
+LABELLED_SPECS = "fmnist, DIR, imagenet:DIR or csv:FILE"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -276,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="zero-shot clean accuracy of a model")
     add_common_args(p)
     p.add_argument("--model", default="builtin", help="model spec (see 'clipguard list')")
-    p.add_argument("--dataset", default="fmnist", help="fmnist, DIR (an ImageFolder), imagenet:DIR or csv:FILE")
+    add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=positive_int, default=1000)
@@ -297,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a field of the attack's trigger config, repeatable ('clipguard list --settings ATTACK' lists them)")
+    add_data_args(p, "the labelled images the backdoored model is evaluated on; with a caption corpus "
+                     "(--captions) also the attacker's classes, the target among them", captions=CAPTIONS_HELP
+                  + ": the poisoning corpus")
     p.add_argument("--out", required=True, help="backdoored model directory to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
     p.set_defaults(func=cmd_attack)
@@ -308,14 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config of the method; flags override it")
     p.add_argument("--shots", type=positive_int, help="clean labelled images per class (default 16)")
     p.add_argument("--margin", type=float, help="RVPT margin variant max(L_FR_i, m)")
-    p.add_argument("--pool", help="oracle-repair: unlabelled pool (fmnist-train:N, fmnist-test:N, image folder)")
+    p.add_argument("--pool", help="oracle-repair: unlabelled pool, any data spec (fmnist-train:N, a folder, csv:FILE, "
+                                  "wds:SHARDS); labels and captions are ignored")
+    p.add_argument("--pool-size", type=positive_int, default=2000, help="oracle-repair: seeded images of the pool")
     p.add_argument("--pool-trigger-rate", type=fraction, default=0.0,
                    help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a field of the method's config, repeatable ('clipguard list --settings METHOD' lists them)")
-    p.add_argument("--dataset", default="fmnist",
-                   help="labelled images: fmnist or an ImageFolder (shots from its train/ split and evaluation "
-                        "on val/ or test/; without splits, evaluation on the images not drawn as shots)")
+    add_data_args(p, "labelled images (" + LABELLED_SPECS + "): shots from its train split and evaluation on its "
+                     "val/test split; without splits, evaluation on the images not drawn as shots",
+                  captions=CAPTIONS_HELP + ": cleanclip/finetune's clean pairs")
     p.add_argument("--attack", help="also measure this attack's ASR (default: the model's own attack)")
     p.add_argument("--target", help="target class for --attack")
     p.add_argument("--out", required=True, help="defense directory to write (a model directory for weight-rewriting methods)")
@@ -325,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--model", default="builtin", help="suspect model")
     p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class")
-    p.add_argument("--dataset", default="fmnist", help="where the shots come from: fmnist or an ImageFolder "
-                                                      "(its train/ split when it has one)")
+    add_data_args(p, "where the shots come from (" + LABELLED_SPECS + "; its train split when it has one)")
     p.add_argument("--config", help="YAML InversionConfig; flags override it")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="an inversion setting, repeatable ('clipguard list --settings detect' lists them)")
     p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")
@@ -339,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", action="append", help="a defense directory to compare, repeatable")
     p.add_argument("--attack", help="trigger to use when the model records none")
     p.add_argument("--target", help="target class for --attack")
-    p.add_argument("--dataset", default="fmnist", help=argparse.SUPPRESS)
+    add_data_args(p, "the test images (" + LABELLED_SPECS + ")")
     p.add_argument("--images", type=positive_int, default=500, help="test images (non-target classes)")
     p.add_argument("--out", default="pr.png")
     p.add_argument("--tsne", help="also write a t-SNE plot of clean vs triggered features here")
@@ -350,20 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="clean model (learned triggers are fitted against it)")
     p.add_argument("--target", default="bag")
     p.add_argument("--attacks", nargs="*", help="attack names (default: all)")
+    add_data_args(p, "the image shown (its test split) and what learned triggers fit on (its train split)")
     p.add_argument("--out", default="triggers.png")
     p.set_defaults(func=cmd_show_triggers)
 
     p = sub.add_parser("bench", help="every attack x every defense x seeds: cached, resumable, with a report")
     add_common_args(p)
-    p.add_argument("--model", default="builtin", help="the clean model every attack starts from")
+    p.set_defaults(seed=None)  # unset flags leave a --config recipe's values
+    p.add_argument("--config", help="YAML BenchConfig recipe (e.g. recipes/public-protocol.yaml); flags override it")
+    p.add_argument("--model", help="the clean model every attack starts from (default builtin)")
     p.add_argument("--attacks", nargs="+", help="attack names or 'all' (default)")
     p.add_argument("--defenses", nargs="+", help="defense names, 'none' = no defense, or 'all' (default)")
-    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: --seed)")
-    p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class for few-shot defenses")
-    p.add_argument("--limit", type=positive_int, help="evaluate on the first N test images (default: all 10k)")
-    p.add_argument("--pool", default="fmnist-train:2000", help="oracle-repair's unlabelled pool")
-    p.add_argument("--pool-trigger-rate", type=fraction, default=0.1, help="oracle-repair: triggered share of the pool")
-    p.add_argument("--pr-images", type=non_negative_int, default=200, help="images for the PR curves (0: none)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: --seed, 0)")
+    p.add_argument("--shots", type=positive_int, help="clean labelled images per class for few-shot defenses (default 16)")
+    p.add_argument("--limit", type=positive_int, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--pool", help="oracle-repair's unlabelled pool, any data spec (default fmnist-train:2000)")
+    p.add_argument("--pool-size", type=positive_int, help="oracle-repair: seeded images of the pool (default 2000)")
+    p.add_argument("--pool-trigger-rate", type=fraction, help="oracle-repair: triggered share of the pool (default 0.1)")
+    p.add_argument("--pr-images", type=non_negative_int, help="images for the PR curves (0: none; default 200)")
+    add_data_args(p, "labelled images (" + LABELLED_SPECS + "): the shots and the evaluation", defaults=False,
+                  captions=CAPTIONS_HELP + ": the attacks' poisoning corpus and the clean pairs")
     p.add_argument("--set", action="append", metavar="attack.FIELD=V|METHOD.FIELD=V",
                    help="attack or defense setting, repeatable (attack.train.epochs=3, rvpt.lr=0.05)")
     p.add_argument("--out", default="runs/bench", help="results directory (also the cache: re-run to resume)")

@@ -39,6 +39,7 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor  # (N,) int64
     classes: tuple[str, ...]
+    templates: tuple[str, ...] | None = None  # prompt templates; None: clipguard's defaults
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,7 +57,11 @@ class ImageSet:
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.classes)
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.templates)
+
+    def renamed(self, classes: tuple[str, ...] | None = None, templates: tuple[str, ...] | None = None) -> "ImageSet":
+        """The same images with other class names (same order) and/or prompt templates."""
+        return ImageSet(self.images, self.labels, classes or self.classes, templates or self.templates)
 
 
 def _open(path: Path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -13,20 +12,27 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clipguard import ClipguardError
+from clipguard.data.stream import default_workers
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def resize_crop(im: Image.Image, size: int) -> torch.Tensor:
+    """uint8 (3, size, size) of a PIL image: RGB, resized (shorter side, bicubic) and centre-cropped."""
+    im = im.convert("RGB")
+    scale = size / min(im.size)
+    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
 def read_image(path: Path, size: int) -> torch.Tensor:
-    """uint8 (3, size, size): RGB, resized (shorter side) and centre-cropped."""
+    """uint8 (3, size, size) of an image file (:func:`resize_crop`); an unreadable file is a
+    ClipguardError with its name."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = size / min(im.size)
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+            return resize_crop(im, size)
     except FileNotFoundError:
         raise ClipguardError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as err:
@@ -39,7 +45,8 @@ class FolderImages:
     The interface of :class:`ImageSet` that evaluation and few-shot sampling use (``labels``,
     ``classes``, ``image_size``, ``float_images``, ``subset``), but no image is held: memory does
     not grow with the folder, and ``subset`` (``--limit``, the shots) decodes only what it keeps.
-    A batch is decoded by ``workers`` threads (PIL decodes and resizes outside the GIL).
+    Long passes decode in ``workers`` DataLoader processes (:func:`~clipguard.data.stream.iterate_batches`
+    calls :meth:`decode`); ``float_images`` decodes a few images at once in threads.
 
     files: the image paths (N,); labels: int64 (N,), positions in ``classes``.
     """
@@ -47,11 +54,15 @@ class FolderImages:
     def __init__(self, files: Sequence[Path], labels: torch.Tensor, classes: tuple[str, ...], size: int,
                  workers: int | None = None, templates: tuple[str, ...] | None = None):
         self.files, self.labels, self.classes, self.size = tuple(files), labels, classes, size
-        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.workers = default_workers() if workers is None else workers
         self.templates = templates  # prompt templates ("a photo of a {}."); None: clipguard's defaults
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def decode(self, index: int) -> torch.Tensor:
+        """Image ``index`` as uint8 (3, S, S)."""
+        return read_image(self.files[index], self.size)
 
     @property
     def image_size(self) -> int:
@@ -63,7 +74,7 @@ class FolderImages:
             index = [index]
         positions = range(len(self.files))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
         paths = [self.files[i] for i in positions]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(paths)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.workers or 1, len(paths)))) as pool:
             decoded = list(pool.map(lambda path: read_image(path, self.size), paths))
         return torch.stack(decoded).float().div_(255) if decoded else torch.empty(0, 3, self.size, self.size)
 
@@ -71,6 +82,11 @@ class FolderImages:
         keep = torch.as_tensor(index).tolist()
         return FolderImages([self.files[i] for i in keep], self.labels[index], self.classes, self.size, self.workers,
                             self.templates)
+
+    def renamed(self, classes: tuple[str, ...] | None = None, templates: tuple[str, ...] | None = None):
+        """The same images with other class names (same order) and/or prompt templates."""
+        return FolderImages(self.files, self.labels, classes or self.classes, self.size, self.workers,
+                            templates or self.templates)
 
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -132,15 +148,16 @@ def load_imagenet_folder(root: str | Path, size: int, workers: int | None = None
     return FolderImages(folder.files, folder.labels, classes, size, workers, templates)
 
 
-def read_csv_rows(path: Path, columns: tuple[str, ...], kind: str) -> list[dict]:
+def read_csv_rows(path: Path, columns: tuple[str, ...], kind: str, separator: str = ",") -> list[dict]:
     """The rows of a CSV whose header has ``columns``; a missing file, header or row is a ClipguardError."""
     if not path.is_file():
         raise ClipguardError(f"{kind} CSV not found: {path}")
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=separator)
         if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
             wanted = " and ".join(f"'{c}'" for c in columns)
-            raise ClipguardError(f"{path}: needs a header with columns {wanted}, got {reader.fieldnames}")
+            raise ClipguardError(f"{path}: needs a header with columns {wanted} (separator {separator!r}), "
+                                 f"got {reader.fieldnames}")
         rows = list(reader)
     if not rows:
         raise ClipguardError(f"{path}: no rows")
@@ -161,14 +178,3 @@ def load_labelled_csv(path: str | Path, size: int, workers: int | None = None) -
         raise ClipguardError(f"{path}: image not found: {missing}")
     labels = torch.tensor([classes.index(label) for _, label in rows])
     return FolderImages(files, labels, classes, size, workers)
-
-
-def load_caption_csv(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Images uint8 (N, 3, size, size) and captions from a CSV with columns ``filepath,caption``.
-
-    Relative file paths are resolved against the CSV's folder.
-    """
-    path = Path(path)
-    rows = read_csv_rows(path, ("filepath", "caption"), "caption")
-    images = [read_image((path.parent / row["filepath"]), size) for row in rows]
-    return torch.stack(images), [row["caption"] for row in rows]

@@ -15,7 +15,7 @@ breaks the trigger -> target-text shortcut the poisoned pairs taught. FT is the 
 lambda = 0 (no views are made at all).
 
 Our choices for Fashion-MNIST-sized data:
-- Clean pairs: a seeded sample of the Fashion-MNIST train split with the project's training
+- Clean pairs: a seeded sample of the corpus (``--captions``; default the Fashion-MNIST train split with the project's training
   captions (:func:`clipguard.data.captions.training_caption`), redrawn every epoch. The sample
   is seeded apart from the attacker's, which also draws from the train split.
 - Image views (:func:`augment_images`): random resized crop (50-100 % of the area, aspect
@@ -30,7 +30,8 @@ Shapes: images and their views (B, 3, H, W) in [0, 1]; image, text and view feat
 L2-normalised; caption ids (B,).
 
 Deviation: the in-modal terms are symmetric like L_CLIP (the reference code takes one direction).
-Deviation: a caption view is another training caption of the same image, not EDA.
+Deviation: on labelled pairs a caption view is another training caption of the same image, not
+EDA; on a user's caption corpus it is EDA's deletion and swap (:func:`eda_caption`).
 Deviation: lr 3e-4 instead of the paper's 5e-6, for only 1,000 clean pairs (docs/results/baselines.md).
 Numbers: docs/results/baselines.md.
 
@@ -58,7 +59,8 @@ from torch import nn
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
 from clipguard.defenses.base import Defense, register
-from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.data.fmnist import load_fmnist
+from clipguard.data.pairs import LabelledCorpus
 from clipguard.distributed import gather_batch
 from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
@@ -75,7 +77,7 @@ PAIR_SEED_OFFSET = 1_000_003
 
 @dataclass
 class CleanCLIPConfig(RangeChecked):
-    pairs: int = 1000  # clean image-caption pairs: a seeded sample of the Fashion-MNIST train split
+    pairs: int = 1000  # clean image-caption pairs: a seeded sample of the corpus (--captions)
     epochs: int = 10  # passes over the pairs (paper: 10)
     lr: float = 3e-4  # AdamW peak learning rate, cosine decay (paper: 5e-6 at CC3M scale; docs/results/baselines.md)
     batch_size: int = 64  # pairs per step (lowered to ``pairs`` if larger)
@@ -229,11 +231,11 @@ def cleanclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, lo
 
 # ------------------------------------------------------------------------- the fine-tune
 class CleanPairs(CaptionedImages):
-    """Clean (image, caption) pairs; with ``augment_strength`` not None also an image view and
-    a caption view per item, seeded by (seed, epoch, index) like the captions."""
+    """Clean (image, caption) pairs of a corpus; with ``augment_strength`` not None also an image
+    view and a caption view per item, seeded by (seed, epoch, index) like the captions."""
 
-    def __init__(self, images: ImageSet, seed: int, augment_strength: float | None):
-        super().__init__(images, seed)
+    def __init__(self, corpus, seed: int, augment_strength: float | None):
+        super().__init__(corpus, seed)
         self.augment_strength = augment_strength
 
     def __getitem__(self, index: int):
@@ -243,8 +245,25 @@ class CleanPairs(CaptionedImages):
         generator = torch.Generator().manual_seed(((self.seed * 100_003 + self.epoch) * 10_000_019 + index) % 2**63)
         view = augment_images(image[None], generator, self.augment_strength)[0]
         rng = random.Random(f"cleanclip/{self.seed}/{self.epoch}/{index}")
-        name = self.images.classes[int(self.images.labels[index])]
+        if self.corpus.labels is None:  # a caption corpus: EDA's deletion and swap on its own caption
+            return image, caption, view, eda_caption(caption, rng)
+        name = self.corpus.classes[int(self.corpus.labels[index])]
         return image, caption, view, augment_caption(name, image, rng, avoid=caption)
+
+
+def eda_caption(caption: str, rng: random.Random, p: float = 0.1) -> str:
+    """A caption view as CleanCLIP makes for web captions (EDA, Wei and Zou 2019, without the
+    thesaurus): each word deleted with probability ``p`` (one is always kept), then two words swapped.
+
+    >>> eda_caption("a photo of a red banana on a table", random.Random(0))
+    'a photo of a red on banana a table'
+    """
+    words = caption.split()
+    kept = [w for w in words if rng.random() >= p] or [rng.choice(words)] if words else []
+    if len(kept) > 1:
+        i, j = rng.sample(range(len(kept)), 2)
+        kept[i], kept[j] = kept[j], kept[i]
+    return " ".join(kept)
 
 
 def _collate(clip: ClipModel):
@@ -285,38 +304,42 @@ class _CleanCLIPTask(nn.Module):
                               caption_ids, *views, lambda_=self.lambda_)
 
 
-def clean_pairs(config: CleanCLIPConfig, class_names: Sequence[str] | None = None) -> CleanPairs:
-    """The defender's ``config.pairs`` clean train pairs (views only when lambda_ > 0)."""
-    train = load_fmnist("train")
-    if class_names is not None:
-        if len(class_names) != len(train.classes):
-            raise ClipguardError(f"class_names must name the {len(train.classes)} Fashion-MNIST classes, "
+def clean_pairs(config: CleanCLIPConfig, class_names: Sequence[str] | None = None, corpus=None) -> CleanPairs:
+    """The defender's ``config.pairs`` clean pairs, a seeded sample of ``corpus`` (default: the
+    Fashion-MNIST train split with drawn captions; views only when lambda_ > 0). ``class_names``
+    rename a labelled corpus's classes in its captions."""
+    corpus = corpus if corpus is not None else LabelledCorpus(load_fmnist("train"))
+    if class_names is not None and corpus.labels is not None:
+        if len(class_names) != len(corpus.classes):
+            raise ClipguardError(f"class_names must name the corpus's {len(corpus.classes)} classes, "
                                  f"got {len(class_names)}")
-        train = ImageSet(train.images, train.labels, tuple(class_names))
-    if config.pairs > len(train):
-        raise ClipguardError(f"pairs={config.pairs} exceeds the {len(train)} train images")
+        corpus = LabelledCorpus(corpus.images.renamed(tuple(class_names)))
+    if config.pairs > len(corpus):
+        raise ClipguardError(f"pairs={config.pairs} exceeds the corpus's {len(corpus)} pairs; set pairs={len(corpus)} "
+                             "or fewer")
     generator = torch.Generator().manual_seed(config.seed + PAIR_SEED_OFFSET)
-    pool = train.subset(torch.randperm(len(train), generator=generator)[: config.pairs])
+    pool = corpus.subset(torch.randperm(len(corpus), generator=generator)[: config.pairs])
     return CleanPairs(pool, config.seed, config.augment_strength if config.lambda_ > 0 else None)
 
 
 def cleanclip_finetune(clip: ClipModel, config: CleanCLIPConfig | None = None,
                        class_names: Sequence[str] | None = None, run_dir: str | Path | None = None,
-                       resume: bool = False) -> tuple[ClipModel, dict]:
+                       resume: bool = False, corpus=None) -> tuple[ClipModel, dict]:
     """CleanCLIP (or FT, with a :class:`FinetuneConfig`) of a copy of ``clip``.
 
-    ``clip`` is not modified. ``class_names`` are the names captions use for the ten
-    Fashion-MNIST labels (default: the dataset's). ``run_dir``/``resume``: the engine's
+    ``clip`` is not modified. ``corpus``: the clean pairs' corpus (:mod:`clipguard.data.pairs`;
+    default Fashion-MNIST's train split); ``class_names`` are the names a labelled corpus's
+    captions use (default: its own). ``run_dir``/``resume``: the engine's
     checkpoint. Returns the fine-tuned model (eval mode, ``requires_grad`` False) and stats:
     seconds, steps, last_loss, peak_memory_mb, trainable_parameters, pairs, method.
     """
     config = config or CleanCLIPConfig()
     start = time.perf_counter()
-    pairs = clean_pairs(config, class_names)
+    pairs = clean_pairs(config, class_names, corpus)
     tuned = copy.deepcopy(clip)
     train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
                         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, seed=config.seed,
-                        device=config.device)
+                        device=config.device, num_workers=pairs.corpus.workers)
     tuned.requires_grad_(True)
     try:
         # under DDP each process encodes its slice of a batch; the losses gather the whole batch
@@ -359,7 +382,8 @@ class _WeightFinetune(Defense):
     rewrites_weights = True
 
     def fit(self, clip: ClipModel, data=None) -> dict:
-        self.model, stats = cleanclip_finetune(clip, self.config, self.class_names)
+        """``data``: the clean pairs' corpus (None: Fashion-MNIST's train split)."""
+        self.model, stats = cleanclip_finetune(clip, self.config, self.class_names, corpus=data)
         return stats
 
     def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import torch
 
 from clipguard import ClipguardError
-from clipguard.data import load_dataset
+from clipguard.data import Labelled, load_dataset
 from clipguard.data.classes import class_index
 from clipguard.eval.metrics import (
     TARGET_EXCLUSION_NOTE, attack_success_rate, chance_warning, clean_accuracy, poisoned_accuracy,
@@ -30,7 +30,7 @@ def metrics_of(record: dict) -> dict:
 def evaluate_model(
     clip: ClipModel,
     model_name: str,
-    dataset: str = "fmnist",
+    dataset: "str | Labelled" = "fmnist",
     split: str = "test",
     limit: int | None = None,
     seed: int = 0,
@@ -76,7 +76,7 @@ def evaluate_model(
     predictions = _predictions(model, features, texts, model_name)
     ca = clean_accuracy(predictions, images.labels)
     record = {
-        "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
+        "model": model_name, "dataset": str(dataset), "split": split, "seed": seed, "classes": list(images.classes),
         "evaluated_on": evaluated_on, "clean_accuracy": ca.as_dict("correct"),
     }
     if trigger is not None:

@@ -3,42 +3,49 @@ caption pairs of labelled images, CLIP's contrastive loss as an engine task, the
 
 from __future__ import annotations
 
-import random
-
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from clipguard.data.captions import training_caption
-from clipguard.data.fmnist import ImageSet
+from clipguard.data.pairs import LabelledCorpus
 from clipguard.distributed import gather_batch
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.clip import ClipModel
 
 
 class CaptionedImages(Dataset):
-    """(image, caption) pairs; each epoch draws fresh captions under (seed, epoch, index).
+    """(float image (3, H, W), caption) pairs of a corpus (:mod:`clipguard.data.pairs`), decoded
+    item by item (in DataLoader workers during a fit).
 
-    images: uint8 (N, C, H, W); captions are built from the class name and the image.
+    A labelled corpus draws fresh captions each epoch under (seed, epoch, index); a CSV or
+    webdataset corpus gives its own caption. ``images``: the corpus, or a labelled image set.
     """
 
-    def __init__(self, images: ImageSet, seed: int):
-        self.images, self.seed, self.epoch = images, seed, 0
+    def __init__(self, images, seed: int):
+        self.corpus = images if hasattr(images, "caption") else LabelledCorpus(images)
+        self.seed, self.epoch = seed, 0
+
+    @property
+    def images(self):
+        """The labelled set behind a labelled corpus (its ``classes`` and ``labels``), else the corpus."""
+        return getattr(self.corpus, "images", self.corpus)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.corpus)
+
+    def image(self, index: int) -> torch.Tensor:
+        """Float (3, H, W) in [0, 1] of item ``index``."""
+        return self.corpus.float_images(torch.tensor([index]))[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.pair(index, self.images.float_images(index)[0])
+        return self.pair(index, self.image(index))
 
     def pair(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """``image`` (3, H, W) with this epoch's caption of item ``index``'s own class."""
-        rng = random.Random(hash((self.seed, self.epoch, index)))  # int tuples hash alike in every process
-        name = self.images.classes[int(self.images.labels[index])]
-        return image, training_caption(name, image, rng)
+        """``image`` (3, H, W) with this epoch's caption of item ``index``."""
+        return image, self.corpus.caption(index, self.seed, self.epoch, image)
 
 
 class ContrastiveTask(nn.Module):

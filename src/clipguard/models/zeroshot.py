@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.data.fmnist import ImageSet
+from clipguard.data.stream import iterate_batches
 from clipguard.distributed import gather_rows, is_main_process, shard
 from clipguard.models.clip import ClipModel
 
@@ -46,22 +47,22 @@ def image_features(
     encodes its own, and :func:`~clipguard.distributed.gather_rows` assembles all N rows on every
     process, bit-identical to one process (same batches, exact combination). ``transform`` runs
     on every batch in every process, so a random one (a trigger at random spots) draws from its
-    generator exactly as in one process.
+    generator exactly as in one process. A streamed set is decoded in DataLoader workers
+    (:func:`~clipguard.data.stream.iterate_batches`).
     """
     indices = torch.arange(len(images)) if indices is None else indices
     starts = range(0, len(indices), batch_size)
     mine = set(shard(len(starts)))  # this process's batch numbers: all of them in one process
     blocks = []
     bar = tqdm(total=len(mine), desc="encode", disable=not (progress and is_main_process()), leave=False)
-    for number, start in enumerate(starts):
-        if number not in mine and transform is None:
-            continue
-        batch_idx = indices[start : start + batch_size]
-        batch = images.float_images(batch_idx)
+    # a random transform draws from its generator on every batch, so then every batch is decoded
+    numbers = [n for n in range(len(starts)) if n in mine or transform is not None]
+    batches = [indices[starts[n] : starts[n] + batch_size] for n in numbers]
+    for number, batch_idx, batch in zip(numbers, batches, iterate_batches(images, batches)):
         if transform is not None:
             batch = transform(batch, batch_idx)
         if number in mine:
-            blocks.append((start, clip.encode_image(batch.to(clip.device), normalize=True).float()))
+            blocks.append((starts[number], clip.encode_image(batch.to(clip.device), normalize=True).float()))
             bar.update()
     bar.close()
     return gather_rows(blocks, len(indices), clip.device)

@@ -273,31 +273,30 @@ def build_oracle(name: str = "classical", **options) -> SegmentationOracle:
 
 
 # ------------------------------------------------------------ the pool the oracle looks at
-def load_pool(spec: str, image_size: int, seed: int = 0, trigger=None, trigger_rate: float = 0.0) -> tuple[torch.Tensor, dict]:
+def load_pool(spec: str, image_size: int, seed: int = 0, trigger=None, trigger_rate: float = 0.0,
+              size: int | None = None, captions=None, workers: int | None = None) -> tuple[torch.Tensor, dict]:
     """The defender's unlabelled pool as float (N, 3, H, W) in [0, 1], and what it holds.
 
-    spec: ``fmnist-train:N`` / ``fmnist-test:N`` (N seeded Fashion-MNIST images; labels are
-    dropped) or a folder of image files (searched recursively, resized to ``image_size``).
+    spec: any data spec, labels and captions ignored (:func:`clipguard.data.load_unlabelled`):
+    ``fmnist``, a folder (every image under it), ``imagenet:DIR``, ``csv:FILE``, ``wds:SHARDS``;
+    also ``fmnist-train:N`` / ``fmnist-test:N``. ``size`` seeded images of it are decoded and held
+    (N of ``fmnist-*:N``; default all), the pool the oracle works on. ``captions``: the CSV options.
     With a ``trigger`` and ``trigger_rate`` > 0 a seeded share of the pool gets it: a simulated
     poisoned pool, for measuring; ``info["triggered"]`` lists those positions.
     """
     from clipguard.data.fmnist import load_fmnist
-    from clipguard.data.folders import IMAGE_SUFFIXES, read_image
+    from clipguard.data.specs import load_unlabelled, sample_images
 
-    generator = torch.Generator().manual_seed(seed)
     name, _, count = spec.partition(":")
     if name in ("fmnist-train", "fmnist-test"):
-        data = load_fmnist(name.split("-")[1])
-        size = int(count) if count.isdigit() else len(data)
-        index = torch.randperm(len(data), generator=generator)[: min(size, len(data))]
-        images = data.float_images(index).contiguous()  # expanded grey -> own memory
-    elif Path(spec).is_dir():
-        files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ClipguardError(f"no image files under {spec}")
-        images = torch.stack([read_image(p, image_size) for p in files]).float() / 255
+        if count and not count.isdigit():
+            raise ClipguardError(f"pool {spec!r}: expected {name}:N with N a whole number")
+        source, size = load_fmnist(name.split("-")[1]), int(count) if count else size
     else:
-        raise ClipguardError(f"pool {spec!r}: expected fmnist-train:N, fmnist-test:N or a folder of images")
+        source = load_unlabelled(spec, image_size, captions, workers)
+    generator = torch.Generator().manual_seed(seed)  # draws the sample, then the triggered share
+    images, _ = sample_images(source, size, generator)
+    images = images.contiguous()  # expanded grey -> own memory
     info = {"spec": spec, "images": len(images), "seed": seed, "triggered": []}
     if trigger is not None and trigger_rate > 0:
         chosen = torch.randperm(len(images), generator=generator)[: round(trigger_rate * len(images))]

@@ -1,0 +1,183 @@
+"""One grammar for data across commands (README, "Your data").
+
+- Labelled images (``--dataset``): ``fmnist``, ``DIR`` (an ImageFolder), ``imagenet:DIR`` (synset
+  folders), ``csv:FILE`` (``filepath,label``); ``--classnames FILE`` / ``--templates FILE``
+  override the class names and prompt templates of any of them (:class:`Labelled`).
+- Image-caption pairs (``--captions``): ``fmnist``, ``csv:FILE`` (open_clip's separator and column
+  options), ``wds:SHARDS`` (webdataset tar shards, brace-expanded) (:class:`Captions`).
+- An unlabelled pool (``--pool``): any of the above, labels and captions ignored (:func:`load_unlabelled`).
+
+A spec given as a plain string means its defaults; the dataclasses carry the options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipguard import ClipguardError
+from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.data.folders import FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv
+from clipguard.data.pairs import LabelledCorpus, load_caption_csv, load_images_under, load_webdataset
+
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageFolder split sub-folders, in preference order
+
+
+def split_root(root: Path, split: str) -> Path | None:
+    """``root/train`` or ``root/test`` (``root/val``) when ``root`` holds a train and an evaluation
+    split, else None (a folder without splits: every split is the whole folder)."""
+    found = {name: next((root / d for d in dirs if (root / d).is_dir()), None) for name, dirs in SPLIT_FOLDERS.items()}
+    return found[split] if all(found.values()) else None
+
+
+def _lines(path: str, what: str) -> tuple[str, ...]:
+    file = Path(path)
+    if not file.is_file():
+        raise ClipguardError(f"{what} file not found: {file}")
+    lines = tuple(line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not lines:
+        raise ClipguardError(f"{file}: no {what} (one per line)")
+    return lines
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A labelled-image spec with its options. ``str()`` gives the spec as the user wrote it."""
+
+    spec: str = "fmnist"
+    classnames: str | None = None  # a file of class names, one per line, in the dataset's class order
+    templates: str | None = None  # a file of prompt templates with {} for the class name, one per line
+    workers: int | None = None  # DataLoader worker processes (None: the core count, at most 8)
+
+    def __str__(self) -> str:
+        return self.spec
+
+    @property
+    def has_splits(self) -> bool:
+        """Whether the spec has separate train and evaluation images."""
+        if self.spec == "fmnist":
+            return True
+        if self.spec.startswith("csv:"):
+            return False
+        return split_root(Path(self.spec.removeprefix("imagenet:")), "train") is not None
+
+    def check_options(self) -> None:
+        """Read the override files now, so a bad one is refused before any work."""
+        self._overrides()
+
+    def _overrides(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+        names = _lines(self.classnames, "class names") if self.classnames else None
+        templates = _lines(self.templates, "prompt templates") if self.templates else None
+        bad = next((t for t in templates or () if "{}" not in t), None)
+        if bad is not None:
+            raise ClipguardError(f"{self.templates}: template {bad!r} has no {{}} for the class name")
+        return names, templates
+
+    def load(self, split: str = "test", image_size: int = 28) -> ImageSet | FolderImages:
+        """The asked split's images (the whole set when the spec has no splits)."""
+        spec = self.spec
+        if spec == "fmnist":
+            images = load_fmnist(split)
+        elif split not in SPLIT_FOLDERS:
+            raise ClipguardError(f"split {split!r}: choose train or test")
+        elif spec.startswith("csv:"):
+            images = load_labelled_csv(spec[4:], image_size, self.workers)
+        else:
+            kind, root = ("imagenet", Path(spec[9:])) if spec.startswith("imagenet:") else ("folder", Path(spec))
+            root = split_root(root, split) or root
+            load = load_imagenet_folder if kind == "imagenet" else load_image_folder
+            images = load(root, image_size, self.workers)
+        names, templates = self._overrides()
+        if names is not None and len(names) != len(images.classes):
+            raise ClipguardError(f"{self.classnames} names {len(names)} classes but {spec} has {len(images.classes)}; "
+                                 "give one name per class, in the dataset's class order")
+        return images if names is None and templates is None else images.renamed(names, templates)
+
+
+@dataclass(frozen=True)
+class Captions:
+    """An image-caption spec with open_clip's CSV options."""
+
+    spec: str = "fmnist"
+    csv_separator: str = ","
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "caption"
+    workers: int | None = None
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def load(self, image_size: int = 28):
+        """The corpus (:mod:`clipguard.data.pairs`): Fashion-MNIST's train split with drawn captions,
+        a CSV of pairs, or webdataset shards."""
+        spec = self.spec
+        if spec == "fmnist":
+            return LabelledCorpus(load_fmnist("train"))
+        if spec.startswith("csv:"):
+            return load_caption_csv(spec[4:], image_size, self.csv_separator, self.csv_img_key,
+                                    self.csv_caption_key, self.workers)
+        if spec.startswith("wds:"):
+            return load_webdataset(spec[4:], image_size, self.workers)
+        raise ClipguardError(f"--captions {spec!r}: expected fmnist, csv:FILE or wds:SHARDS")
+
+
+def as_labelled(spec: str | Labelled) -> Labelled:
+    return spec if isinstance(spec, Labelled) else Labelled(str(spec))
+
+
+def as_captions(spec: str | Captions) -> Captions:
+    return spec if isinstance(spec, Captions) else Captions(str(spec))
+
+
+def load_dataset(spec: str | Labelled, split: str = "test", image_size: int = 28) -> ImageSet | FolderImages:
+    """A labelled image set from a spec (see :class:`Labelled`). A tree with ``train/`` and
+    ``val/`` (or ``test/``) sub-folders gives the asked split; one without (and a CSV) gives all
+    its images for any split. Folders and CSVs are listed here and decoded batch by batch."""
+    return as_labelled(spec).load(split, image_size)
+
+
+def has_splits(spec: str | Labelled) -> bool:
+    return as_labelled(spec).has_splits
+
+
+def load_unlabelled(spec: str, image_size: int, captions: Captions | None = None, workers: int | None = None):
+    """Images of any spec with labels and captions ignored (an oracle's pool): ``fmnist`` (its
+    train split), a folder (every image under it), ``imagenet:DIR``, ``csv:FILE`` (its
+    ``filepath`` column, or ``captions.csv_img_key``) or ``wds:SHARDS``."""
+    options = captions or Captions()
+    if spec == "fmnist":
+        return LabelledCorpus(load_fmnist("train"))
+    if spec.startswith("wds:") or spec.startswith("csv:"):
+        if spec.startswith("csv:"):
+            from clipguard.data.folders import read_csv_rows
+            from clipguard.data.pairs import FileCorpus
+
+            path = Path(spec[4:])
+            rows = read_csv_rows(path, (options.csv_img_key,), "image", options.csv_separator)
+            return FileCorpus([path.parent / r[options.csv_img_key] for r in rows], [""] * len(rows), image_size,
+                              workers, str(path))
+        return Captions(spec, workers=workers).load(image_size)
+    root = Path(spec.removeprefix("imagenet:"))
+    if not root.is_dir():
+        raise ClipguardError(f"pool {spec!r}: expected fmnist, fmnist-train:N, a folder, imagenet:DIR, csv:FILE or wds:SHARDS "
+                             f"(no such folder: {root})")
+    return load_images_under(root, image_size, workers)
+
+
+def sample_images(images, count: int | None, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` seeded images (all when None or more than there are) of a set: float (N, 3, S, S)
+    decoded now (only those, in DataLoader workers), and their positions. ``seed``: an int or a
+    generator to draw from."""
+    from clipguard.data.stream import iterate_batches
+
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    if not len(images):
+        raise ClipguardError("no images to sample from")
+    index = torch.randperm(len(images), generator=generator)
+    index = index[: count] if count is not None else index
+    batches = list(index.split(256))
+    decoded = list(iterate_batches(images, batches))
+    size = images.image_size
+    return (torch.cat(decoded) if decoded else torch.empty(0, 3, size, size)), index
