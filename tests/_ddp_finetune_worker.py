@@ -1,5 +1,5 @@
-"""Run by test_ddp under torchrun: a contrastive fine-tune (argv[2]: "attack" or "cleanclip")
-of the tiny CLIP with split batches; rank 0 saves the weights to argv[3]."""
+"""Run by test_ddp under torchrun: a contrastive fine-tune (argv[2]: "attack", "cleanclip" or
+"attack-wds" on the shards argv[4]) of the tiny CLIP with split batches; rank 0 saves the weights to argv[3]."""
 
 import sys
 
@@ -11,7 +11,7 @@ from test_ddp import contrastive_finetune  # noqa: E402
 from clipguard.distributed import close_distributed, init_distributed, is_main_process  # noqa: E402
 
 init_distributed("cpu")
-weights = contrastive_finetune(sys.argv[2])
+weights = contrastive_finetune(sys.argv[2], sys.argv[4] if len(sys.argv) > 4 else "")
 if is_main_process():
     save_file(weights, sys.argv[3])
 close_distributed()  # leave the group: a gloo group torn down at exit can abort the process

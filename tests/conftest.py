@@ -113,3 +113,46 @@ def folder_of_test_images(root: Path, per_class: int, classes=None) -> Path:
         for i, index in enumerate(torch.nonzero(test.labels == label).flatten()[:per_class].tolist()):
             Image.fromarray(test.images[index, 0].numpy()).save(folder / f"{i:03d}.png")
     return root
+
+
+def caption_corpus(root: Path, count: int, size: int = 28) -> list[tuple[Image.Image, str]]:
+    """``count`` Fashion-MNIST train images upscaled to ``size`` px RGB, each with a caption naming its class."""
+    train = load_fmnist("train")
+    pairs = []
+    for i in range(count):
+        name = FMNIST_CLASSES[int(train.labels[i])]
+        image = Image.fromarray(train.images[i, 0].numpy()).convert("RGB").resize((size, size))
+        pairs.append((image, f"a photo of a {name} on a table"))
+    return pairs
+
+
+def caption_csv(root: Path, count: int, separator: str = ",", img_key: str = "filepath",
+                caption_key: str = "caption") -> Path:
+    """An open_clip-style CSV of ``count`` pairs (images under ``root/images``)."""
+    (root / "images").mkdir(parents=True)
+    lines = [f"{img_key}{separator}{caption_key}"]
+    for i, (image, caption) in enumerate(caption_corpus(root, count)):
+        image.save(root / "images" / f"{i:05d}.png")
+        lines.append(f"images/{i:05d}.png{separator}{caption}")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return root / "pairs.csv"
+
+
+def webdataset_shards(root: Path, count: int, shards: int = 2) -> str:
+    """``count`` jpg + txt pairs written by webdataset's TarWriter into ``shards`` tars; returns
+    the brace pattern (``root/shard-{000..001}.tar``)."""
+    import io
+
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    pairs = caption_corpus(root, count)
+    per = -(-count // shards)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"shard-{s:03d}.tar")) as sink:
+            for i in range(s * per, min(count, (s + 1) * per)):
+                image, caption = pairs[i]
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=95)
+                sink.write({"__key__": f"sample{i:06d}", "jpg": buffer.getvalue(), "txt": caption})
+    return f"{root}/shard-{{000..{shards - 1:03d}}}.tar"

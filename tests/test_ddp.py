@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from clipguard.attacks import build_trigger
 from clipguard.attacks.poison import AttackConfig, run_attack
 from clipguard.cli import main
-from clipguard.data import load_fmnist
+from clipguard.data import Captions, load_fmnist
 from clipguard.defenses.cleanclip import CleanCLIPConfig, cleanclip_finetune
 from clipguard.distributed import gather_batch, gather_rows, shard
 from clipguard.engine import TrainConfig
@@ -22,7 +22,7 @@ from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.zeroshot import image_features
 from clipguard.models import save_clip
 
-from conftest import TINY28, make_tiny_clip
+from conftest import TINY28, make_tiny_clip, webdataset_shards
 
 TESTS = Path(__file__).parent
 METRICS = ("clean_accuracy", "attack_success_rate", "poisoned_accuracy")
@@ -68,11 +68,14 @@ ATTACK = AttackConfig(attack="badnet", poison_rate=0.25, pairs=64, train=TrainCo
 CLEANCLIP = CleanCLIPConfig(pairs=64, epochs=1, batch_size=16, lr=1e-3, warmup_steps=0, device="cpu")
 
 
-def contrastive_finetune(kind: str) -> dict[str, torch.Tensor]:
-    """The tiny model's weights after the "attack" or "cleanclip" fine-tune above."""
+def contrastive_finetune(kind: str, shards: str = "") -> dict[str, torch.Tensor]:
+    """The tiny model's weights after the "attack" or "cleanclip" fine-tune above; "attack-wds":
+    the attack on the webdataset ``shards``, decoded and poisoned by 2 DataLoader workers."""
     clip = make_tiny_clip(architecture=TINY28)
     if kind == "attack":
         run_attack(clip, ATTACK)
+    elif kind == "attack-wds":
+        run_attack(clip, ATTACK, captions=Captions(f"wds:{shards}", workers=2))
     else:
         clip, _ = cleanclip_finetune(clip, CLEANCLIP)
     return {name: value.detach().clone().contiguous() for name, value in clip.model.state_dict().items()}
@@ -128,13 +131,16 @@ def test_two_process_defend_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["attack", "cleanclip"])
+@pytest.mark.parametrize("kind", ["attack", "cleanclip", "attack-wds"])
 def test_two_process_contrastive_finetune_matches_one_process(tmp_path, kind):
     # fails if the loss sees only each process's half batch, if the gradient scale is off (attack:
-    # by 0.16 for a halved gradient) or if caption ids of the two halves collide (by 0.05)
+    # by 0.16 for a halved gradient) or if caption ids of the two halves collide (by 0.05);
+    # attack-wds: if the ranks' DataLoader workers decoded or poisoned other pairs than one process
+    shards = webdataset_shards(tmp_path / "wds", 64, shards=4) if kind == "attack-wds" else ""
     with one_thread():
-        single = contrastive_finetune(kind)
-    _run([*_torchrun(2), str(TESTS / "_ddp_finetune_worker.py"), str(TESTS), kind, str(tmp_path / "two.safetensors")])
+        single = contrastive_finetune(kind, shards)
+    _run([*_torchrun(2), str(TESTS / "_ddp_finetune_worker.py"), str(TESTS), kind, str(tmp_path / "two.safetensors"),
+          shards])
     split = load_file(str(tmp_path / "two.safetensors"))
     start = make_tiny_clip(architecture=TINY28).model.state_dict()
     moved = max((value - start[name]).abs().max().item() for name, value in single.items())

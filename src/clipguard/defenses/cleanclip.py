@@ -59,8 +59,8 @@ from torch import nn
 from clipguard import ClipguardError
 from clipguard.data.captions import training_caption
 from clipguard.defenses.base import Defense, register
-from clipguard.data.fmnist import load_fmnist
 from clipguard.data.pairs import LabelledCorpus
+from clipguard.data.specs import Captions
 from clipguard.distributed import gather_batch
 from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
@@ -308,7 +308,7 @@ def clean_pairs(config: CleanCLIPConfig, class_names: Sequence[str] | None = Non
     """The defender's ``config.pairs`` clean pairs, a seeded sample of ``corpus`` (default: the
     Fashion-MNIST train split with drawn captions; views only when lambda_ > 0). ``class_names``
     rename a labelled corpus's classes in its captions."""
-    corpus = corpus if corpus is not None else LabelledCorpus(load_fmnist("train"))
+    corpus = corpus if corpus is not None else Captions().load()  # the built-in default
     if class_names is not None and corpus.labels is not None:
         if len(class_names) != len(corpus.classes):
             raise ClipguardError(f"class_names must name the corpus's {len(corpus.classes)} classes, "

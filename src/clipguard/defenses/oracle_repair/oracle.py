@@ -284,14 +284,13 @@ def load_pool(spec: str, image_size: int, seed: int = 0, trigger=None, trigger_r
     With a ``trigger`` and ``trigger_rate`` > 0 a seeded share of the pool gets it: a simulated
     poisoned pool, for measuring; ``info["triggered"]`` lists those positions.
     """
-    from clipguard.data.fmnist import load_fmnist
-    from clipguard.data.specs import load_unlabelled, sample_images
+    from clipguard.data.specs import load_dataset, load_unlabelled, sample_images
 
     name, _, count = spec.partition(":")
     if name in ("fmnist-train", "fmnist-test"):
         if count and not count.isdigit():
             raise ClipguardError(f"pool {spec!r}: expected {name}:N with N a whole number")
-        source, size = load_fmnist(name.split("-")[1]), int(count) if count else size
+        source, size = load_dataset("fmnist", name.split("-")[1]), int(count) if count else size
     else:
         source = load_unlabelled(spec, image_size, captions, workers)
     generator = torch.Generator().manual_seed(seed)  # draws the sample, then the triggered share
