@@ -10,6 +10,10 @@ is committed: they go under --work), then runs, each in a fresh process (peak RS
     batch size and workers, on the smallest folder, timed alternately with clipguard's.
 
     python benchmarks/folder_scale.py --sizes 2000 8000 --work runs/folder_scale
+    python benchmarks/folder_scale.py --model ViT-B-32 --sizes 500 --batch-size 100 --skip-scale --work runs/folder_scale
+
+``--model ViT-B-32`` is open_clip's architecture with random weights, at 224 px (nothing is
+downloaded): the same decode and encode cost as OpenAI's ViT-B/32.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ BARE = """
 import sys, time, torch, torchvision
 from torchvision import transforms
 from clipguard.models import load_clip
-root, workers, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-clip = load_clip("builtin")
+root, workers, batch, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+clip = load_clip(model)
 size = clip.image_size
 tf = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
                          transforms.CenterCrop(size), transforms.ToTensor()])
@@ -83,31 +88,35 @@ def main() -> None:
     parser.add_argument("--work", default="runs/folder_scale")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2, help="alternate clipguard / bare loop this many times")
+    parser.add_argument("--model", default="builtin", help="builtin, or ViT-B-32 (random weights, 224 px)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--skip-scale", action="store_true", help="only the comparison with the bare loop")
     args = parser.parse_args()
     work = Path(args.work)
+    workers = args.workers
     clipguard = [sys.executable, "-m", "clipguard.cli", "evaluate", "--device", "cpu", "--batch-size",
-                 str(args.batch_size)]
+                 str(args.batch_size), "--model", args.model, "--workers", str(workers)]
     rows = []
-    for size in args.sizes:
+    for size in [] if args.skip_scale else args.sizes:
         folder = make_folder(work / f"folder-{size}", size)
         limited = timed([*clipguard, "--dataset", str(folder), "--limit", "10"])
         full = timed([*clipguard, "--dataset", str(folder)])
         rows.append({"images": size, "limit10": {k: v for k, v in limited.items() if k != "out"},
                      "all": {k: v for k, v in full.items() if k != "out"}, "summary": full["out"].strip()})
         print(json.dumps(rows[-1]), flush=True)
-    smallest = work / f"folder-{min(args.sizes)}"
-    workers = min(8, os.cpu_count() or 1)
+    smallest = make_folder(work / f"folder-{min(args.sizes)}", min(args.sizes))
     ratios = []
     for _ in range(args.repeats):  # alternately, so both see the same machine load
         ours = timed([*clipguard, "--dataset", str(smallest)])["seconds"]
-        bare = timed([sys.executable, "-c", BARE, str(smallest), str(workers), str(args.batch_size)])["seconds"]
+        bare = timed([sys.executable, "-c", BARE, str(smallest), str(workers), str(args.batch_size),
+                      args.model])["seconds"]
         ratios.append({"clipguard_s": ours, "bare_s": bare, "ratio": round(ours / bare, 3)})
         print(json.dumps(ratios[-1]), flush=True)
     print("\n| images | --limit 10: wall s | peak RSS MB | all images: wall s | peak RSS MB |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['images']:,} | {row['limit10']['seconds']} | {row['limit10']['peak_rss_mb']} | "
               f"{row['all']['seconds']} | {row['all']['peak_rss_mb']} |")
-    print(f"\nclipguard / bare torchvision loop on {min(args.sizes):,} images ({workers} workers, batch "
+    print(f"\n{args.model}: clipguard / bare torchvision loop on {min(args.sizes):,} images ({workers} workers, batch "
           f"{args.batch_size}): " + ", ".join(f"{r['ratio']} ({r['clipguard_s']} s / {r['bare_s']} s)" for r in ratios))
 
 

@@ -91,7 +91,19 @@ class LabelledCorpus(_Corpus):
         return LabelledCorpus(self.images.subset(index))
 
 
-class FileCorpus(_Corpus):
+class _CaptionList(_Corpus):
+    """A corpus whose captions are given (``self.captions``, one per pair), not drawn."""
+
+    captions: tuple[str, ...]
+
+    def caption(self, index: int, seed: int = 0, epoch: int = 0, image=None) -> str:
+        return self.captions[index]
+
+    def mentions(self, name: str) -> torch.Tensor:
+        return mentions(self.captions, name)
+
+
+class FileCorpus(_CaptionList):
     """Pairs listed in a CSV: image paths (relative ones against the CSV's folder) and captions."""
 
     def __init__(self, files: Sequence[Path], captions: Sequence[str], size: int, workers: int | None = None,
@@ -106,19 +118,13 @@ class FileCorpus(_Corpus):
     def decode(self, index: int) -> torch.Tensor:
         return read_image(self.files[index], self.size)
 
-    def caption(self, index: int, seed: int = 0, epoch: int = 0, image=None) -> str:
-        return self.captions[index]
-
-    def mentions(self, name: str) -> torch.Tensor:
-        return mentions(self.captions, name)
-
     def subset(self, index: torch.Tensor) -> "FileCorpus":
         keep = torch.as_tensor(index).tolist()
         return FileCorpus([self.files[i] for i in keep], [self.captions[i] for i in keep], self.size, self.workers,
                           self.source)
 
 
-class TarCorpus(_Corpus):
+class TarCorpus(_CaptionList):
     """webdataset shards read by offset: ``entries[i]`` = (shard, offset, size) of pair i's image.
 
     Samples group a tar's members by key as webdataset does (``dir/KEY.ext``); a sample is a pair
@@ -144,12 +150,6 @@ class TarCorpus(_Corpus):
         except (UnidentifiedImageError, OSError) as err:
             raise ClipguardError(f"cannot read image {self.keys[index]} in {shard} ({err}); "
                                  "remove or replace that sample") from None
-
-    def caption(self, index: int, seed: int = 0, epoch: int = 0, image=None) -> str:
-        return self.captions[index]
-
-    def mentions(self, name: str) -> torch.Tensor:
-        return mentions(self.captions, name)
 
     def subset(self, index: torch.Tensor) -> "TarCorpus":
         keep = torch.as_tensor(index).tolist()
