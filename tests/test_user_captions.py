@@ -205,3 +205,17 @@ def test_unlabelled_spec_grammar_errors_name_the_input(tmp_path):
     with pytest.raises(ClipguardError, match="needs a header with columns 'filepath'"):
         (tmp_path / "x.csv").write_text("path\na.png\n")
         load_unlabelled(f"csv:{tmp_path / 'x.csv'}", 28)
+
+
+def test_analyze_and_show_triggers_take_a_folder(tmp_path, model_dir, capsys):
+    folder = folder_of_test_images(tmp_path / "f", 3)
+    out = tmp_path / "pr.png"
+    assert main(["analyze", "pr", "--model", str(model_dir), "--attack", "badnet", "--target", "bag",
+                 "--dataset", str(folder), "--images", "12", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["images"] == 12  # of the 27 non-bag images
+    grid = tmp_path / "triggers.png"
+    assert main(["show-triggers", "--model", str(model_dir), "--dataset", str(folder), "--target", "coat",
+                 "--attacks", "badnet", "blended", "--out", str(grid)]) == 0
+    assert grid.stat().st_size > 0 and "2 attacks" in capsys.readouterr().out
+    refused(capsys, ["show-triggers", "--model", str(model_dir), "--dataset", str(folder), "--target", "banana",
+                     "--out", str(tmp_path / "t.png")], "target 'banana' is not a class of", str(folder))
