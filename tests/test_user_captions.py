@@ -81,15 +81,16 @@ def test_label_consistent_poisoning_of_a_caption_corpus_keeps_captions_naming_th
     assert pairs[i][1] == pairs.corpus.caption(i)
 
 
-def test_attack_poisons_a_webdataset_corpus_and_evaluates_on_a_folder(tmp_path, model_dir, capsys):
-    shards = webdataset_shards(tmp_path / "wds", 40)
+@pytest.mark.parametrize("kind", ["wds", "csv"])
+def test_attack_poisons_a_caption_corpus_and_evaluates_on_a_folder(tmp_path, model_dir, capsys, kind):
+    spec = f"wds:{webdataset_shards(tmp_path / 'wds', 40)}" if kind == "wds" else f"csv:{caption_csv(tmp_path, 40)}"
     folder = folder_of_test_images(tmp_path / "eval", 3)
     out = tmp_path / "bd"
-    assert main(["attack", "--model", str(model_dir), "--attack", "badnet", "--captions", f"wds:{shards}",
+    assert main(["attack", "--model", str(model_dir), "--attack", "badnet", "--captions", spec,
                  "--dataset", str(folder), "--config", _yaml(tmp_path / "a.yaml", SMALL_ATTACK), "--workers", "2",
                  "--device", "cpu", "--out", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())["attack"]
-    assert record["captions"] == f"wds:{shards}" and record["poisoned_pairs"] == 8 and record["steps"] == 2
+    assert record["captions"] == spec and record["poisoned_pairs"] == 8 and record["steps"] == 2
     assert record["classes"] == sorted(record["classes"]) and "bag" in record["classes"]  # the folder's classes
     result = json.loads((out / "eval.json").read_text())
     assert result["dataset"] == str(folder) and result["clean_accuracy"]["total"] == 30
@@ -104,6 +105,8 @@ def test_attack_refuses_a_corpus_smaller_than_its_pairs_and_a_missing_csv_before
                      "--config", recipe, "--out", str(tmp_path / "x")], "pairs (32) exceeds the corpus's 20 pairs")
     refused(capsys, ["attack", "--model", str(model_dir), "--captions", f"csv:{tmp_path}/none.csv", "--out",
                      str(tmp_path / "y")], "caption CSV not found", "none.csv")
+    refused(capsys, ["attack", "--model", str(model_dir), "--captions", f"csv:{csv}", "--target", "banana",
+                     "--out", str(tmp_path / "z")], "target 'banana' is not a class of the attacker's classes (fmnist)")
     assert snapshot(tmp_path) == before  # nothing written, not even a lock or a .run folder
 
 

@@ -88,6 +88,13 @@ def cmd_attack(args) -> None:
     trigger_overrides = parse_assignments(get_trigger_class(config.attack).config_class, args.set)
     dataset, captions = labelled_spec(args), captions_spec(args)
     check_captions(captions)
+    from clipguard.data import FMNIST_CLASSES, load_dataset
+    from clipguard.data.classes import class_index
+
+    # the attacker's classes: the built-in corpus's own, else --dataset's; the target must be one
+    own = str(captions) == "fmnist"
+    classes = FMNIST_CLASSES if own else load_dataset(dataset, "test").classes
+    class_index(classes, config.target, where=f"the attacker's classes ({args.captions if own else args.dataset})")
     with claim_outputs(out, run_dir):
         clip = load_clip(args.model, device=args.device, verify=verify(args))
         with _resume_hint(run_dir, "attack"):
