@@ -1,4 +1,4 @@
-"""Users' own data: an ImageFolder-style tree (one sub-folder per class, streamed) or a CSV of (filepath, caption)."""
+"""Users' own labelled images: an ImageFolder-style tree (one sub-folder per class) or a CSV of (filepath, label), streamed."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ class FolderImages:
 
     files: the image paths (N,); labels: int64 (N,), positions in ``classes``.
     """
+
+    streamed = True  # decoded on demand (see clipguard.data.stream.iterate_batches)
 
     def __init__(self, files: Sequence[Path], labels: torch.Tensor, classes: tuple[str, ...], size: int,
                  workers: int | None = None, templates: tuple[str, ...] | None = None):

@@ -68,6 +68,7 @@ class LabelledCorpus(_Corpus):
     def __init__(self, images):
         self.images, self.labels, self.classes = images, images.labels, images.classes
         self.size, self.workers = images.image_size, getattr(images, "workers", 0)
+        self.streamed = getattr(images, "streamed", False)  # an in-memory set is sliced, not decoded
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,6 +96,7 @@ class _CaptionList(_Corpus):
     """A corpus whose captions are given (``self.captions``, one per pair), not drawn."""
 
     captions: tuple[str, ...]
+    streamed = True  # files or shard members, decoded on demand
 
     def caption(self, index: int, seed: int = 0, epoch: int = 0, image=None) -> str:
         return self.captions[index]

@@ -40,9 +40,9 @@ def _stack(items: list[torch.Tensor]) -> torch.Tensor:
 def iterate_batches(images, batches: Sequence[torch.Tensor], workers: int | None = None) -> Iterator[torch.Tensor]:
     """Float (B, 3, S, S) in [0, 1] for each index tensor in ``batches``, in order.
 
-    A streamed set (one with ``decode(i)``) is decoded by ``workers`` DataLoader processes
-    (0: in this process); an in-memory one is sliced."""
-    if not hasattr(images, "decode"):
+    A streamed set (``streamed`` True: it lists files and ``decode(i)`` reads one) is decoded by
+    ``workers`` DataLoader processes (0: in this process); an in-memory one is sliced."""
+    if not getattr(images, "streamed", False):
         for batch in batches:
             yield images.float_images(batch)
         return
