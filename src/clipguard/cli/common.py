@@ -114,8 +114,8 @@ def check_captions(spec) -> None:
         read_csv_rows(Path(text[4:]), (spec.csv_img_key, spec.csv_caption_key), "caption", spec.csv_separator)
     elif text.startswith("wds:"):
         expand_shards(text[4:])
-    elif text != "fmnist":
-        raise ClipguardError(f"--captions {text!r}: expected fmnist, csv:FILE or wds:SHARDS")
+    elif text not in ("fmnist", "fmnist-web"):
+        raise ClipguardError(f"--captions {text!r}: expected fmnist, fmnist-web, csv:FILE or wds:SHARDS")
 
 
 def verify(args) -> bool:

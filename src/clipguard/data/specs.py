@@ -1,9 +1,11 @@
 """One grammar for data across commands (README, "Your data").
 
-- Labelled images (``--dataset``): ``fmnist``, ``DIR`` (an ImageFolder), ``imagenet:DIR`` (synset
+- Labelled images (``--dataset``): ``fmnist``, ``fmnist-val`` (shots from train[:55000],
+  evaluation on train[55000:]), ``DIR`` (an ImageFolder), ``imagenet:DIR`` (synset
   folders), ``csv:FILE`` (``filepath,label``); ``--classnames FILE`` / ``--templates FILE``
   override the class names and prompt templates of any of them (:class:`Labelled`).
-- Image-caption pairs (``--captions``): ``fmnist``, ``csv:FILE`` (open_clip's separator and column
+- Image-caption pairs (``--captions``): ``fmnist``, ``fmnist-web`` (train items rendered as web
+  photos, :mod:`clipguard.data.web`), ``csv:FILE`` (open_clip's separator and column
   options), ``wds:SHARDS`` (webdataset tar shards, brace-expanded) (:class:`Captions`).
 - An unlabelled pool (``--pool``): any of the above, labels and captions ignored (:func:`load_unlabelled`).
 
@@ -57,7 +59,7 @@ class Labelled:
     @property
     def has_splits(self) -> bool:
         """Whether the spec has separate train and evaluation images."""
-        if self.spec == "fmnist":
+        if self.spec in ("fmnist", "fmnist-val"):
             return True
         if self.spec.startswith("csv:"):
             return False
@@ -80,6 +82,10 @@ class Labelled:
         spec = self.spec
         if spec == "fmnist":
             images = load_fmnist(split)
+        elif spec == "fmnist-val":
+            from clipguard.data.web import validation_split
+
+            images = validation_split(split)
         elif split not in SPLIT_FOLDERS:
             raise ClipguardError(f"split {split!r}: choose train or test")
         elif spec.startswith("csv:"):
@@ -115,12 +121,16 @@ class Captions:
         spec = self.spec
         if spec == "fmnist":
             return LabelledCorpus(load_fmnist("train"))
+        if spec == "fmnist-web":
+            from clipguard.data.web import WebCorpus
+
+            return WebCorpus()
         if spec.startswith("csv:"):
             return load_caption_csv(spec[4:], image_size, self.csv_separator, self.csv_img_key,
                                     self.csv_caption_key, self.workers)
         if spec.startswith("wds:"):
             return load_webdataset(spec[4:], image_size, self.workers)
-        raise ClipguardError(f"--captions {spec!r}: expected fmnist, csv:FILE or wds:SHARDS")
+        raise ClipguardError(f"--captions {spec!r}: expected fmnist, fmnist-web, csv:FILE or wds:SHARDS")
 
 
 def as_labelled(spec: str | Labelled) -> Labelled:
