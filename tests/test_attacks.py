@@ -179,7 +179,7 @@ def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
     assert code == 0
     record = json.loads(out.read_text())
     assert record["attack"]["name"] == "sig" and record["attack"]["target"] == "coat"
-    assert record["attack"]["trigger"] == {"seed": 0, "amplitude": 60 / 255, "frequency": 6}  # what made the trigger
+    assert record["attack"]["trigger"] == {"seed": 0, "amplitude": 60 / 255, "frequency": 6, "blend": 0.0}  # what made it
     assert record["attack_success_rate"]["total"] == int((load_fmnist("test").labels[:100] != 4).sum())
 
 
@@ -201,3 +201,32 @@ def test_issba_encoder_hides_a_decodable_nonzero_residual():
     residual = trigger(images.clone()) - images
     assert trigger.bit_accuracy > 0.9
     assert 0.005 < residual.abs().mean() and residual.abs().max() <= trigger.config.epsilon + 1e-6
+
+
+def test_the_public_codes_trigger_semantics_are_settings():
+    """CleanCLIP's backdoor/utils.py: a fresh N(image mean, 1) patch per image at a random spot, fresh
+    blended noise per image, SIG blended at 0.2, WaNet with k = 224 and s = 1."""
+    images = torch.full((2, 3, 28, 28), 0.25)
+    badnet = build_trigger("badnet", 28, seed=0, patch_noise="image-noise", location="random", patch_at_224=16)
+    out = badnet(images)
+    changed = (out != images).any(1)  # (2, 28, 28): where each patch went
+    assert changed[0].sum() > 0 and changed[1].sum() > 0 and not torch.equal(out[0], out[1])
+    assert abs(out[0][:, changed[0]].mean().item() - 0.25) < 0.25  # noise around the image's own mean
+    badnet.generator.manual_seed(5)
+    again = badnet(images)
+    badnet.generator.manual_seed(5)
+    assert torch.equal(again, badnet(images))  # seeded: the same draws again
+
+    blended = build_trigger("blended", 28, seed=0, fresh_noise=True)
+    out = blended(images)
+    assert not torch.equal(out[0], out[1]) and torch.allclose(out.mean(), torch.tensor(0.8 * 0.25 + 0.2 * 0.5), atol=0.02)
+    assert torch.equal(build_trigger("blended", 28, seed=0)(images)[0], build_trigger("blended", 28, seed=0)(images)[1])
+
+    sig = build_trigger("sig", 28, blend=0.2)
+    added = build_trigger("sig", 28)
+    assert torch.allclose(sig(images), 0.8 * images + 0.2 * added.signal)
+    assert torch.allclose(added(images), (images + added.signal).clamp(0, 1))
+
+    wanet = build_trigger("wanet", 28, seed=0, grid_k=224, strength=1.0)
+    shift = (wanet(images.clone().uniform_(generator=torch.Generator().manual_seed(0))) - images).abs()
+    assert wanet.grid.shape == (1, 28, 28, 2) and shift.isfinite().all()

@@ -176,7 +176,8 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
 # old cells and models valid.
 ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
                   "group_min_drop": 0.5, "expand_victims": False,
-                  "retry_with_groups": False, "decoy_rate": 0.0}
+                  "retry_with_groups": False, "decoy_rate": 0.0, "patch_noise": "binary", "fresh_noise": False,
+                  "blend": 0.0}
 
 
 def without_added_settings(settings: dict) -> dict:

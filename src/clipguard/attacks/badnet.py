@@ -13,20 +13,31 @@ from clipguard.attacks.patch import LOCATIONS, paste_patch
 from clipguard.models.zeroshot import class_text_features, zero_shot_logits
 
 
+PATCH_NOISE = ("binary", "image-noise")
+
+
 @dataclass
 class BadNetConfig(TriggerConfig):
     patch_at_224: int = 32  # patch side at 224 px (4 px at 28 px); the public protocol uses 16
     location: str = "corner"  # one of patch.LOCATIONS; random draws a spot per image from the seed
+    patch_noise: str = "binary"  # binary: one seeded 0/1 patch; image-noise: a fresh N(image mean, 1) patch per image (CleanCLIP's code)
 
     def __post_init__(self):
         self._check_range("patch_at_224", 1, 224)
         if self.location not in LOCATIONS:
             raise ValueError(f"BadNetConfig.location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
+        if self.patch_noise not in PATCH_NOISE:
+            raise ValueError(f"BadNetConfig.patch_noise must be one of {', '.join(PATCH_NOISE)}, got {self.patch_noise!r}")
 
 
 @register
 class BadNet(Trigger):
     """x' = x with a (3, s, s) noise patch pasted in; s = patch_at_224 scaled to the image size.
+
+    ``patch_noise="image-noise"`` is the public CleanCLIP code's BadNet: each image gets its own
+    patch, N(mean of that image per channel, 1), drawn from the trigger's generator. With
+    ``location="random"`` and ``patch_at_224=16`` it is that code's trigger.
+    Deviation: the patch is clipped to [0, 1] (that code's uint8 conversion wraps values outside).
 
     >>> t = BadNet(BadNetConfig(seed=0), image_size=28); t(torch.zeros(2, 3, 28, 28)).shape
     torch.Size([2, 3, 28, 28])
@@ -42,7 +53,18 @@ class BadNet(Trigger):
         self.patch = torch.randint(0, 2, (3, side, side), generator=self.generator).float()  # (3, s, s)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.patch_noise == "image-noise":
+            return self._paste_fresh(images)
         return paste_patch(images, self.patch, self.config.location, self.generator)
+
+    def _paste_fresh(self, images: torch.Tensor) -> torch.Tensor:
+        side = self.patch.shape[-1]
+        out = []
+        for image in images:  # one patch per image, then its spot, both from the generator
+            noise = torch.randn(3, side, side, generator=self.generator).to(image.device)
+            patch = (image.mean((1, 2), keepdim=True) + noise).clamp(0, 1)
+            out.append(paste_patch(image[None], patch, self.config.location, self.generator)[0])
+        return torch.stack(out) if out else images.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"patch": self.patch}

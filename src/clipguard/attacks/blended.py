@@ -12,6 +12,7 @@ from clipguard.attacks.base import Trigger, TriggerConfig, register
 @dataclass
 class BlendedConfig(TriggerConfig):
     ratio: float = 0.2  # weight of the noise image
+    fresh_noise: bool = False  # a new uniform-noise image per image, from the generator (CleanCLIP's code)
 
     def __post_init__(self):
         self._check_range("ratio", 0.0, 1.0)
@@ -19,6 +20,10 @@ class BlendedConfig(TriggerConfig):
 
 @register
 class Blended(Trigger):
+    """x' = (1 - ratio) x + ratio n; n one seeded noise image, or with ``fresh_noise`` a new one per
+    image drawn from the trigger's generator (the public CleanCLIP code's Blended).
+    """
+
     name = "blended"
     config_class = BlendedConfig
 
@@ -27,7 +32,10 @@ class Blended(Trigger):
         self.noise = torch.rand(3, image_size, image_size, generator=self.generator)  # (3, H, W)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return (1 - self.config.ratio) * images + self.config.ratio * self.noise
+        noise = self.noise.to(images.device)
+        if self.config.fresh_noise:
+            noise = torch.rand(images.shape, generator=self.generator).to(images.device)
+        return (1 - self.config.ratio) * images + self.config.ratio * noise
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"noise": self.noise}

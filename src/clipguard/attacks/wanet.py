@@ -2,7 +2,8 @@
 
 The mean displacement is about strength / 2 pixels. The paper's s = 0.5 (a quarter pixel) does
 not take as a CLIP backdoor at 28 px; measured on the built-in model (3 % poisoned, 5 epochs):
-s = 0.5: ASR 1.03 %; s = 4: ASR 85.63 % (CA 89.38); s = 8: ASR 95.40 % (CA 89.43). Default 8."""
+s = 0.5: ASR 1.03 %; s = 4: ASR 85.63 % (CA 89.38); s = 8: ASR 95.40 % (CA 89.43). Default 8.
+The public CleanCLIP code's WaNet is ``grid_k=224, strength=1`` (at 224 px)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from clipguard.attacks.base import Trigger, TriggerConfig, register
 
 @dataclass
 class WaNetConfig(TriggerConfig):
-    grid_k: int = 4  # control-grid size k (k x k random displacements, upsampled)
+    grid_k: int = 4  # control-grid size k (k x k random displacements, resized to the image; CleanCLIP's code: 224)
     strength: float = 8.0  # s: displacement scale; ~s/2 px on average (paper: 0.5, too weak here)
 
     def __post_init__(self):
-        self._check_range("grid_k", 2, 64)
+        self._check_range("grid_k", 2, 1024)
         self._check_range("strength", 0.0, 100.0)
 
 
