@@ -7,7 +7,8 @@ The papers' pattern: no-defense ASR >= 80 % for BadNet and Blended, the linear p
 <= 10 % on them and >= 80 % on BadCLIP, CA within 1 point of the clean model.
 
     python benchmarks/regime_sweep.py --work runs/regime --point badnet,fmnist-web,1e-4,5,0.03
-    (point = attack,captions,lr,epochs,poison_rate[,pairs]; repeatable; done points are skipped)
+    (point = attack,captions,lr,epochs,poison_rate[,pairs][|FIELD=V;FIELD=V trigger settings];
+    repeatable; done points are skipped)
 
 Each point's backdoored model is kept under --work/models/ for the later defenses.
 """
@@ -33,22 +34,29 @@ def score(defended, trigger, target: str) -> dict:
 
 
 def run_point(point: str, work: Path, shots: int, seed: int) -> dict:
-    attack, captions, lr, epochs, rate, *rest = point.split(",")
+    from clipguard.attacks import get_trigger_class
+    from clipguard.config import parse_assignments
+
+    head, _, trigger_items = point.partition("|")
+    attack, captions, lr, epochs, rate, *rest = head.split(",")
+    trigger_settings = parse_assignments(get_trigger_class(attack).config_class,
+                                         trigger_items.split(";") if trigger_items else [])
     pairs = int(rest[0]) if rest else 10000
     config = override(AttackConfig(attack=attack, poison_rate=float(rate), pairs=pairs, seed=seed),
                       **{"train.lr": float(lr), "train.epochs": int(epochs)})
     clip = pipeline.load_model("builtin", device="cpu")
     start = time.perf_counter()
-    suspect, trigger, record = pipeline.backdoor(clip, config, captions=captions, dataset=VAL)
+    suspect, trigger, record = pipeline.backdoor(clip, config, trigger_settings, captions=captions, dataset=VAL)
     attack_seconds = time.perf_counter() - start
     row = {"point": point, "attack": attack, "captions": captions, "lr": float(lr), "epochs": int(epochs),
-           "poison_rate": float(rate), "pairs": pairs, "seed": seed, "attack_seconds": round(attack_seconds, 1),
+           "poison_rate": float(rate), "pairs": pairs, "seed": seed, "trigger_settings": trigger_settings, "attack_seconds": round(attack_seconds, 1),
            "none": score(pipeline.Defended(suspect, None), trigger, config.target)}
     probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device="cpu", dataset=VAL)
     row["linear-probe"] = score(probe, trigger, config.target)
     from clipguard.attacks import save_backdoored
 
-    save_backdoored(suspect, trigger, record, work / "models" / point.replace(",", "_"))
+    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in point)
+    save_backdoored(suspect, trigger, record, work / "models" / name)
     return row
 
 
