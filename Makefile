@@ -16,7 +16,7 @@ $(FMNIST):
 $(BIN)/clipguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hf]'
 	touch $@
 
 demo: setup

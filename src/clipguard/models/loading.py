@@ -5,7 +5,8 @@ Specs:
     ViT-B-32:openai             an open_clip architecture + pretrained tag (downloads; needs internet)
     ViT-B-32:/path/weights.pt   an open_clip architecture + a local state-dict file
     hf-hub:org/repo             an open_clip model on the Hugging Face hub (needs internet)
-    /path/to/dir                a clipguard model directory (config.json + model.safetensors)
+    /path/to/dir                a clipguard model directory (config.json + model.safetensors), or a
+                                transformers CLIPModel.save_pretrained directory (converted: models/hf.py)
     /path/to/file.pt|.safetensors  an OpenAI-format state dict; the architecture is inferred
 
 State-dict files are read with ``safetensors`` or ``torch.load(weights_only=True)``: a suspect
@@ -54,15 +55,35 @@ def _tokenizer_for(config: dict):
     return open_clip.tokenizer.SimpleTokenizer(context_length=context)
 
 
-def _wrap(model, config: dict) -> ClipModel:
+def _wrap(model, config: dict, tokenizer=None, tokenizer_files: dict[str, bytes] | None = None) -> ClipModel:
     model.eval()
-    return ClipModel(
+    clip = ClipModel(
         model,
-        _tokenizer_for(config),
+        tokenizer or _tokenizer_for(config),
         image_mean=config.get("image_mean", OPENAI_MEAN),
         image_std=config.get("image_std", OPENAI_STD),
         config=config,
     )
+    clip.tokenizer_files = tokenizer_files or {}  # a transformers tokenizer's files, saved with the model
+    return clip
+
+
+def _own_tokenizer(path: Path, config: dict, files: dict[str, bytes]):
+    """The tokenizer of a directory that carries its own tokenizer files, else None."""
+    if not files:
+        return None
+    from clipguard.models.hf import hf_tokenizer
+
+    config["tokenizer_files"] = sorted(files)
+    return hf_tokenizer(path, config["model_cfg"].get("text_cfg", {}).get("context_length", 77))
+
+
+def _load_transformers_dir(path: Path) -> ClipModel:
+    from clipguard.models.hf import load_transformers_dir
+
+    model, state, config, files = load_transformers_dir(path)
+    _load_state(model, state, path)
+    return _wrap(model, config, _own_tokenizer(path, config, files), files)
 
 
 def _read_json(path: Path) -> dict:
@@ -87,7 +108,8 @@ def _load_model_dir(path: Path, verify: bool = True) -> ClipModel:
         raise ClipguardError(f"{config_path}: model_cfg does not describe an open_clip CLIP "
                              f"({type(err).__name__}: {err}); the model directory is damaged") from None
     _load_state(model, read_safetensors(weights_path), weights_path)
-    return _wrap(model, config)
+    files = {name: (path / name).read_bytes() for name in config.get("tokenizer_files") or []}
+    return _wrap(model, config, _own_tokenizer(path, config, files), files)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -245,7 +267,9 @@ def load_clip(spec: str = "builtin", device: str | torch.device = "cpu", verify:
     elif spec.startswith("hf-hub:"):
         clip = _load_open_clip(spec, None)
     elif path.is_dir():
-        clip = _load_model_dir(path, verify)
+        from clipguard.models.hf import is_transformers_dir
+
+        clip = _load_transformers_dir(path) if is_transformers_dir(path) else _load_model_dir(path, verify)
     elif path.is_file():
         clip = _load_openai_file(path)
     elif ":" in spec:
@@ -290,6 +314,11 @@ def save_clip(
         save_file(state, str(staging / WEIGHTS_NAME))
         for name, tensors in (tensor_files or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
-        config["files"] = file_digests(staging, [WEIGHTS_NAME, *(tensor_files or {})])
+        tokenizer_files = getattr(clip, "tokenizer_files", {})
+        for name, data in tokenizer_files.items():  # a transformers tokenizer travels with the model
+            (staging / name).write_bytes(data)
+        if tokenizer_files:
+            config["tokenizer_files"] = sorted(tokenizer_files)
+        config["files"] = file_digests(staging, [WEIGHTS_NAME, *(tensor_files or {}), *sorted(tokenizer_files)])
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     return directory

@@ -1,0 +1,151 @@
+"""Hugging Face ``transformers`` CLIP checkpoints (``CLIPModel.save_pretrained``) as open_clip models.
+
+A directory with transformers' ``config.json`` (``model_type: clip``) and ``model.safetensors``
+(or ``pytorch_model.bin``, read with ``weights_only=True``) converts exactly into the open_clip
+``CLIP`` every other command uses. The mapping, per tower:
+
+    vision_model.embeddings.{class_embedding, patch_embedding, position_embedding}
+        -> visual.{class_embedding, conv1, positional_embedding}
+    vision_model.pre_layrnorm / post_layernorm      -> visual.ln_pre / visual.ln_post
+    text_model.embeddings.{token,position}_embedding -> token_embedding / positional_embedding
+    text_model.final_layer_norm                      -> ln_final
+    *.encoder.layers.i.self_attn.{q,k,v}_proj        -> *.transformer.resblocks.i.attn.in_proj (stacked q, k, v)
+    *.encoder.layers.i.{self_attn.out_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}
+        -> *.resblocks.i.{attn.out_proj, ln_1, ln_2, mlp.c_fc, mlp.c_proj}
+    visual_projection.weight / text_projection.weight (out, in) -> visual.proj / text_projection (in, out)
+    logit_scale -> logit_scale
+
+The tokenizer is the directory's own (its tokenizer files, through open_clip's ``HFTokenizer``)
+when they are there, else CLIP's BPE. ``transformers`` is needed only to read the tokenizer
+files: ``pip install 'clipguard[hf]'``.
+Deviation: only the standard ViT CLIP converts (QuickGELU or GELU, LayerNorm eps 1e-5); other
+variants are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from clipguard import ClipguardError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+ACTIVATIONS = {"quick_gelu": True, "gelu": False}
+
+
+def is_transformers_dir(path: Path) -> bool:
+    """Whether ``path`` holds a transformers CLIP checkpoint (its config.json says ``model_type: clip``)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("model_type") == "clip" or "CLIPModel" in config.get("architectures", []))
+
+
+def open_clip_config(hf: dict, source: Path) -> dict:
+    """The open_clip model config of a transformers CLIPConfig dict."""
+    vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    try:
+        acts = {ACTIVATIONS[tower.get("hidden_act", "quick_gelu")] for tower in (vision, text)}
+    except KeyError:
+        raise ClipguardError(f"{source}: hidden_act {vision.get('hidden_act')!r} / {text.get('hidden_act')!r} is not "
+                             "quick_gelu or gelu; only standard CLIP checkpoints convert") from None
+    if len(acts) != 1:
+        raise ClipguardError(f"{source}: the towers use different activations; only standard CLIP checkpoints convert")
+    for tower in (vision, text):
+        if tower.get("layer_norm_eps", 1e-5) != 1e-5:
+            raise ClipguardError(f"{source}: layer_norm_eps {tower['layer_norm_eps']} (open_clip's CLIP uses 1e-5)")
+
+    def width(tower, default):
+        return int(tower.get("hidden_size", default))
+
+    v_width, t_width = width(vision, 768), width(text, 512)
+    v_heads, t_heads = int(vision.get("num_attention_heads", 12)), int(text.get("num_attention_heads", 8))
+    return {
+        "embed_dim": int(hf.get("projection_dim", 512)),
+        "quick_gelu": acts.pop(),
+        "vision_cfg": {
+            "image_size": int(vision.get("image_size", 224)), "patch_size": int(vision.get("patch_size", 32)),
+            "width": v_width, "layers": int(vision.get("num_hidden_layers", 12)), "head_width": v_width // v_heads,
+            "mlp_ratio": int(vision.get("intermediate_size", 3072)) / v_width,
+        },
+        "text_cfg": {
+            "context_length": int(text.get("max_position_embeddings", 77)), "vocab_size": int(text.get("vocab_size", 49408)),
+            "width": t_width, "heads": t_heads, "layers": int(text.get("num_hidden_layers", 12)),
+            "mlp_ratio": int(text.get("intermediate_size", 2048)) / t_width,
+        },
+    }
+
+
+def convert_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPModel tensors -> open_clip CLIP tensors (see the module docstring)."""
+    hf = {k.removeprefix("clip."): v for k, v in hf.items()}
+    out = {"logit_scale": hf["logit_scale"].reshape(())}
+    for tower, prefix in (("vision_model", "visual."), ("text_model", "")):
+        layers = sorted({int(k.split(".")[3]) for k in hf if k.startswith(f"{tower}.encoder.layers.")})
+        for i in layers:
+            src, dst = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[f"{dst}attn.in_proj_{kind}"] = torch.cat([hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    out[f"{dst}{b}.{kind}"] = hf[f"{src}{a}.{kind}"]
+    v, t = "vision_model.", "text_model."
+    out.update({
+        "visual.class_embedding": hf[f"{v}embeddings.class_embedding"],
+        "visual.conv1.weight": hf[f"{v}embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": hf[f"{v}embeddings.position_embedding.weight"],
+        "visual.proj": hf["visual_projection.weight"].T.contiguous(),
+        "token_embedding.weight": hf[f"{t}embeddings.token_embedding.weight"],
+        "positional_embedding": hf[f"{t}embeddings.position_embedding.weight"],
+        "text_projection": hf["text_projection.weight"].T.contiguous(),
+    })
+    for kind in ("weight", "bias"):
+        out[f"visual.ln_pre.{kind}"] = hf[f"{v}pre_layrnorm.{kind}"]
+        out[f"visual.ln_post.{kind}"] = hf[f"{v}post_layernorm.{kind}"]
+        out[f"ln_final.{kind}"] = hf[f"{t}final_layer_norm.{kind}"]
+    return out
+
+
+def read_tokenizer_files(path: Path) -> dict[str, bytes]:
+    """The directory's tokenizer files (empty when it has none)."""
+    return {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
+
+
+def hf_tokenizer(path: Path, context_length: int):
+    """open_clip's HFTokenizer on the tokenizer files in ``path`` (needs transformers)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ClipguardError(f"{path} has its own tokenizer files, which need transformers: "
+                             "pip install 'clipguard[hf]'") from None
+    from open_clip.tokenizer import HFTokenizer
+
+    return HFTokenizer(str(path), context_length=context_length)
+
+
+def load_transformers_dir(path: Path):
+    """(open_clip model, clipguard config, tokenizer files) of a transformers CLIP directory."""
+    from clipguard.models.loading import OPENAI_MEAN, OPENAI_STD, MODEL_FORMAT, build_from_config, read_state_dict
+
+    hf_config = json.loads((path / "config.json").read_text())
+    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+    if weights is None:
+        raise ClipguardError(f"{path} has a transformers config.json but no model.safetensors or pytorch_model.bin")
+    model_cfg = open_clip_config(hf_config, path)
+    try:
+        state = convert_state_dict(read_state_dict(weights))
+    except KeyError as missing:
+        raise ClipguardError(f"{weights} is not a transformers CLIPModel checkpoint (no {missing}); "
+                             "only the standard ViT CLIP converts") from None
+    model = build_from_config(model_cfg)
+    preprocessor = path / "preprocessor_config.json"
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    if preprocessor.is_file():
+        pre = json.loads(preprocessor.read_text())
+        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    config = {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg, "image_mean": list(mean),
+              "image_std": list(std)}
+    return model, state, config, read_tokenizer_files(path)
