@@ -70,6 +70,7 @@ def test_alpha_schedules_walk_from_start_to_end(monkeypatch, tiny_clip28):
 MATRIX_FAST = {**FAST,
                "cleanclip": dict(pairs=32, epochs=1, batch_size=16, warmup_steps=0),
                "finetune": dict(pairs=32, epochs=1, batch_size=16, warmup_steps=0),
+               "par": dict(pairs=32, epochs=1, batch_size=16, warmup_steps=0),
                "oracle-repair": dict(epochs=1, batch_size=8, lr=1e-3, clean_ratio=1)}
 POOL = "fmnist-test:24"
 
