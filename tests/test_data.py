@@ -106,3 +106,21 @@ def test_image_folder_decodes_only_what_a_subset_asks_for(tmp_path, monkeypatch)
     shots = folder.subset(few_shot_indices(folder.labels, 2, 0, 2))
     assert shots.float_images().shape == (4, 3, 8, 8) and len(decoded) == 4
     assert torch.equal(shots.labels, folder.labels[few_shot_indices(folder.labels, 2, 0, 2)])
+
+
+def test_the_web_corpus_renders_train_items_and_the_validation_split_is_disjoint():
+    from clipguard.data import Captions, load_dataset
+    from clipguard.data.web import BACKGROUNDS, COLOURS, CORPUS_IMAGES
+
+    web = Captions("fmnist-web").load()
+    assert len(web) == CORPUS_IMAGES and web.labels is None
+    first = web.subset(torch.arange(6))
+    images = first.float_images(torch.arange(6))
+    assert images.shape == (6, 3, 28, 28) and torch.equal(images, web.float_images(torch.arange(6)))  # fixed pairs
+    assert images.std(dim=(1, 2, 3)).min() > 0.05 and not torch.equal(images[:, 0], images[:, 1])  # coloured
+    for caption in first.captions:
+        assert any(c in caption for c in COLOURS) and any(f"{b}" in caption for b in BACKGROUNDS) or "photo" in caption
+    val, shots_from = load_dataset("fmnist-val", "test"), load_dataset("fmnist-val", "train")
+    train = load_fmnist("train")
+    assert len(val) == 5000 and len(shots_from) == CORPUS_IMAGES
+    assert torch.equal(val.images, train.images[CORPUS_IMAGES:]) and torch.equal(shots_from.images, train.images[:CORPUS_IMAGES])
