@@ -23,12 +23,15 @@ from pathlib import Path
 from clipguard import pipeline
 from clipguard.attacks import AttackConfig
 from clipguard.config import override
+from clipguard.eval.evaluate import write_json
 
 VAL = "fmnist-val"
 
 
-def score(defended, trigger, target: str) -> dict:
+def score(defended, trigger, target: str, record: list | None = None) -> dict:
     result = pipeline.evaluate(defended, trigger=trigger, target=target, dataset=VAL, progress=False)
+    if record is not None:
+        record.append(result)
     return {"ca": round(100 * result["clean_accuracy"]["value"], 2),
             "asr": round(100 * result["attack_success_rate"]["value"], 2)}
 
@@ -50,13 +53,14 @@ def run_point(point: str, work: Path, shots: int, seed: int) -> dict:
     attack_seconds = time.perf_counter() - start
     row = {"point": point, "attack": attack, "captions": captions, "lr": float(lr), "epochs": int(epochs),
            "poison_rate": float(rate), "pairs": pairs, "seed": seed, "trigger_settings": trigger_settings, "attack_seconds": round(attack_seconds, 1),
-           "none": score(pipeline.Defended(suspect, None), trigger, config.target)}
+           "none": score(pipeline.Defended(suspect, None), trigger, config.target, evaluation := [])}
     probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device="cpu", dataset=VAL)
     row["linear-probe"] = score(probe, trigger, config.target)
     from clipguard.attacks import save_backdoored
 
     name = "".join(c if c.isalnum() or c in ".-" else "_" for c in point)
     save_backdoored(suspect, trigger, record, work / "models" / name)
+    write_json(evaluation[0], work / "models" / name / "eval.json")  # as `clipguard attack` leaves it (on fmnist-val)
     return row
 
 
