@@ -136,8 +136,6 @@ def cmd_bench(args) -> None:
     from clipguard.outputs import check_bench_directory, claim_outputs
 
     check_bench_directory(args.out)
-    labelled_spec(args)
-    check_captions(captions_spec(args))
     try:
         config = load_config(BenchConfig, args.config)
         config = override(
@@ -152,6 +150,8 @@ def cmd_bench(args) -> None:
         config.__post_init__()
     except ValueError as err:
         raise ClipguardError(str(err)) from None
+    config.labelled.load("test", 28)  # the recipe's or the flags' data, checked before any work (files listed only)
+    check_captions(config.caption_spec)
     config = parse_bench_settings(config, args.set)
     with claim_outputs(args.out):
         run_bench(config, args.out)
