@@ -22,8 +22,8 @@ Shapes: images (B, 3, H, W) in [0, 1]; features (B, D), L2-normalised; caption i
 Deviation: the warm-up rises from 0 to the peak lr (the public schedule starts at 10x the peak and
 falls to it over half the run); then cosine decay as in every clipguard fine-tune.
 Deviation: the logit scale enters the CLIP loss detached, as the public code's ``.item()`` does.
-Deviation (ours): ``lr``, ``pairs`` and ``epochs`` defaults were chosen on the built-in model
-(docs/results/baselines.md), not the public recipe's 250k pairs, 2 epochs and lr 3e-6.
+Deviation (ours): the built-in model's recipe is CleanCLIP's 1,000 pairs x 10 epochs with lr 1e-4,
+chosen by measurement there (docs/results/baselines.md), not the public 250k pairs, 2 epochs, lr 3e-6.
 """
 
 from __future__ import annotations
