@@ -381,9 +381,14 @@ class _WeightFinetune(Defense):
     data = "pairs"
     rewrites_weights = True
 
+    @staticmethod
+    def finetune(clip: ClipModel, config, class_names, corpus) -> tuple[ClipModel, dict]:
+        """The fine-tune itself: a cleaned copy of ``clip`` and its stats (a subclass swaps it)."""
+        return cleanclip_finetune(clip, config, class_names, corpus=corpus)
+
     def fit(self, clip: ClipModel, data=None) -> dict:
         """``data``: the clean pairs' corpus (None: Fashion-MNIST's train split)."""
-        self.model, stats = cleanclip_finetune(clip, self.config, self.class_names, corpus=data)
+        self.model, stats = self.finetune(clip, self.config, self.class_names, data)
         return stats
 
     def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,

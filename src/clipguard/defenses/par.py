@@ -179,7 +179,6 @@ class PAR(_WeightFinetune):
     name = "par"
     config_class = PARConfig
 
-    def fit(self, clip: ClipModel, data=None) -> dict:
-        """``data``: the clean pairs' corpus (None: Fashion-MNIST's train split)."""
-        self.model, stats = par_finetune(clip, self.config, self.class_names, corpus=data)
-        return stats
+    @staticmethod
+    def finetune(clip: ClipModel, config, class_names, corpus) -> tuple[ClipModel, dict]:
+        return par_finetune(clip, config, class_names, corpus=corpus)
