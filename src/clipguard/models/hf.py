@@ -126,26 +126,18 @@ def hf_tokenizer(path: Path, context_length: int):
     return HFTokenizer(str(path), context_length=context_length)
 
 
-def load_transformers_dir(path: Path):
-    """(open_clip model, clipguard config, tokenizer files) of a transformers CLIP directory."""
-    from clipguard.models.loading import OPENAI_MEAN, OPENAI_STD, MODEL_FORMAT, build_from_config, read_state_dict
-
-    hf_config = json.loads((path / "config.json").read_text())
-    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-    if weights is None:
+def weights_file(path: Path) -> Path:
+    """The directory's weights: model.safetensors, else pytorch_model.bin."""
+    found = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+    if found is None:
         raise ClipguardError(f"{path} has a transformers config.json but no model.safetensors or pytorch_model.bin")
-    model_cfg = open_clip_config(hf_config, path)
-    try:
-        state = convert_state_dict(read_state_dict(weights))
-    except KeyError as missing:
-        raise ClipguardError(f"{weights} is not a transformers CLIPModel checkpoint (no {missing}); "
-                             "only the standard ViT CLIP converts") from None
-    model = build_from_config(model_cfg)
+    return found
+
+
+def image_normalisation(path: Path, mean: tuple, std: tuple) -> tuple[list, list]:
+    """The image mean and std of the directory's preprocessor_config.json (else ``mean``, ``std``)."""
     preprocessor = path / "preprocessor_config.json"
-    mean, std = OPENAI_MEAN, OPENAI_STD
     if preprocessor.is_file():
         pre = json.loads(preprocessor.read_text())
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
-    config = {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg, "image_mean": list(mean),
-              "image_std": list(std)}
-    return model, state, config, read_tokenizer_files(path)
+    return list(mean), list(std)

@@ -79,10 +79,21 @@ def _own_tokenizer(path: Path, config: dict, files: dict[str, bytes]):
 
 
 def _load_transformers_dir(path: Path) -> ClipModel:
-    from clipguard.models.hf import load_transformers_dir
+    """A transformers CLIP directory, converted (clipguard.models.hf)."""
+    from clipguard.models import hf
 
-    model, state, config, files = load_transformers_dir(path)
-    _load_state(model, state, path)
+    model_cfg = hf.open_clip_config(json.loads((path / "config.json").read_text()), path)
+    weights = hf.weights_file(path)
+    try:
+        state = hf.convert_state_dict(read_state_dict(weights))
+    except KeyError as missing:
+        raise ClipguardError(f"{weights} is not a transformers CLIPModel checkpoint (no {missing}); "
+                             "only the standard ViT CLIP converts") from None
+    model = build_from_config(model_cfg)
+    _load_state(model, state, weights)
+    mean, std = hf.image_normalisation(path, OPENAI_MEAN, OPENAI_STD)
+    config = {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg, "image_mean": mean, "image_std": std}
+    files = hf.read_tokenizer_files(path)
     return _wrap(model, config, _own_tokenizer(path, config, files), files)
 
 
