@@ -33,7 +33,7 @@ import time
 
 import torch
 
-METHODS = ("cleanclip", "par", "rvpt", "cbpt")
+COMPARED = ("cleanclip", "par", "rvpt", "cbpt")
 
 
 def build(method: str, model: str, batch: int, classes: int):
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--classes", type=int, default=1000, help="class prompts (ImageNet: 1000)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(COMPARED))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import shutil
 import time
 from pathlib import Path
 
@@ -44,8 +43,7 @@ def main() -> None:
         return real(path, size)
 
     folders.read_image = counted
-    out = work / "defense"
-    shutil.rmtree(out, ignore_errors=True)  # this benchmark's own output from a previous run
+    out = work / "defense"  # clipguard defend replaces its own output of an earlier run
     start = time.perf_counter()
     code = clipguard(["defend", "--method", "rvpt", "--shots", "16", "--dataset", str(root), "--set",
                       f"epochs={args.epochs}", "--device", "cpu", "--out", str(out)])
