@@ -21,8 +21,10 @@ import torch
 
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.data.folders import FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv
-from clipguard.data.pairs import LabelledCorpus, load_caption_csv, load_images_under, load_webdataset
+from clipguard.data.folders import (
+    FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv, read_csv_rows,
+)
+from clipguard.data.pairs import FileCorpus, LabelledCorpus, load_caption_csv, load_images_under, load_webdataset
 
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageFolder split sub-folders, in preference order
 
@@ -159,15 +161,12 @@ def load_unlabelled(spec: str, image_size: int, captions: Captions | None = None
     options = captions or Captions()
     if spec == "fmnist":
         return LabelledCorpus(load_fmnist("train"))
-    if spec.startswith("wds:") or spec.startswith("csv:"):
-        if spec.startswith("csv:"):
-            from clipguard.data.folders import read_csv_rows
-            from clipguard.data.pairs import FileCorpus
-
-            path = Path(spec[4:])
-            rows = read_csv_rows(path, (options.csv_img_key,), "image", options.csv_separator)
-            return FileCorpus([path.parent / r[options.csv_img_key] for r in rows], [""] * len(rows), image_size,
-                              workers, str(path))
+    if spec.startswith("csv:"):
+        path = Path(spec[4:])
+        rows = read_csv_rows(path, (options.csv_img_key,), "image", options.csv_separator)
+        return FileCorpus([path.parent / r[options.csv_img_key] for r in rows], [""] * len(rows), image_size,
+                          workers, str(path))
+    if spec.startswith("wds:"):
         return Captions(spec, workers=workers).load(image_size)
     root = Path(spec.removeprefix("imagenet:"))
     if not root.is_dir():
