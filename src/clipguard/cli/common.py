@@ -55,7 +55,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 LABELLED_HELP = ("labelled images: fmnist, DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
                  "imagenet:DIR (synset folders) or csv:FILE (filepath,label)")
-CAPTIONS_HELP = "image-caption pairs: fmnist, csv:FILE (filepath,caption) or wds:SHARDS (webdataset tars, {000..099})"
+CAPTIONS_HELP = ("image-caption pairs: fmnist, fmnist-web, csv:FILE (filepath,caption) or wds:SHARDS "
+                 "(webdataset tars, {000..099})")
 
 
 def add_data_args(parser: argparse.ArgumentParser, dataset_help: str = LABELLED_HELP, captions: str | None = None,
