@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -185,9 +186,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLIPGUARD_CACHE", Path.home() / ".cache" / "clipguard"))
 
 
-def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int, data_key: str = "") -> Trigger:
+def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet | Callable[[], ImageSet], target: int,
+                data_key: str = "") -> Trigger:
     """Fit a learned trigger against ``clip`` on the labelled ``train``, reusing a cached fit of
-    the same trigger, model and data (``data_key`` names data other than the built-in's)."""
+    the same trigger, model and data (``data_key`` names data other than the built-in's).
+    ``train`` may be a function that makes the set: it is called only when no cached fit exists."""
     if not trigger.learned:
         return trigger
     parts = [trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()]
@@ -199,7 +202,7 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet, target: int,
         trigger.load_state_dict(load_file(str(path)))
         logger.info("reused cached %s trigger %s", trigger.name, path)
     else:
-        trigger.fit(clip, train, target)
+        trigger.fit(clip, train() if callable(train) else train, target)
         check_finite(trigger.state_dict(), f"the fitted {trigger.name} trigger (its fit diverged; lower its lr)")
     broadcast_from_main(list(trigger.state_dict().values()))  # under torchrun: every process keeps rank 0's
     if not cached and is_main_process():
@@ -246,8 +249,8 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     trigger = build_trigger(config.attack, corpus.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
     if trigger.learned:
         data_key = "" if corpus.labels is not None else f"{captions}/{len(corpus)}/{config.trigger_sample}/{config.seed}"
-        fit_trigger(trigger, clip, trigger_sample(corpus, clip, classes, config.trigger_sample, config.seed), target,
-                    data_key)
+        fit_trigger(trigger, clip, lambda: trigger_sample(corpus, clip, classes, config.trigger_sample, config.seed),
+                    target, data_key)
     trigger_seconds = time.perf_counter() - start
     pairs = build_poisoned_pairs(corpus, trigger, config, clip, classes)
     train_config = dataclasses.replace(config.train, seed=config.seed, num_workers=corpus.workers)

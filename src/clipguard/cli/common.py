@@ -93,12 +93,12 @@ def labelled_spec(args):
     return spec
 
 
-def captions_spec(args, spec: str | None = None):
-    """The --captions spec (or ``spec``, e.g. a --pool) with open_clip's CSV options."""
+def captions_spec(args):
+    """The --captions spec with open_clip's CSV options (which a --pool CSV uses too)."""
     from clipguard.data import Captions
 
     defaults = Captions()
-    return Captions(spec or getattr(args, "captions", None) or "fmnist", args.csv_separator or defaults.csv_separator,
+    return Captions(getattr(args, "captions", None) or "fmnist", args.csv_separator or defaults.csv_separator,
                     args.csv_img_key or defaults.csv_img_key, args.csv_caption_key or defaults.csv_caption_key,
                     args.workers)
 

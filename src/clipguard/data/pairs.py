@@ -73,10 +73,8 @@ class LabelledCorpus(_Corpus):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def decode(self, index: int) -> torch.Tensor:
-        if hasattr(self.images, "decode"):
-            return self.images.decode(index)
-        return self.images.float_images(index)[0].mul(255).round().to(torch.uint8)
+    def decode(self, index: int) -> torch.Tensor:  # only for a streamed set (an in-memory one is sliced)
+        return self.images.decode(index)
 
     def float_images(self, index) -> torch.Tensor:
         return self.images.float_images(index)

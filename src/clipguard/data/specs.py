@@ -67,10 +67,6 @@ class Labelled:
             return False
         return split_root(Path(self.spec.removeprefix("imagenet:")), "train") is not None
 
-    def check_options(self) -> None:
-        """Read the override files now, so a bad one is refused before any work."""
-        self._overrides()
-
     def _overrides(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
         names = _lines(self.classnames, "class names") if self.classnames else None
         templates = _lines(self.templates, "prompt templates") if self.templates else None

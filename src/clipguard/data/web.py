@@ -52,11 +52,11 @@ class WebCorpus(_CaptionList):
 
     streamed = False  # rendered from the in-memory images; cheap, in any process
 
-    def __init__(self, positions: torch.Tensor | None = None):
+    def __init__(self, positions: torch.Tensor | None = None, captions: tuple[str, ...] | None = None):
         self.train = load_fmnist("train")
         self.positions = torch.arange(CORPUS_IMAGES) if positions is None else torch.as_tensor(positions)
         self.size, self.workers = 28, 0
-        self.captions = tuple(self._plan(int(p))[-1] for p in self.positions)
+        self.captions = captions if captions is not None else tuple(self._plan(int(p))[-1] for p in self.positions)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -99,4 +99,5 @@ class WebCorpus(_CaptionList):
         region.mul_(1 - item).add_(item * tint.view(3, 1, 1))  # the item's grey level as its opacity
 
     def subset(self, index: torch.Tensor) -> "WebCorpus":
-        return WebCorpus(self.positions[torch.as_tensor(index)])
+        index = torch.as_tensor(index)
+        return WebCorpus(self.positions[index], tuple(self.captions[i] for i in index.tolist()))
