@@ -5,14 +5,17 @@ Per method, one training step on a batch of random images and distinct captions,
 backward and optimiser step:
   * cleanclip: the whole model, CLIP loss + in-modal terms (two image and two text views);
   * par: the whole model, CLIP loss + the repulsion from a frozen copy (one view, two towers);
-  * rvpt: the deep visual prompts on cached prefix tokens; plus, once per shot, the frozen
-    prefix pass that makes the cache;
+  * rvpt: the deep visual prompts on cached prefix tokens, the last block on [CLS] alone; plus,
+    once per shot, the frozen prefix pass that makes the cache;
+  * rvpt-all-tokens: the same step with the last block over every token (RVPT before that cut);
   * cbpt: one prompt step (the text tower over the C class prompts, on cached image features;
     every CBPT step covers all shots); plus, once per shot, the image feature pass.
 The class features RVPT and CBPT compare with are random unit vectors: their values do not change
 the cost. CBPT's trigger inversion is not included. The steps are timed alternately (round robin,
 ``--rounds`` times) in one process, so every method
 sees the same machine load; each method's peak RSS is measured in a child process of its own.
+The floating-point operations of one step (forward and backward, torch's FlopCounterMode) are
+counted too: they do not depend on the machine.
 
 Projections (the docs' sizes): CleanCLIP 100k and 250k pairs x 10 epochs; PAR 250k pairs x 2
 epochs; RVPT 16,000 shots x 50 epochs plus one prefix pass; CBPT its ``steps`` prompt steps plus
@@ -33,7 +36,8 @@ import time
 
 import torch
 
-COMPARED = ("cleanclip", "par", "rvpt", "cbpt")
+COMPARED = ("cleanclip", "par", "rvpt", "rvpt-all-tokens", "cbpt")
+PER_SAMPLE = ("cleanclip", "par", "rvpt", "rvpt-all-tokens")
 
 
 def build(method: str, model: str, batch: int, classes: int):
@@ -74,8 +78,9 @@ def build(method: str, model: str, batch: int, classes: int):
         frozen = load_clip(model).eval().requires_grad_(False)
         return stepper(_PARTask(clip, frozen, PARConfig()), params, (images, tokens)), None
     clip.eval().requires_grad_(False)
-    if method == "rvpt":
+    if method.startswith("rvpt"):
         defense = RVPT(RVPTConfig(device="cpu"), clip, names)
+        defense.prompts.cls_only = method == "rvpt"
         pixels = clip.preprocess(images)
         prefix, frozen_cls = frozen_prefix(clip.model.visual, pixels, defense.prompts.start_block)
         texts = torch.nn.functional.normalize(torch.randn(len(names), clip.embed_dim), dim=-1)
@@ -97,6 +102,15 @@ def timed(function, repeats: int = 1) -> float:
     for _ in range(repeats):
         function()
     return (time.perf_counter() - start) / repeats
+
+
+def step_flops(step) -> int:
+    """Floating-point operations of one call of ``step`` (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def memory_child(method: str, args) -> float:
@@ -127,8 +141,7 @@ def main() -> None:
     # children first: a child's peak RSS counts its parent's at the fork (Linux keeps it across exec)
     memory = {m: memory_child(m, args) for m in args.methods}
     built = {m: build(m, args.model, args.batch_size, args.classes) for m in args.methods}
-    for step, _ in built.values():
-        step()  # warm-up
+    flops = {m: step_flops(step) for m, (step, _) in built.items()}  # also the warm-up
     seconds = {m: [] for m in args.methods}
     setup_seconds = {}
     for _ in range(args.rounds):  # alternately: each round times every method once
@@ -143,9 +156,10 @@ def main() -> None:
     for method in args.methods:
         step_s = statistics.median(seconds[method])
         row = {"step_s": round(step_s, 3), "steps_s": [round(s, 3) for s in seconds[method]],
-               "peak_rss_mb": memory[method]}
-        if method in ("cleanclip", "par", "rvpt"):
+               "peak_rss_mb": memory[method], "step_gflop": round(flops[method] / 1e9, 1)}
+        if method in PER_SAMPLE:
             row["ms_per_sample"] = round(1000 * step_s / b, 1)
+            row["gflop_per_sample"] = round(flops[method] / 1e9 / b, 2)
         if method in setup_seconds:
             row["setup_ms_per_shot"] = round(1000 * setup_seconds[method] / b, 1)
         rows[method] = row
@@ -156,9 +170,10 @@ def main() -> None:
     if "par" in rows:
         hours["par 250k pairs x 2 epochs"] = rows["par"]["ms_per_sample"] * 250_000 * 2 / 3.6e6
         hours["par 100k pairs x 2 epochs"] = rows["par"]["ms_per_sample"] * 100_000 * 2 / 3.6e6
-    if "rvpt" in rows:
-        hours["rvpt 16k shots x 50 epochs + prefix"] = (rows["rvpt"]["ms_per_sample"] * 16_000 * 50
-                                                      + rows["rvpt"]["setup_ms_per_shot"] * 16_000) / 3.6e6
+    for method in ("rvpt", "rvpt-all-tokens"):
+        if method in rows:
+            hours[f"{method} 16k shots x 50 epochs + prefix"] = (
+                rows[method]["ms_per_sample"] * 16_000 * 50 + rows[method]["setup_ms_per_shot"] * 16_000) / 3.6e6
     if "cbpt" in rows:
         from clipguard.defenses.cbpt.cbpt import CBPTConfig
 

@@ -45,6 +45,12 @@ class _UncachedTask(RVPTTask):
         return super().forward((prefix, frozen_cls, labels))
 
 
+def _literal_block(block, x, prompt, cls_only=False):
+    """VPT-deep as written: every token through the block, prompts inserted, their outputs dropped."""
+    out = block(x) if prompt is None else prompted.inserted_block(block, x, prompt)
+    return out[:, :1] if cls_only else out
+
+
 def eval_throughput(clip, defense, images: int, seed: int) -> tuple[float, dict]:
     """Images per second of a zero-shot evaluation (clean + triggered) with ``defense``."""
     result = evaluate_model(clip, "rvpt", limit=images, seed=seed, defense=defense, progress=False)
@@ -86,7 +92,7 @@ def main() -> None:
         raise SystemExit(f"the two runs disagree: last loss {cached_loss} vs {uncached_loss}")
     clip = load_clip(args.model, device="cpu").eval()
     fast_rate, fast_ca = eval_throughput(clip, defense, args.images, args.seed)
-    keys_only, prompted.prompted_block = prompted.prompted_block, prompted.inserted_block
+    keys_only, prompted.prompted_block = prompted.prompted_block, _literal_block
     try:
         literal_rate, literal_ca = eval_throughput(clip, defense, args.images, args.seed)
     finally:

@@ -56,6 +56,27 @@ def test_prompts_as_keys_only_equal_inserting_them(tiny_clip, images16, monkeypa
         x = fast.detach()
 
 
+def test_the_last_block_on_cls_alone_is_exact(tiny_clip, images16):
+    """cls_only runs the last block's queries and MLP on [CLS] alone: the features, every [CLS]
+    state and the prompts' gradients are those of the full pass."""
+    visual = tiny_clip.model.visual
+    prefix, frozen_states = frozen_prefix(visual, tiny_clip.preprocess(images16), start=1)
+    _, full_states = run_blocks(visual, prefix, 1)
+    assert torch.allclose(frozen_states, torch.stack(full_states, dim=1), atol=1e-6)
+    prompts = DeepVisualPrompts(3, start_block=1, length=5, width=32, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for cls_only in (False, True):
+        prompts.cls_only = cls_only
+        prompts.zero_grad()
+        features, states = prompts(visual, prefix)
+        (features.square().sum() + torch.stack(states, 1).sum()).backward()
+        outputs[cls_only] = features, torch.stack(states, 1), prompts.prompts.grad.clone()
+    for full, trimmed in zip(outputs[False], outputs[True]):
+        assert torch.allclose(full, trimmed, rtol=1e-4, atol=1e-5)
+    assert outputs[True][2][-1].abs().sum() > 0  # the last block's prompts still get gradients
+    assert prompted_block(visual.transformer.resblocks[0], prefix, None, cls_only=True).shape == (len(prefix), 1, 32)
+
+
 def test_non_vit_towers_are_refused():
     with pytest.raises(ClipguardError, match="VisionTransformer"):
         check_prompt_support(torch.nn.Linear(2, 2))

@@ -20,7 +20,7 @@ from clipguard.models.zeroshot import class_text_features
 def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
     """(B, n_blocks, width) [CLS] state after each block of the unprompted vision tower."""
     visual = clip.model.visual
-    _, states = run_blocks(visual, vision_stem(visual, clip.preprocess(images)), 0)
+    _, states = run_blocks(visual, vision_stem(visual, clip.preprocess(images)), 0, cls_only=True)
     return torch.stack(states, dim=1)
 
 
