@@ -1,0 +1,122 @@
+"""Score ``clipguard detect`` as a detector over a zoo of clean and backdoored models.
+
+Each model is detected with each of ``--shot-seeds`` (the shots and the inversion's restarts
+are seeded by it, as ``clipguard detect --seed S`` does). A model directory whose config
+records an attack is a positive, with that attack's target by name; ``builtin`` and any model
+without an attack record are negatives. Reported, at the detector's threshold:
+
+  * TPR: share of the positive runs called backdoored; FPR: share of the negative runs;
+  * AUROC of the collapse score (scikit-learn), threshold-free;
+  * target right: share of the positive runs whose suspected target is the attack's target
+    (all of them, and those called backdoored).
+
+Every run is appended to ``--out``/runs.jsonl as it finishes, and a rerun skips the runs
+already there, so an interrupted zoo resumes. The tables go to ``--out``/detection.md.
+
+    python benchmarks/detection_zoo.py --out /tmp/zoo --shot-seeds 0 1 2 3 4 \\
+        --models builtin runs/bench/models/*-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sklearn.metrics import roc_auc_score
+
+
+def attack_of(model: str) -> dict | None:
+    """The attack record of a clipguard model directory (None: a clean model)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("attack")
+
+
+def detect(model: str, shots: int, seed: int) -> dict:
+    from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor
+    from clipguard.models.loading import load_clip
+    from clipguard.pipeline import draw_shots
+
+    clip = load_clip(model, device="cpu")
+    result = detect_backdoor(clip, draw_shots(shots, seed, "fmnist", clip.image_size),
+                             InversionConfig(seed=seed, device="cpu"))
+    return result.as_dict()
+
+
+def summary(runs: list[dict]) -> dict:
+    positive = [r for r in runs if r["attack"]]
+    negative = [r for r in runs if not r["attack"]]
+    row = {"positive runs": len(positive), "negative runs": len(negative)}
+    if positive:
+        row["TPR"] = sum(r["backdoored"] for r in positive) / len(positive)
+        row["target right"] = sum(r["target_name"] == r["attack_target"] for r in positive) / len(positive)
+        called = [r for r in positive if r["backdoored"]]
+        row["target right when called"] = (sum(r["target_name"] == r["attack_target"] for r in called) / len(called)
+                                           if called else None)
+    if negative:
+        row["FPR"] = sum(r["backdoored"] for r in negative) / len(negative)
+    if positive and negative:
+        row["AUROC"] = roc_auc_score([1] * len(positive) + [0] * len(negative),
+                                     [r["collapse"] for r in positive + negative])
+    return row
+
+
+def table(runs: list[dict], threshold: float) -> str:
+    lines = ["| model | attack (target) | shot seed | suspected target | collapse | verdict |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        attack = f"{r['attack']} ({r['attack_target']})" if r["attack"] else "clean"
+        verdict = "backdoored" if r["backdoored"] else "not backdoored"
+        lines.append(f"| {r['name']} | {attack} | {r['seed']} | {r['target_name']} | {r['collapse']:.2f} | {verdict} |")
+    groups = {"all": runs}
+    for attack in sorted({r["attack"] for r in runs if r["attack"]}):
+        groups[attack] = [r for r in runs if r["attack"] in (attack, None)]
+    lines += ["", f"At the threshold {threshold} (the group's positives, against every clean run):", "",
+              "| group | positive runs | TPR | target right | target right when called | negative runs | FPR | AUROC |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def cell(value):
+        return "" if value is None else f"{value:.2f}"
+    for name, group in groups.items():
+        s = summary(group)
+        lines.append(f"| {name} | {s['positive runs']} | {cell(s.get('TPR'))} | {cell(s.get('target right'))} | "
+                     f"{cell(s.get('target right when called'))} | {s['negative runs']} | {cell(s.get('FPR'))} | "
+                     f"{cell(s.get('AUROC'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", required=True, help="builtin or model directories")
+    parser.add_argument("--shot-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--out", required=True, help="folder for runs.jsonl and detection.md")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    seen = {(r["model"], r["seed"], r["shots"]) for r in done}
+    for model in args.models:
+        attack = attack_of(model)
+        for seed in args.shot_seeds:
+            if (model, seed, args.shots) in seen:
+                continue
+            result = detect(model, args.shots, seed)
+            run = {"model": model, "name": Path(model).name, "seed": seed, "shots": args.shots,
+                   "attack": attack["name"] if attack else None, "attack_target": attack["target"] if attack else None,
+                   **result}
+            with log.open("a") as f:
+                f.write(json.dumps(run) + "\n")
+            done.append(run)
+            print(f"{run['name']} seed {seed}: collapse {run['collapse']:.2f}, target {run['target_name']}", flush=True)
+    wanted = {(m, s) for m in args.models for s in args.shot_seeds}
+    runs = [r for r in done if (r["model"], r["seed"]) in wanted and r["shots"] == args.shots]
+    threshold = runs[0]["threshold"] if runs else 0.6
+    (out / "detection.md").write_text(table(runs, threshold))
+    print(json.dumps(summary(runs), indent=1))
+
+
+if __name__ == "__main__":
+    main()
