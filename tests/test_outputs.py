@@ -128,7 +128,7 @@ def test_ctrl_c_during_an_attack_says_that_resume_continues_it(tmp_path, model_d
     while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=60)
+    _, err = run.communicate(timeout=180)  # generous: a loaded machine can be 5-10x slower
     assert run.returncode == 130, err
     assert f"{checkpoint} holds the last checkpoint" in err and "--resume" in err
     assert not (tmp_path / "out").exists()
