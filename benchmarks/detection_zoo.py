@@ -1,6 +1,6 @@
 """Score ``clipguard detect`` as a detector over a zoo of clean and backdoored models.
 
-Each model is detected with each of ``--shot-seeds`` (the shots and the inversion's restarts
+Each model is detected with each of ``--shot-seeds`` (a clean one with ``--clean-seeds``) (the shots and the inversion's restarts
 are seeded by it, as ``clipguard detect --seed S`` does). A model directory whose config
 records an attack is a positive, with that attack's target by name; ``builtin`` and any model
 without an attack record are negatives. Reported, at the detector's threshold:
@@ -13,7 +13,7 @@ without an attack record are negatives. Reported, at the detector's threshold:
 Every run is appended to ``--out``/runs.jsonl as it finishes, and a rerun skips the runs
 already there, so an interrupted zoo resumes. The tables go to ``--out``/detection.md.
 
-    python benchmarks/detection_zoo.py --out /tmp/zoo --shot-seeds 0 1 2 3 4 \\
+    python benchmarks/detection_zoo.py --out /tmp/zoo --shot-seeds 0 --clean-seeds 0 1 2 3 4 \\
         --models builtin runs/bench/models/*-s0
 """
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", required=True, help="builtin or model directories")
     parser.add_argument("--shot-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--clean-seeds", nargs="+", type=int, help="shot seeds of the clean models (default: --shot-seeds)")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--out", required=True, help="folder for runs.jsonl and detection.md")
     args = parser.parse_args()
@@ -98,9 +99,11 @@ def main() -> None:
     log = out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     seen = {(r["model"], r["seed"], r["shots"]) for r in done}
+    clean_seeds = args.clean_seeds or args.shot_seeds
+    seeds = {model: args.shot_seeds if attack_of(model) else clean_seeds for model in args.models}
     for model in args.models:
         attack = attack_of(model)
-        for seed in args.shot_seeds:
+        for seed in seeds[model]:
             if (model, seed, args.shots) in seen:
                 continue
             result = detect(model, args.shots, seed)
@@ -111,7 +114,7 @@ def main() -> None:
                 f.write(json.dumps(run) + "\n")
             done.append(run)
             print(f"{run['name']} seed {seed}: collapse {run['collapse']:.2f}, target {run['target_name']}", flush=True)
-    wanted = {(m, s) for m in args.models for s in args.shot_seeds}
+    wanted = {(m, s) for m in args.models for s in seeds[m]}
     runs = [r for r in done if (r["model"], r["seed"]) in wanted and r["shots"] == args.shots]
     threshold = runs[0]["threshold"] if runs else 0.6
     (out / "detection.md").write_text(table(runs, threshold))

@@ -122,13 +122,16 @@ def test_ctrl_c_during_an_attack_says_that_resume_continues_it(tmp_path, model_d
                                           "  warmup_steps: 0\n  checkpoint_every: 1\n")
     command = [sys.executable, "-m", "clipguard.cli", "attack", "--model", str(model_dir), "--config",
                str(tmp_path / "attack.yaml"), "--device", "cpu", "--out", str(tmp_path / "out")]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # a shell without job control starts background jobs with SIGINT ignored, and the child would
+    # inherit that: give it the default disposition, as an interactive terminal does
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = tmp_path / "out.run" / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=180)  # generous: a loaded machine can be 5-10x slower
+    _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert f"{checkpoint} holds the last checkpoint" in err and "--resume" in err
     assert not (tmp_path / "out").exists()
