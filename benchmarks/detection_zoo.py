@@ -25,6 +25,8 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
+from clipguard.defenses.cbpt.inversion import InversionConfig
+
 
 def attack_of(model: str) -> dict | None:
     """The attack record of a clipguard model directory (None: a clean model)."""
@@ -35,7 +37,7 @@ def attack_of(model: str) -> dict | None:
 
 
 def detect(model: str, shots: int, seed: int) -> dict:
-    from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor
+    from clipguard.defenses.cbpt.inversion import detect_backdoor
     from clipguard.models.loading import load_clip
     from clipguard.pipeline import draw_shots
 
@@ -100,9 +102,9 @@ def main() -> None:
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     seen = {(r["model"], r["seed"], r["shots"]) for r in done}
     clean_seeds = args.clean_seeds or args.shot_seeds
-    seeds = {model: args.shot_seeds if attack_of(model) else clean_seeds for model in args.models}
-    for model in args.models:
-        attack = attack_of(model)
+    attacks = {model: attack_of(model) for model in args.models}
+    seeds = {model: args.shot_seeds if attack else clean_seeds for model, attack in attacks.items()}
+    for model, attack in attacks.items():
         for seed in seeds[model]:
             if (model, seed, args.shots) in seen:
                 continue
@@ -116,7 +118,7 @@ def main() -> None:
             print(f"{run['name']} seed {seed}: collapse {run['collapse']:.2f}, target {run['target_name']}", flush=True)
     wanted = {(m, s) for m in args.models for s in seeds[m]}
     runs = [r for r in done if (r["model"], r["seed"]) in wanted and r["shots"] == args.shots]
-    threshold = runs[0]["threshold"] if runs else 0.6
+    threshold = runs[0]["threshold"] if runs else InversionConfig().threshold
     (out / "detection.md").write_text(table(runs, threshold))
     print(json.dumps(summary(runs), indent=1))
 
