@@ -64,6 +64,24 @@ class BuiltinRecipe:
         default_factory=lambda: TrainConfig(epochs=6, batch_size=256, lr=5e-4, weight_decay=0.1, warmup_steps=200)
     )
     train_images: int = 60000  # first N Fashion-MNIST train images (smaller for quick checks)
+    # "fmnist": the plain images with drawn captions; "fmnist+web": those plus the 55,000 web
+    # renderings of fmnist-web (clipguard.data.web), a broader corpus (colour, place, background, two items)
+    corpus: str = "fmnist"
+
+    def __post_init__(self):
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus {self.corpus!r}: expected one of {', '.join(CORPORA)}")
+
+
+CORPORA = ("fmnist", "fmnist+web")
+
+
+class _Concatenated(torch.utils.data.ConcatDataset):
+    """Caption pairs of several corpora in one fit; ``set_epoch`` reaches each (fresh captions per epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
 
 
 def build_builtin(architecture: BuiltinArchitecture) -> ClipModel:
@@ -86,6 +104,10 @@ def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resu
     if recipe.train_images < len(train):
         train = train.subset(torch.arange(recipe.train_images))
     dataset = CaptionedImages(train, recipe.train.seed)
+    if recipe.corpus == "fmnist+web":
+        from clipguard.data.web import WebCorpus
+
+        dataset = _Concatenated([dataset, CaptionedImages(WebCorpus(), recipe.train.seed)])
     recipe_settings = {k: v for k, v in asdict(recipe).items() if k != "train"}
     result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin",
                  settings={"recipe": recipe_settings})
