@@ -49,3 +49,12 @@ def test_recipe_rejects_bad_values_by_field_name():
         dataclasses.replace(TINY28, patch_size=5)
     with pytest.raises(ValueError, match="TrainConfig.lr"):
         TrainConfig(lr=0)
+
+
+def test_the_broad_corpus_adds_the_web_renderings_of_the_same_images():
+    recipe = dataclasses.replace(_tiny_recipe(0), corpus="fmnist+web")
+    clip, result = train_builtin(recipe)
+    assert result.steps == 8  # 256 plain + 256 rendered pairs at batch 64
+    assert clip.config["train_recipe"]["corpus"] == "fmnist+web"
+    with pytest.raises(ValueError, match="corpus 'web'"):
+        dataclasses.replace(recipe, corpus="web")

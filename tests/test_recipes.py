@@ -62,3 +62,12 @@ def test_the_cleanclip_recipe_runs_two_steps_on_tiny_data(tmp_path, model_dir):
                  "--device", "cpu", "--out", str(out)]) == 0
     stats = json.loads((out / "config.json").read_text())["defense"]
     assert (stats["steps"], stats["pairs"], stats["config"]["lr"], stats["config"]["batch_size"]) == (2, 128, 1e-5, 64)
+
+
+def test_the_broad_builtin_recipe_holds_out_the_validation_images():
+    from clipguard.data.web import CORPUS_IMAGES
+    from clipguard.models.builtin import BuiltinRecipe
+
+    recipe = load_config(BuiltinRecipe, RECIPES / "builtin-broad.yaml")
+    assert (recipe.corpus, recipe.train_images) == ("fmnist+web", CORPUS_IMAGES)
+    assert recipe.train.epochs == 5

@@ -64,8 +64,9 @@ class BuiltinRecipe:
         default_factory=lambda: TrainConfig(epochs=6, batch_size=256, lr=5e-4, weight_decay=0.1, warmup_steps=200)
     )
     train_images: int = 60000  # first N Fashion-MNIST train images (smaller for quick checks)
-    # "fmnist": the plain images with drawn captions; "fmnist+web": those plus the 55,000 web
-    # renderings of fmnist-web (clipguard.data.web), a broader corpus (colour, place, background, two items)
+    # "fmnist": the plain images with drawn captions; "fmnist+web": those plus the fmnist-web renderings
+    # (clipguard.data.web: colour, scale, place, background, a second item) of the same first
+    # min(train_images, 55000) images, a broader corpus
     corpus: str = "fmnist"
 
     def __post_init__(self):
@@ -107,7 +108,9 @@ def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resu
     if recipe.corpus == "fmnist+web":
         from clipguard.data.web import WebCorpus
 
-        dataset = _Concatenated([dataset, CaptionedImages(WebCorpus(), recipe.train.seed)])
+        web = WebCorpus()
+        web = web.subset(torch.arange(min(recipe.train_images, len(web))))
+        dataset = _Concatenated([dataset, CaptionedImages(web, recipe.train.seed)])
     recipe_settings = {k: v for k, v in asdict(recipe).items() if k != "train"}
     result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin",
                  settings={"recipe": recipe_settings})
