@@ -36,6 +36,12 @@ def attack_of(model: str) -> dict | None:
     return json.loads(config.read_text()).get("attack")
 
 
+def model_name(model: str) -> str:
+    """A model's name in the tables: its directory, or for train-builtin's OUT/model, OUT."""
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def detect(model: str, shots: int, seed: int) -> dict:
     from clipguard.defenses.cbpt.inversion import detect_backdoor
     from clipguard.models.loading import load_clip
@@ -70,7 +76,7 @@ def table(runs: list[dict], threshold: float) -> str:
     for r in runs:
         attack = f"{r['attack']} ({r['attack_target']})" if r["attack"] else "clean"
         verdict = "backdoored" if r["backdoored"] else "not backdoored"
-        lines.append(f"| {r['name']} | {attack} | {r['seed']} | {r['target_name']} | {r['collapse']:.2f} | {verdict} |")
+        lines.append(f"| {r['name']} | {attack} | {r['seed']} | {r['target_name']} | {r['collapse']:.3f} | {verdict} |")
     groups = {"all": runs}
     for attack in sorted({r["attack"] for r in runs if r["attack"]}):
         groups[attack] = [r for r in runs if r["attack"] in (attack, None)]
@@ -109,7 +115,7 @@ def main() -> None:
             if (model, seed, args.shots) in seen:
                 continue
             result = detect(model, args.shots, seed)
-            run = {"model": model, "name": Path(model).name, "seed": seed, "shots": args.shots,
+            run = {"model": model, "name": model_name(model), "seed": seed, "shots": args.shots,
                    "attack": attack["name"] if attack else None, "attack_target": attack["target"] if attack else None,
                    **result}
             with log.open("a") as f:

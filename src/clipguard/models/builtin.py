@@ -2,6 +2,8 @@
 
 Architecture and recipe are dataclasses; ``clipguard train-builtin`` runs the recipe, and the
 weights it made are shipped (fp16 safetensors) under ``models/weights/builtin-fmnist``.
+``corpus="fmnist+web"`` (``recipes/builtin-broad.yaml``) trains a broader model on the plain
+images plus their ``fmnist-web`` renderings; it is rebuilt from the recipe, not shipped.
 """
 
 from __future__ import annotations
