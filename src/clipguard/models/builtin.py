@@ -108,10 +108,9 @@ def train_builtin(recipe: BuiltinRecipe, run_dir: str | Path | None = None, resu
         train = train.subset(torch.arange(recipe.train_images))
     dataset = CaptionedImages(train, recipe.train.seed)
     if recipe.corpus == "fmnist+web":
-        from clipguard.data.web import WebCorpus
+        from clipguard.data.web import CORPUS_IMAGES, WebCorpus
 
-        web = WebCorpus()
-        web = web.subset(torch.arange(min(recipe.train_images, len(web))))
+        web = WebCorpus(torch.arange(min(recipe.train_images, CORPUS_IMAGES)))  # renders only these positions
         dataset = _Concatenated([dataset, CaptionedImages(web, recipe.train.seed)])
     recipe_settings = {k: v for k, v in asdict(recipe).items() if k != "train"}
     result = fit(ContrastiveTask(clip), dataset, recipe.train, run_dir, resume, caption_collate(clip), "train-builtin",
