@@ -59,6 +59,9 @@ class BuiltinArchitecture:
         }
 
 
+CORPORA = ("fmnist", "fmnist+web")  # BuiltinRecipe.corpus
+
+
 @dataclass
 class BuiltinRecipe:
     architecture: BuiltinArchitecture = field(default_factory=BuiltinArchitecture)
@@ -74,9 +77,6 @@ class BuiltinRecipe:
     def __post_init__(self):
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus {self.corpus!r}: expected one of {', '.join(CORPORA)}")
-
-
-CORPORA = ("fmnist", "fmnist+web")
 
 
 class _Concatenated(torch.utils.data.ConcatDataset):
