@@ -124,3 +124,23 @@ def test_the_web_corpus_renders_train_items_and_the_validation_split_is_disjoint
     train = load_fmnist("train")
     assert len(val) == 5000 and len(shots_from) == CORPUS_IMAGES
     assert torch.equal(val.images, train.images[CORPUS_IMAGES:]) and torch.equal(shots_from.images, train.images[:CORPUS_IMAGES])
+
+
+def test_a_web_corpus_with_a_plain_share_keeps_the_other_renderings():
+    from clipguard.cli.common import check_captions
+    from clipguard.data import Captions
+    from clipguard.data.web import PLAIN_FORMS
+
+    web, mixed = (Captions(spec).load().subset(torch.arange(200)) for spec in ("fmnist-web", "fmnist-web:plain=0.3"))
+    train = load_fmnist("train")
+    names = [train.classes[int(label)] for label in train.labels[:200]]
+    plain = torch.tensor([mixed.captions[i] in {form.format(x=names[i]) for form in PLAIN_FORMS} for i in range(200)])
+    assert 40 <= int(plain.sum()) <= 80  # about 30 % of 200
+    for i in torch.nonzero(plain).flatten()[:5].tolist():  # a plain pair is the grey train image itself
+        assert torch.equal(mixed.decode(i), train.images[i].expand(3, 28, 28))
+    kept = torch.nonzero(~plain).flatten()[:5].tolist()
+    assert [mixed.captions[i] for i in kept] == [web.captions[i] for i in kept]
+    assert all(torch.equal(mixed.decode(i), web.decode(i)) for i in kept)
+    for bad in ("fmnist-web:plain=1.5", "fmnist-web:plain=x", "fmnist-web:mixed=0.3"):
+        with pytest.raises(ClipguardError, match="fmnist-web:plain=P"):
+            check_captions(Captions(bad))

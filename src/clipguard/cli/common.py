@@ -55,7 +55,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 LABELLED_HELP = ("labelled images: fmnist, DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
                  "imagenet:DIR (synset folders) or csv:FILE (filepath,label)")
-CAPTIONS_HELP = ("image-caption pairs: fmnist, fmnist-web, csv:FILE (filepath,caption) or wds:SHARDS "
+CAPTIONS_HELP = ("image-caption pairs: fmnist, fmnist-web[:plain=P], csv:FILE (filepath,caption) or wds:SHARDS "
                  "(webdataset tars, {000..099})")
 
 
@@ -115,8 +115,11 @@ def check_captions(spec) -> None:
         read_csv_rows(Path(text[4:]), (spec.csv_img_key, spec.csv_caption_key), "caption", spec.csv_separator)
     elif text.startswith("wds:"):
         expand_shards(text[4:])
-    elif text not in ("fmnist", "fmnist-web"):
-        raise ClipguardError(f"--captions {text!r}: expected fmnist, fmnist-web, csv:FILE or wds:SHARDS")
+    else:
+        from clipguard.data.web import web_spec
+
+        if text != "fmnist" and web_spec(text) is None:
+            raise ClipguardError(f"--captions {text!r}: expected fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS")
 
 
 def verify(args) -> bool:

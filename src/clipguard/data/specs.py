@@ -5,7 +5,7 @@
   folders), ``csv:FILE`` (``filepath,label``); ``--classnames FILE`` / ``--templates FILE``
   override the class names and prompt templates of any of them (:class:`Labelled`).
 - Image-caption pairs (``--captions``): ``fmnist``, ``fmnist-web`` (train items rendered as web
-  photos, :mod:`clipguard.data.web`), ``csv:FILE`` (open_clip's separator and column
+  photos, :mod:`clipguard.data.web`; ``fmnist-web:plain=P`` leaves a share P of them plain), ``csv:FILE`` (open_clip's separator and column
   options), ``wds:SHARDS`` (webdataset tar shards, brace-expanded) (:class:`Captions`).
 - An unlabelled pool (``--pool``): any of the above, labels and captions ignored (:func:`load_unlabelled`).
 
@@ -119,16 +119,17 @@ class Captions:
         spec = self.spec
         if spec == "fmnist":
             return LabelledCorpus(load_fmnist("train"))
-        if spec == "fmnist-web":
-            from clipguard.data.web import WebCorpus
+        from clipguard.data.web import WebCorpus, web_spec
 
-            return WebCorpus()
+        plain = web_spec(spec)
+        if plain is not None:
+            return WebCorpus(plain_share=plain)
         if spec.startswith("csv:"):
             return load_caption_csv(spec[4:], image_size, self.csv_separator, self.csv_img_key,
                                     self.csv_caption_key, self.workers)
         if spec.startswith("wds:"):
             return load_webdataset(spec[4:], image_size, self.workers)
-        raise ClipguardError(f"--captions {spec!r}: expected fmnist, fmnist-web, csv:FILE or wds:SHARDS")
+        raise ClipguardError(f"--captions {spec!r}: expected fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS")
 
 
 def as_labelled(spec: str | Labelled) -> Labelled:
