@@ -71,3 +71,18 @@ def test_the_broad_builtin_recipe_holds_out_the_validation_images():
     recipe = load_config(BuiltinRecipe, RECIPES / "builtin-broad.yaml")
     assert (recipe.corpus, recipe.train_images) == ("fmnist+web", CORPUS_IMAGES)
     assert recipe.train.epochs == 5
+
+
+def test_the_light_recipe_backdoors_through_plain_and_web_pairs(tmp_path, model_dir):
+    bench = load_config(BenchConfig, RECIPES / "builtin-light.yaml")
+    attack = load_config(AttackConfig, RECIPES / "builtin-light.yaml", section="attack")
+    assert attack == bench.attack and (attack.pairs, attack.poison_rate, attack.target) == (10_000, 0.03, "bag")
+    assert (attack.train.lr, attack.train.epochs) == (5e-5, 5)
+    assert (bench.model, bench.captions, bench.dataset) == ("runs/builtin-broad/model", "fmnist-web:plain=0.7", "fmnist-val")
+    out = tmp_path / "light"
+    assert main(["attack", "--config", str(RECIPES / "builtin-light.yaml"), "--model", str(model_dir), "--attack", "badnet",
+                 "--captions", bench.captions, "--dataset", bench.dataset, "--pairs", "256", "--epochs", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads((out / "config.json").read_text())["attack"]
+    assert record["steps"] == 1  # one batch of 256 pairs
+    assert (record["captions"], record["poisoned_pairs"], record["train"]["lr"]) == ("fmnist-web:plain=0.7", 8, 5e-5)
