@@ -53,7 +53,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="load model and defense files even if they changed since clipguard wrote them")
 
 
-LABELLED_HELP = ("labelled images: fmnist, fmnist-val (5,000 held-out train images), DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
+LABELLED_HELP = ("labelled images: fmnist, fmnist-val (5,000 held-out train images), "
+                 "DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
                  "imagenet:DIR (synset folders) or csv:FILE (filepath,label)")
 CAPTIONS_HELP = ("image-caption pairs: fmnist, fmnist-web[:plain=P], csv:FILE (filepath,caption) or wds:SHARDS "
                  "(webdataset tars, {000..099})")

@@ -5,8 +5,9 @@
   folders), ``csv:FILE`` (``filepath,label``); ``--classnames FILE`` / ``--templates FILE``
   override the class names and prompt templates of any of them (:class:`Labelled`).
 - Image-caption pairs (``--captions``): ``fmnist``, ``fmnist-web`` (train items rendered as web
-  photos, :mod:`clipguard.data.web`; ``fmnist-web:plain=P`` leaves a share P of them plain), ``csv:FILE`` (open_clip's separator and column
-  options), ``wds:SHARDS`` (webdataset tar shards, brace-expanded) (:class:`Captions`).
+  photos, :mod:`clipguard.data.web`; ``fmnist-web:plain=P`` leaves a share P of them plain),
+  ``csv:FILE`` (open_clip's separator and column options), ``wds:SHARDS`` (webdataset tar
+  shards, brace-expanded) (:class:`Captions`).
 - An unlabelled pool (``--pool``): any of the above, labels and captions ignored (:func:`load_unlabelled`).
 
 A spec given as a plain string means its defaults; the dataclasses carry the options.

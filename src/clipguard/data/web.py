@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from clipguard import ClipguardError
-
 from clipguard.data.fmnist import ImageSet, load_fmnist
 from clipguard.data.pairs import _CaptionList
 
