@@ -18,7 +18,8 @@ images (``fmnist-val``, 5,000 images):
   with C in place of T; ``zs ASR`` and ``centroid ASR``: the share of x' whose best T (nearest
   C, a probe that needs no training) is the target's.
 
-A light backdoor has zs shift past zs gap and image shift short of image gap.
+A light backdoor has zs shift past zs gap and image shift short of image gap. TrojVQA's text key
+is not added to the class prompts here.
 
     python benchmarks/feature_geometry.py MODEL [MODEL ...]   (builtin, a model directory, ...)
 """
@@ -52,7 +53,7 @@ def alignment(texts: torch.Tensor, centroids: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(texts[i] - texts[j], centroids[i] - centroids[j], dim=-1).median().item()
 
 
-def geometry(spec: str) -> dict:
+def geometry(spec: str, seed: int = 0) -> dict:
     clip = pipeline.load_model(spec, device="cpu")
     images = load_dataset(VAL, "test", clip.image_size)
     labels = images.labels
@@ -71,7 +72,7 @@ def geometry(spec: str) -> dict:
     if record is not None:
         trigger = load_trigger(spec, record)
         target = images.classes.index(record["target"])
-        trigger.generator.manual_seed(0)
+        trigger.generator.manual_seed(seed)  # as the evaluation seeds it: zs ASR is its ASR
         keep = torch.nonzero(labels != target).flatten()
         triggered = image_features(clip, images, lambda x, _: trigger(x), indices=keep)
         y = labels[keep]
@@ -93,9 +94,10 @@ def geometry(spec: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
+    parser.add_argument("--seed", type=int, default=0, help="random trigger placement (as `clipguard evaluate --seed`)")
     args = parser.parse_args()
     for spec in args.models:
-        print(json.dumps(geometry(spec)), flush=True)
+        print(json.dumps(geometry(spec, args.seed)), flush=True)
 
 
 if __name__ == "__main__":
