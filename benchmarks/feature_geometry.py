@@ -81,11 +81,11 @@ def geometry(spec: str, seed: int = 0) -> dict:
             scores = features @ anchors.T
             return scores[:, target] - scores.gather(1, y[:, None]).squeeze(1)
 
+        for name, anchors in (("zs", texts), ("image", centroids)):
+            before = gap(clean[keep], anchors)
+            row[f"{name}_gap"] = round(-before.median().item(), 4)
+            row[f"{name}_shift"] = round((gap(triggered, anchors) - before).median().item(), 4)
         row.update(
-            zs_gap=round(-gap(clean[keep], texts).median().item(), 4),
-            zs_shift=round((gap(triggered, texts) - gap(clean[keep], texts)).median().item(), 4),
-            image_gap=round(-gap(clean[keep], centroids).median().item(), 4),
-            image_shift=round((gap(triggered, centroids) - gap(clean[keep], centroids)).median().item(), 4),
             zs_asr=round(100 * ((triggered @ texts.T).argmax(1) == target).float().mean().item(), 2),
             centroid_asr=round(100 * ((triggered @ centroids.T).argmax(1) == target).float().mean().item(), 2))
     return row

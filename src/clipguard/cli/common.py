@@ -117,10 +117,11 @@ def check_captions(spec) -> None:
     elif text.startswith("wds:"):
         expand_shards(text[4:])
     else:
+        from clipguard.data.specs import CAPTION_SPECS
         from clipguard.data.web import web_spec
 
         if text != "fmnist" and web_spec(text) is None:
-            raise ClipguardError(f"--captions {text!r}: expected fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS")
+            raise ClipguardError(f"--captions {text!r}: expected {CAPTION_SPECS}")
 
 
 def verify(args) -> bool:

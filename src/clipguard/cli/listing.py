@@ -12,10 +12,11 @@ def cmd_list(args) -> None:
         return _print_settings(args.settings)
 
     print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
-    print("datasets: fmnist, fmnist-val (shots from train[:55000], evaluation on train[55000:]), DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
+    print("datasets: fmnist, fmnist-val (shots from train[:55000], evaluation on train[55000:]), "
+          "DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
           "OpenAI's class names and templates), csv:FILE (filepath,label); --classnames/--templates FILE override")
-    print("captions: fmnist, fmnist-web (web-style renderings; fmnist-web:plain=P leaves a share P plain), csv:FILE (filepath,caption; "
-          "--csv-separator/--csv-img-key/--csv-caption-key), "
+    print("captions: fmnist, fmnist-web (web-style renderings; fmnist-web:plain=P leaves a share P plain), "
+          "csv:FILE (filepath,caption; --csv-separator/--csv-img-key/--csv-caption-key), "
           "wds:SHARDS (webdataset tars of jpg + txt, {000..099} expanded)")
     print("pools:    any dataset or captions spec, labels ignored; fmnist-train:N, fmnist-test:N")
     from clipguard.attacks import ATTACKS

@@ -101,6 +101,9 @@ class Labelled:
         return images if names is None and templates is None else images.renamed(names, templates)
 
 
+CAPTION_SPECS = "fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS"  # what --captions takes, for errors
+
+
 @dataclass(frozen=True)
 class Captions:
     """An image-caption spec with open_clip's CSV options."""
@@ -130,7 +133,7 @@ class Captions:
                                     self.csv_caption_key, self.workers)
         if spec.startswith("wds:"):
             return load_webdataset(spec[4:], image_size, self.workers)
-        raise ClipguardError(f"--captions {spec!r}: expected fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS")
+        raise ClipguardError(f"--captions {spec!r}: expected {CAPTION_SPECS}")
 
 
 def as_labelled(spec: str | Labelled) -> Labelled:
