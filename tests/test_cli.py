@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import torch
@@ -20,6 +21,15 @@ def test_evaluate_writes_the_json_record(tmp_path, capsys):
     assert record["clean_accuracy"]["value"] == record["clean_accuracy"]["correct"] / 50
     assert (record["model"], record["dataset"], record["seed"]) == (str(tmp_path / "model"), "fmnist", 3)
     assert "CA" in capsys.readouterr().out
+
+
+def test_the_summary_names_the_validation_slice_it_scored(tmp_path, capsys):
+    save_clip(make_tiny_clip(), tmp_path / "model")
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", "fmnist-val", "--limit", "20",
+                 "--device", "cpu"]) == 0
+    assert "on fmnist-val (Fashion-MNIST train[55000:]): CA" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--limit", "20", "--device", "cpu"]) == 0
+    assert "on fmnist/test: CA" in capsys.readouterr().out
 
 
 def test_bad_model_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
@@ -102,3 +112,15 @@ def test_every_registered_defense_is_listed_with_what_it_learns_from(capsys):
     for name, cls in DEFENSES.items():
         line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
         assert ("rewrites the weights" in line) == cls.rewrites_weights
+
+
+def test_help_states_each_default_once_and_never_none():
+    from clipguard.cli.main import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        text = " ".join(parser.format_help().split())  # argparse wraps lines
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+    bench = " ".join(subparsers.choices["bench"].format_help().split())
+    assert "few-shot defenses (default 16)" in bench and "(default 16) (default" not in bench
+    assert "(0: in the main process) (default: 2)" in bench  # a real default is still shown

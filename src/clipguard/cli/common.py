@@ -159,8 +159,8 @@ def summary_line(record: dict, suffix: str = "") -> str:
     ca = record["clean_accuracy"]
     through = f" through {record['defense']}" if record.get("defense") else ""
     where = f"{record['dataset']}/{record['split']}"
-    if "not drawn as shots" in record.get("evaluated_on", ""):
-        where = f"{record['dataset']} ({record['evaluated_on']})"
+    if record.get("evaluated_on", f"the {record['split']} split") != f"the {record['split']} split":
+        where = f"{record['dataset']} ({record['evaluated_on']})"  # fmnist-val's slice, or the images not drawn as shots
     line = f"{record['model']}{through} on {where}: CA {100 * ca['value']:.2f}% ({ca['correct']}/{ca['total']})"
     if "attack_success_rate" in record:
         asr, pa, attack = record["attack_success_rate"], record["poisoned_accuracy"], record["attack"]

@@ -191,13 +191,22 @@ class _Parser(argparse.ArgumentParser):
                              f"(see '{self.prog} --help')")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """A flag's default in its help, where it has one (not None / False) its help does not state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clipguard", description="Find, measure and remove backdoors in CLIP.")
     parser.add_argument("--version", action="version", version=f"clipguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_HelpFormatter, **k)
 
     p = sub.add_parser("train-builtin", help="train the built-in Fashion-MNIST CLIP from scratch")
     add_common_args(p)

@@ -59,6 +59,9 @@ def web_spec(spec: str) -> float | None:
     return share
 
 
+VALIDATION_SLICES = {"train": f"train[:{CORPUS_IMAGES}]", "test": f"train[{CORPUS_IMAGES}:]"}  # fmnist-val's splits
+
+
 def validation_split(split: str) -> ImageSet:
     """``fmnist-val``: its train split is Fashion-MNIST train[:55000], its test split train[55000:]."""
     train = load_fmnist("train")

@@ -63,6 +63,10 @@ def evaluate_model(
             raise ClipguardError("a trigger needs its target class name to measure ASR")
         class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     evaluated_on = f"the {split} split"
+    if str(dataset) == "fmnist-val":
+        from clipguard.data.web import VALIDATION_SLICES
+
+        evaluated_on = f"Fashion-MNIST {VALIDATION_SLICES[split]}"
     if exclude is not None and len(exclude):
         keep = torch.ones(len(images), dtype=torch.bool)
         keep[exclude] = False
