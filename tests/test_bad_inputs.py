@@ -10,6 +10,7 @@ Each CLI case checks the exit code, the one-line message and that nothing outsid
 The promises about the user's files are in test_outputs.py.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -235,6 +236,23 @@ def test_a_bad_argument_is_one_line_before_any_work(capsys, tmp_path, case):
     refused(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], message)
     assert time.perf_counter() - start < 10  # no model fitted, no dataset encoded
     assert snapshot(tmp_path) == before
+
+
+DISK_FULL = {  # what a write to a full disk raises: torch.save's zip writer, and any Python file write
+    "torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    "a file": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(DISK_FULL))
+def test_a_full_disk_is_one_line_that_names_it(capsys, monkeypatch, writer):
+    import importlib
+
+    def command(args):
+        raise DISK_FULL[writer]
+
+    monkeypatch.setattr(importlib.import_module("clipguard.cli.main"), "cmd_evaluate", command)
+    refused(capsys, ["evaluate"], "writing a file failed", "full disk", "free space")
 
 
 # ------------------------------------------------------------------ 5. silent corruption

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -360,6 +361,14 @@ def _torchrun_processes(args):
     close_distributed()
 
 
+def _write_failed(err: Exception) -> bool:
+    """No space left on device: as an OSError, or as torch.save's RuntimeError from its zip writer."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("inline_container" in text or "file write failed" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = any(arg in ("-v", "--verbose") for arg in argv)
@@ -385,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         first = (str(err).strip().splitlines() or [""])[0][:200]
+        if _write_failed(err):
+            print(f"clipguard: error: writing a file failed ({first}); the usual cause is a full disk: free space or "
+                  "write --out to another disk, and rerun", file=sys.stderr)
+            return 2
         print(f"clipguard: error: unexpected {type(err).__name__}: {first} (rerun with -v for the traceback, "
               "and please report it)", file=sys.stderr)
         return 1
