@@ -59,7 +59,14 @@ def test_first_table_keeps_its_format_and_metrics_are_defined_once():
     assert "| badclip | 92.50±3.54 (90.00±0.00) n=2 |" in table
     for name in ("CA (clean accuracy)", "ASR (attack success rate)", "PA (poisoned accuracy)"):
         assert table.count(name) == 1
-    assert "target-class images are excluded" in table and "200 images" in table
+    assert "target-class images are excluded" in table and "200 images of the Fashion-MNIST test split" in table
+
+
+def test_the_metrics_name_the_images_of_the_dataset_scored():
+    val = markdown_table(RECORDS, {**SETTINGS, "dataset": "fmnist-val"})
+    assert "200 images of Fashion-MNIST train[55000:], the validation split" in val and "test split" not in val
+    folder = markdown_table(RECORDS, {**SETTINGS, "dataset": "imagenet:/data/imagenet"})
+    assert "200 images of imagenet:/data/imagenet (its evaluation split)" in folder and "Fashion-MNIST" not in folder
 
 
 def test_counts_table_sums_counts_over_seeds():

@@ -75,12 +75,23 @@ def report_title(settings: dict | None) -> str:
 
 
 # ------------------------------------------------------------------------ the pieces
-def metric_definitions(records: Sequence[dict]) -> list[str]:
+def evaluation_images(dataset: str | None) -> str:
+    """What a report's CA is measured on, in words, for a ``--dataset`` spec."""
+    if dataset in (None, "fmnist"):
+        return "the Fashion-MNIST test split"
+    if dataset == "fmnist-val":
+        from clipguard.data.web import VALIDATION_SLICES
+
+        return f"Fashion-MNIST {VALIDATION_SLICES['test']}, the validation split"
+    return f"{dataset} (its evaluation split)"
+
+
+def metric_definitions(records: Sequence[dict], dataset: str | None = None) -> list[str]:
     """CA, ASR and PA in plain words (the report defines them once, at the top)."""
     images = sorted({r["test_images"] for r in records if "test_images" in r})
     targets = sorted({str(r["target"]) for r in records if r.get("target") is not None})
     target = f" ({', '.join(targets)})" if targets else ""
-    shown = f" ({', '.join(f'{n:,}' for n in images)} images of the Fashion-MNIST test split)" if images else ""
+    shown = f" ({', '.join(f'{n:,}' for n in images)} images of {evaluation_images(dataset)})" if images else ""
     return [
         f"CA (clean accuracy): zero-shot accuracy on the clean test images{shown}.",
         f"ASR (attack success rate): the share of triggered images of non-target classes that the model puts "
@@ -256,7 +267,7 @@ def report_blocks(records: Sequence[dict], settings: dict | None = None) -> list
     warnings = [f"⚠ {r['attack']} / {r['defense']} / seed {r['seed']}: {r['warning']}" for r in records
                 if r.get("warning")]
     blocks: list[tuple] = [
-        ("h1", report_title(settings)), ("p", "Metrics, all in %:"), ("list", metric_definitions(records)),
+        ("h1", report_title(settings)), ("p", "Metrics, all in %:"), ("list", metric_definitions(records, settings.get("dataset"))),
         ("h2", "ASR (CA) per attack and defense"),
         ("p", f"Rows: attacks; columns: defenses; each cell \"ASR (CA)\" in %, seeds {', '.join(map(str, seeds))}; "
               f"mean ± std where a cell has several seeds (n= their number). \"{NO_DEFENSE}\" is the backdoored "
