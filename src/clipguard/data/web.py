@@ -62,6 +62,11 @@ def web_spec(spec: str) -> float | None:
 VALIDATION_SLICES = {"train": f"train[:{CORPUS_IMAGES}]", "test": f"train[{CORPUS_IMAGES}:]"}  # fmnist-val's splits
 
 
+def validation_slice(split: str) -> str:
+    """What ``fmnist-val``'s ``split`` holds, in words: "Fashion-MNIST train[55000:]"."""
+    return f"Fashion-MNIST {VALIDATION_SLICES[split]}"
+
+
 def validation_split(split: str) -> ImageSet:
     """``fmnist-val``: its train split is Fashion-MNIST train[:55000], its test split train[55000:]."""
     train = load_fmnist("train")

@@ -64,9 +64,9 @@ def evaluate_model(
         class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     evaluated_on = f"the {split} split"
     if str(dataset) == "fmnist-val":
-        from clipguard.data.web import VALIDATION_SLICES
+        from clipguard.data.web import validation_slice
 
-        evaluated_on = f"Fashion-MNIST {VALIDATION_SLICES[split]}"
+        evaluated_on = validation_slice(split)
     if exclude is not None and len(exclude):
         keep = torch.ones(len(images), dtype=torch.bool)
         keep[exclude] = False

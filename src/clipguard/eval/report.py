@@ -102,7 +102,7 @@ def plot_asr_ca(records: Sequence[dict], path: str | Path, title: str = DEFAULT_
     several = False
     panels = (("attack_success_rate", "ASR (%)", "ASR: triggered non-target images put in the target class "
                                                  "(target-class images excluded); lower is better"),
-              ("clean_accuracy", "CA (%)", "CA: zero-shot accuracy on the clean test images; higher is better"))
+              ("clean_accuracy", "CA (%)", "CA: zero-shot accuracy on the clean evaluation images; higher is better"))
     for ax, (metric, ylabel, subtitle) in zip(axes, panels):
         for i, defense in enumerate(defenses):
             xs = [k + (i - (len(defenses) - 1) / 2) * width for k in range(len(attacks))]

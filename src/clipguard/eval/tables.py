@@ -80,9 +80,9 @@ def evaluation_images(dataset: str | None) -> str:
     if dataset in (None, "fmnist"):
         return "the Fashion-MNIST test split"
     if dataset == "fmnist-val":
-        from clipguard.data.web import VALIDATION_SLICES
+        from clipguard.data.web import validation_slice
 
-        return f"Fashion-MNIST {VALIDATION_SLICES['test']}, the validation split"
+        return f"{validation_slice('test')}, the validation split"
     return f"{dataset} (its evaluation split)"
 
 
@@ -93,7 +93,7 @@ def metric_definitions(records: Sequence[dict], dataset: str | None = None) -> l
     target = f" ({', '.join(targets)})" if targets else ""
     shown = f" ({', '.join(f'{n:,}' for n in images)} images of {evaluation_images(dataset)})" if images else ""
     return [
-        f"CA (clean accuracy): zero-shot accuracy on the clean test images{shown}.",
+        f"CA (clean accuracy): zero-shot accuracy on the clean evaluation images{shown}.",
         f"ASR (attack success rate): the share of triggered images of non-target classes that the model puts "
         f"in the target class{target}; target-class images are excluded.",
         "PA (poisoned accuracy): accuracy with respect to the true class on those same triggered images.",
@@ -267,7 +267,8 @@ def report_blocks(records: Sequence[dict], settings: dict | None = None) -> list
     warnings = [f"⚠ {r['attack']} / {r['defense']} / seed {r['seed']}: {r['warning']}" for r in records
                 if r.get("warning")]
     blocks: list[tuple] = [
-        ("h1", report_title(settings)), ("p", "Metrics, all in %:"), ("list", metric_definitions(records, settings.get("dataset"))),
+        ("h1", report_title(settings)), ("p", "Metrics, all in %:"),
+        ("list", metric_definitions(records, settings.get("dataset"))),
         ("h2", "ASR (CA) per attack and defense"),
         ("p", f"Rows: attacks; columns: defenses; each cell \"ASR (CA)\" in %, seeds {', '.join(map(str, seeds))}; "
               f"mean ± std where a cell has several seeds (n= their number). \"{NO_DEFENSE}\" is the backdoored "
