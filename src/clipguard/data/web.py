@@ -62,9 +62,9 @@ def web_spec(spec: str) -> float | None:
 VALIDATION_SLICES = {"train": f"train[:{CORPUS_IMAGES}]", "test": f"train[{CORPUS_IMAGES}:]"}  # fmnist-val's splits
 
 
-def validation_slice(split: str) -> str:
-    """What ``fmnist-val``'s ``split`` holds, in words: "Fashion-MNIST train[55000:]"."""
-    return f"Fashion-MNIST {VALIDATION_SLICES[split]}"
+def validation_slice(dataset, split: str) -> str | None:
+    """What ``split`` of ``fmnist-val`` holds, in words ("Fashion-MNIST train[55000:]"); None for other specs."""
+    return f"Fashion-MNIST {VALIDATION_SLICES[split]}" if str(dataset) == "fmnist-val" else None
 
 
 def validation_split(split: str) -> ImageSet:

@@ -62,11 +62,9 @@ def evaluate_model(
         if target is None:
             raise ClipguardError("a trigger needs its target class name to measure ASR")
         class_index(images.classes, target, where=f"the evaluation data ({dataset})")
-    evaluated_on = f"the {split} split"
-    if str(dataset) == "fmnist-val":
-        from clipguard.data.web import validation_slice
+    from clipguard.data.web import validation_slice
 
-        evaluated_on = validation_slice(split)
+    evaluated_on = validation_slice(dataset, split) or f"the {split} split"
     if exclude is not None and len(exclude):
         keep = torch.ones(len(images), dtype=torch.bool)
         keep[exclude] = False

@@ -77,13 +77,12 @@ def report_title(settings: dict | None) -> str:
 # ------------------------------------------------------------------------ the pieces
 def evaluation_images(dataset: str | None) -> str:
     """What a report's CA is measured on, in words, for a ``--dataset`` spec."""
+    from clipguard.data.web import validation_slice
+
     if dataset in (None, "fmnist"):
         return "the Fashion-MNIST test split"
-    if dataset == "fmnist-val":
-        from clipguard.data.web import validation_slice
-
-        return f"{validation_slice('test')}, the validation split"
-    return f"{dataset} (its evaluation split)"
+    held = validation_slice(dataset, "test")
+    return f"{held}, the validation split" if held else f"{dataset} (its evaluation split)"
 
 
 def metric_definitions(records: Sequence[dict], dataset: str | None = None) -> list[str]:
