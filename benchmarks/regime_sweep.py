@@ -9,7 +9,7 @@ The papers' pattern: no-defense ASR >= 80 % for BadNet and Blended, the linear p
     python benchmarks/regime_sweep.py --work runs/regime --point badnet,fmnist-web,1e-4,5,0.03
     (point = attack,captions,lr,epochs,poison_rate[,pairs][|FIELD=V;FIELD=V trigger settings];
     repeatable; done points are skipped; --model backdoors another clean model, e.g. the broad
-    built-in one of recipes/builtin-broad.yaml, in a --work of its own)
+    built-in one of recipes/builtin-broad.yaml, in a --work of its own; --device cuda on a GPU)
 
 Each point's backdoored model is kept under --work/models/ for the later defenses.
 """
@@ -37,7 +37,7 @@ def score(defended, trigger, target: str, record: list | None = None) -> dict:
             "asr": round(100 * result["attack_success_rate"]["value"], 2)}
 
 
-def run_point(point: str, work: Path, shots: int, seed: int, model: str = "builtin") -> dict:
+def run_point(point: str, work: Path, shots: int, seed: int, model: str = "builtin", device: str = "cpu") -> dict:
     from clipguard.attacks import get_trigger_class
     from clipguard.config import parse_assignments
 
@@ -47,15 +47,15 @@ def run_point(point: str, work: Path, shots: int, seed: int, model: str = "built
                                          trigger_items.split(";") if trigger_items else [])
     pairs = int(rest[0]) if rest else 10000
     config = override(AttackConfig(attack=attack, poison_rate=float(rate), pairs=pairs, seed=seed),
-                      **{"train.lr": float(lr), "train.epochs": int(epochs)})
-    clip = pipeline.load_model(model, device="cpu")
+                      **{"train.lr": float(lr), "train.epochs": int(epochs), "train.device": device})
+    clip = pipeline.load_model(model, device=device)
     start = time.perf_counter()
     suspect, trigger, record = pipeline.backdoor(clip, config, trigger_settings, captions=captions, dataset=VAL)
     attack_seconds = time.perf_counter() - start
     row = {"point": point, "attack": attack, "captions": captions, "lr": float(lr), "epochs": int(epochs),
            "poison_rate": float(rate), "pairs": pairs, "seed": seed, "trigger_settings": trigger_settings, "attack_seconds": round(attack_seconds, 1),
            "none": score(pipeline.Defended(suspect, None), trigger, config.target, evaluation := [])}
-    probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device="cpu", dataset=VAL)
+    probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device=device, dataset=VAL)
     row["linear-probe"] = score(probe, trigger, config.target)
     from clipguard.attacks import save_backdoored
 
@@ -72,19 +72,20 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="builtin", help="the clean model to backdoor (a model spec)")
+    parser.add_argument("--device", default="cpu", help="cpu (the tables' numbers), cuda, cuda:N")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "sweep.jsonl"
     done = {json.loads(line)["point"] for line in log.read_text().splitlines()} if log.exists() else set()
     if not (work / "clean.json").exists():
-        clean = pipeline.evaluate(pipeline.load_model(args.model, device="cpu"), dataset=VAL, progress=False)
+        clean = pipeline.evaluate(pipeline.load_model(args.model, device=args.device), dataset=VAL, progress=False)
         (work / "clean.json").write_text(json.dumps({"ca": round(100 * clean["clean_accuracy"]["value"], 2)}))
     print("clean model on", VAL, (work / "clean.json").read_text(), flush=True)
     for point in args.point:
         if point in done:
             continue
-        row = run_point(point, work, args.shots, args.seed, args.model)
+        row = run_point(point, work, args.shots, args.seed, args.model, args.device)
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
