@@ -13,7 +13,8 @@ time-boxed run (a lent GPU) still returns what finished.
         --device cuda --parallel 14 --deadline 520
 
 Writes ``--work``/summary.json and summary.md; logs under ``--work``/logs/. A rerun over the same
-``--work`` skips every attack and defense whose ``eval.json`` is there.
+``--work`` skips every attack and defense whose ``eval.json`` is there, and an attack stopped at the
+deadline continues from its last checkpoint (``clipguard attack --resume``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def clipguard(*args: str) -> list[str]:
 def attack_command(model: str, attack: str, seed: int, device: str, out: Path, extra: list[str]) -> list[str]:
     return clipguard("attack", "--config", RECIPE, "--model", model, "--attack", attack,
                      "--captions", "fmnist-web:plain=0.7", "--dataset", VAL, "--seed", str(seed),
-                     "--device", device, "--workers", "0", "--out", str(out), *extra)
+                     "--device", device, "--workers", "0", "--out", str(out), "--resume", *extra)
 
 
 def defend_command(suspect: Path, job: str, seed: int, device: str, out: Path, extra: list[str]) -> list[str]:
