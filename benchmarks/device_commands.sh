@@ -33,7 +33,6 @@ check attack-badclip attack --model builtin --attack badclip --pairs 512 --epoch
   --dataset fmnist-val --workers 0 --out "$WORK/badclip" $COMMON
 for method in linear-probe coop vpt rvpt cbpt; do
   case $method in
-    linear-probe) settings="--set epochs=1" ;;
     coop) settings="--set steps=5" ;;
     cbpt) settings="--set steps=5 --set inversion_steps=5 --set restarts=1" ;;
     *) settings="--set epochs=1" ;;

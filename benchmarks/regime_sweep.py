@@ -53,7 +53,8 @@ def run_point(point: str, work: Path, shots: int, seed: int, model: str = "built
     suspect, trigger, record = pipeline.backdoor(clip, config, trigger_settings, captions=captions, dataset=VAL)
     attack_seconds = time.perf_counter() - start
     row = {"point": point, "attack": attack, "captions": captions, "lr": float(lr), "epochs": int(epochs),
-           "poison_rate": float(rate), "pairs": pairs, "seed": seed, "trigger_settings": trigger_settings, "attack_seconds": round(attack_seconds, 1),
+           "poison_rate": float(rate), "pairs": pairs, "seed": seed, "device": device, "trigger_settings": trigger_settings,
+           "attack_seconds": round(attack_seconds, 1),
            "none": score(pipeline.Defended(suspect, None), trigger, config.target, evaluation := [])}
     probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device=device, dataset=VAL)
     row["linear-probe"] = score(probe, trigger, config.target)
