@@ -136,6 +136,16 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _process(status: dict, name: str) -> dict:
+    entry = status.get(name, {"unfinished": "not run (no backdoored model)"})
+    out = {"process_seconds": entry.get("seconds")}
+    if "unfinished" in entry:
+        out["unfinished"] = "unfinished: " + re.sub(r"\s+", " ", entry["unfinished"])
+    elif entry.get("returncode"):
+        out["error"] = f"exit {entry['returncode']}"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="runs/builtin-broad/model", help="the clean model to backdoor")
@@ -152,37 +162,30 @@ def main() -> None:
     start, work = time.monotonic(), Path(args.work)
     stop_at = start + args.deadline
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    models = {attack: work / "models" / attack for attack in args.attacks}
-    status = run_all([(f"attack:{a}", attack_command(args.model, a, args.seed, args.device, models[a], args.attack_args.split()),
-                       work / "logs" / f"attack-{a}.log", models[a] / "eval.json") for a in args.attacks],
+    # every output directory, by (attack, job); job "none" is the backdoored model itself
+    outputs = {(a, job): work / "models" / a if job == "none" else work / "defenses" / a / job
+               for a in args.attacks for job in ("none", *args.jobs)}
+    names = {(a, job): f"attack:{a}" if job == "none" else f"{a}:{job}" for a, job in outputs}
+
+    def task(a: str, job: str, command: list[str]) -> tuple[str, list[str], Path, Path]:
+        log = work / "logs" / (f"attack-{a}.log" if job == "none" else f"{a}-{job}.log")
+        return names[a, job], command, log, outputs[a, job] / "eval.json"
+
+    status = run_all([task(a, "none", attack_command(args.model, a, args.seed, args.device, outputs[a, "none"],
+                                                     args.attack_args.split())) for a in args.attacks],
                      args.parallel, stop_at, env)
-    tasks = [(f"{a}:{job}", defend_command(models[a], job, args.seed, args.device, work / "defenses" / a / job,
-                                     args.defend_args.split()),
-              work / "logs" / f"{a}-{job}.log", work / "defenses" / a / job / "eval.json")
-             for job in args.jobs for a in args.attacks if (models[a] / "eval.json").is_file()]
-    status.update(run_all(tasks, args.parallel, stop_at, env))
+    status.update(run_all([task(a, job, defend_command(outputs[a, "none"], job, args.seed, args.device,
+                                                       outputs[a, job], args.defend_args.split()))
+                           for job in args.jobs for a in args.attacks if (outputs[a, "none"] / "eval.json").is_file()],
+                          args.parallel, stop_at, env))
     summary = {"model": args.model, "recipe": RECIPE, "dataset": VAL, "seed": args.seed, "device": args.device,
                "wall_seconds": round(time.monotonic() - start, 1), "attacks": {}}
-    for attack in args.attacks:
-        rows = {"none": {**(metrics(models[attack] / "eval.json") or {}), **_process(status, f"attack:{attack}")}}
-        for job in args.jobs:
-            rows[job] = {**(metrics(work / "defenses" / attack / job / "eval.json") or {}),
-                         **_process(status, f"{attack}:{job}")}
-        summary["attacks"][attack] = rows
+    for (a, job), out in outputs.items():
+        summary["attacks"].setdefault(a, {})[job] = {**(metrics(out / "eval.json") or {}), **_process(status, names[a, job])}
     work.mkdir(parents=True, exist_ok=True)
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (work / "summary.md").write_text(table(summary))
     print(table(summary), flush=True)
-
-
-def _process(status: dict, name: str) -> dict:
-    entry = status.get(name, {"unfinished": "not run (no backdoored model)"})
-    out = {"process_seconds": entry.get("seconds")}
-    if "unfinished" in entry:
-        out["unfinished"] = "unfinished: " + re.sub(r"\s+", " ", entry["unfinished"])
-    elif entry.get("returncode"):
-        out["error"] = f"exit {entry['returncode']}"
-    return out
 
 
 if __name__ == "__main__":
