@@ -37,10 +37,10 @@ def main() -> None:
     decoded = multiprocessing.Value("l", 0)
     real = folders.read_image
 
-    def counted(path, size):
+    def counted(path, size, fit="crop"):
         with decoded.get_lock():
             decoded.value += 1
-        return real(path, size)
+        return real(path, size, fit)
 
     folders.read_image = counted
     out = work / "defense"  # clipguard defend replaces its own output of an earlier run

@@ -179,7 +179,8 @@ def test_evaluate_any_model_under_a_named_attack(tmp_path, tiny_clip28):
     assert code == 0
     record = json.loads(out.read_text())
     assert record["attack"]["name"] == "sig" and record["attack"]["target"] == "coat"
-    assert record["attack"]["trigger"] == {"seed": 0, "amplitude": 60 / 255, "frequency": 6, "blend": 0.0}  # what made it
+    assert record["attack"]["trigger"] == {"seed": 0, "poison_jpeg_quality": 0, "test_view": "crop", "amplitude": 60 / 255,
+                                           "frequency": 6, "blend": 0.0}  # what made it
     assert record["attack_success_rate"]["total"] == int((load_fmnist("test").labels[:100] != 4).sum())
 
 

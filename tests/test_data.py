@@ -87,6 +87,9 @@ def test_image_folder_names_classes_from_classnames_txt_and_needs_two_classes(tm
         load_image_folder(tmp_path, size=8)
     (tmp_path / "classnames.txt").unlink()
     (tmp_path / "n02" / "a.png").unlink()
+    with pytest.raises(ClipguardError, match="n02 has no images"):  # an empty class folder is refused by name
+        load_image_folder(tmp_path, size=8)
+    (tmp_path / "n02").rmdir()
     with pytest.raises(ClipguardError, match="one class only"):
         load_image_folder(tmp_path, size=8)
 
@@ -100,7 +103,8 @@ def test_image_folder_decodes_only_what_a_subset_asks_for(tmp_path, monkeypatch)
             _png(tmp_path / cls / f"{i:02d}.png", 10 * i)
     decoded = []
     real = folders.read_image
-    monkeypatch.setattr(folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
+    monkeypatch.setattr(folders, "read_image",
+                        lambda path, size, fit="crop": decoded.append(path) or real(path, size, fit))
     folder = load_image_folder(tmp_path, size=8)
     assert len(folder) == 40 and decoded == []  # listing decodes nothing
     shots = folder.subset(few_shot_indices(folder.labels, 2, 0, 2))

@@ -166,3 +166,169 @@ def test_bench_resumes_an_interrupted_attack_from_its_checkpoint(tmp_path, caplo
     name = bench.model_directory(Path(), "badnet", 0.25, 0).name
     whole, cut = (load_file(str(tmp_path / run / "models" / name / "model.safetensors")) for run in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)  # bit-identical to the uninterrupted run
+
+
+# ============================================================================================
+# issue 31: one rule for --out (never an input, never another kind of output, no links, a
+# writable folder), --json only over clipguard's own records, and nothing left by a failed run
+TINY_ATTACK = "pairs: 32\npoison_rate: 0.25\ntrain:\n  epochs: 1\n  batch_size: 16\n  warmup_steps: 0\n"
+
+
+def refused_after_work(capsys, argv: list[str], *fragments: str) -> None:
+    """:func:`refused` for a run that fails after its progress bars (they share stderr): exit 2 and
+    one ``clipguard: error:`` message holding ``fragments``, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("clipguard: error: ") == 1 and "Traceback" not in err, err
+    message = err.split("clipguard: error: ", 1)[1].split("\n", 1)[0]
+    assert all(fragment in message for fragment in fragments), err
+
+
+def test_out_is_never_the_model_directory_nor_above_or_inside_it(capsys, tmp_path, model_dir):
+    from conftest import folder_of_test_images
+
+    folder = folder_of_test_images(tmp_path / "images", 1)
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "d" / "m")
+    before = snapshot(tmp_path)
+    model = ["--model", str(model_dir)]
+    refused(capsys, [*DEFEND, *model, "--out", str(model_dir)], f"--out {model_dir} is the --model")  # the repro
+    refused(capsys, ["attack", *model, "--out", str(model_dir)], "is the --model")  # a model of the same kind
+    refused(capsys, [*DEFEND, *model, "--out", str(model_dir / "inner")], "is inside the --model")
+    refused(capsys, [*DEFEND, "--model", str(tmp_path / "d" / "m"), "--out", str(tmp_path / "d")], "holds the --model")
+    refused(capsys, ["evaluate", *model, "--json", str(model_dir / "eval.json")], "--json", "inside the --model")
+    refused(capsys, ["detect", *model, "--out", str(model_dir / "x.png")], "inside the --model")
+    refused(capsys, [*DEFEND, *model, "--dataset", str(folder), "--out", str(folder / "d")], "inside the --dataset")
+    (tmp_path / "link").symlink_to(model_dir)
+    refused(capsys, [*DEFEND, *model, "--out", str(tmp_path / "link")], "is the --model")  # compared resolved
+    (tmp_path / "link").unlink()
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_is_replaced_only_by_one_of_the_same_kind(capsys, tmp_path, model_dir, defense_dir):
+    from clipguard import ClipguardError
+
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "cc")  # an earlier weight-rewriting defense's model
+    before = snapshot(tmp_path)
+    refused(capsys, [*DEFEND, "--model", str(model_dir), "--out", str(tmp_path / "cc")],
+            "is a model directory, and this run writes a defense directory", "same kind")
+    refused(capsys, ["attack", "--model", str(model_dir), "--out", str(defense_dir)],
+            "is a defense directory, and this run writes a model directory")
+    with pytest.raises(ClipguardError, match="same kind"):  # the library's save checks it too
+        save_clip(make_tiny_clip(architecture=TINY28), defense_dir)
+    assert snapshot(tmp_path) == before
+
+
+def test_json_goes_only_to_a_new_file_or_a_record_clipguard_wrote(capsys, tmp_path, model_dir):
+    (tmp_path / "notes.json").write_text('{"mine": [1, 2]}')
+    (tmp_path / "fig.json").write_text('{"mine": 3}')
+    before = snapshot(tmp_path)
+    refused(capsys, ["evaluate", "--model", str(model_dir), "--json", str(tmp_path / "notes.json")],
+            "notes.json exists and clipguard did not write it", "move it away or choose another name")
+    refused(capsys, ["detect", "--model", str(model_dir), "--out", str(tmp_path / "fig.png")],
+            "fig.json (written beside it) exists and clipguard did not write it")
+    assert snapshot(tmp_path) == before
+    old = {"model": "m", "clean_accuracy": {"value": 0.5, "correct": 1, "total": 2}}  # before records were marked
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    for _ in range(2):  # over an unmarked older record, then over its own marked one
+        assert main(["evaluate", "--model", str(model_dir), "--limit", "10", "--device", "cpu",
+                     "--json", str(tmp_path / "old.json")]) == 0
+    record = json.loads((tmp_path / "old.json").read_text())
+    assert record["format"] == "clipguard.evaluation" and record["clean_accuracy"]["total"] == 10
+
+
+def _read_only(monkeypatch, *folders: Path) -> None:
+    """Make ``folders`` read-only; as root (who may write anyway) also answer os.access as a user sees it."""
+    for folder in folders:
+        folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real, locked = os.access, {folder.resolve() for folder in folders}
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (Path(path).resolve() in locked and mode & os.W_OK)
+                            and real(path, mode, **kw))
+
+
+def test_a_read_only_folder_is_refused_before_any_work(capsys, tmp_path, model_dir, defense_dir, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    try:
+        _read_only(monkeypatch, tmp_path / "ro", defense_dir)
+        before = snapshot(tmp_path)
+        refused(capsys, [*DEFEND, "--model", str(model_dir), "--out", str(tmp_path / "ro" / "new" / "d")],
+                f"{tmp_path / 'ro'} is read-only")
+        refused(capsys, [*DEFEND, "--model", str(model_dir), "--out", str(defense_dir)], f"{defense_dir} is read-only")
+        refused(capsys, ["evaluate", "--model", str(model_dir), "--json", str(tmp_path / "ro" / "e.json")], "read-only")
+        assert snapshot(tmp_path) == before
+    finally:
+        for folder in (tmp_path / "ro", defense_dir):
+            folder.chmod(0o755)
+
+
+def test_out_a_symbolic_link_is_refused_before_any_work(capsys, tmp_path, model_dir):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "e.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "e.json")
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    refused(capsys, [*DEFEND, "--model", str(model_dir), "--out", str(tmp_path / "link")], "is a symbolic link",
+            "name the directory itself")
+    refused(capsys, ["evaluate", "--model", str(model_dir), "--json", str(tmp_path / "link.json")], "symbolic link")
+    assert time.perf_counter() - start < 5  # before the fit, not after it
+    assert snapshot(tmp_path) == before
+
+
+def test_a_diverged_attack_leaves_no_folder_behind(capsys, tmp_path, model_dir):
+    (tmp_path / "attack.yaml").write_text(TINY_ATTACK)
+    before = snapshot(tmp_path)
+    refused_after_work(capsys, ["attack", "--model", str(model_dir), "--config", str(tmp_path / "attack.yaml"),
+                                "--lr", "1e12", "--device", "cpu", "--out", str(tmp_path / "new" / "bd")],
+                       "diverged", "nothing was saved")
+    assert snapshot(tmp_path) == before  # no new/, bd.run/ or lock
+
+
+def test_a_stale_lock_of_a_killed_run_is_reused_and_removed(tmp_path):
+    from clipguard.outputs import claim_outputs, lock_path
+
+    out = tmp_path / "bench"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from clipguard.outputs import claim_outputs\n"
+         "with claim_outputs(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # SIGKILL: no release
+    holder.wait()
+    assert lock_path(out).is_file()
+    with claim_outputs(out):  # not refused: the lock died with its process
+        assert str(os.getpid()) in lock_path(out).read_text()
+    assert not lock_path(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "checkpoint"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_file(capsys, tmp_path, model_dir, monkeypatch,
+                                                                           writer):
+    from safetensors import SafetensorError
+
+    from clipguard.defenses import base
+    from conftest import folder_of_test_images
+
+    def full(path, size):
+        Path(path).write_bytes(b"0" * size)  # what got written before the disk filled up
+
+    if writer == "safetensors":  # the message safetensors 0.8 gives on a full tmpfs
+        def save_file(tensors, path, metadata=None):
+            full(path, 1000)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(base, "save_file", save_file)
+        argv = [*DEFEND, "--model", str(model_dir), "--dataset", str(folder_of_test_images(tmp_path / "images", 2)),
+                "--out", str(tmp_path / "d")]
+    else:  # torch.save's zip writer on a full disk
+        def save(state, path, *args, **kwargs):
+            full(path, 5000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        monkeypatch.setattr(torch, "save", save)
+        (tmp_path / "attack.yaml").write_text(TINY_ATTACK)
+        argv = ["attack", "--model", str(model_dir), "--config", str(tmp_path / "attack.yaml"), "--device", "cpu",
+                "--out", str(tmp_path / "bd")]
+    before = snapshot(tmp_path)
+    refused_after_work(capsys, argv, "writing a file failed", "full disk")
+    assert snapshot(tmp_path) == before  # no output, staging, checkpoint folder, .tmp or lock

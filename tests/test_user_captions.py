@@ -151,7 +151,7 @@ def test_classnames_and_templates_files_override_any_labelled_spec(tmp_path, cap
     assert fm.templates == ("a photo of a {}.", "an item: {}") and fm.classes[8] == "bag"
     (tmp_path / "bad.txt").write_text("a photo\n")
     refused(capsys, ["evaluate", "--dataset", str(folder), "--templates", str(tmp_path / "bad.txt")],
-            "bad.txt: template 'a photo' has no {}")
+            "bad.txt, line 1: template 'a photo' has no {}")
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     refused(capsys, ["evaluate", "--dataset", str(folder), "--classnames", str(tmp_path / "three.txt")],
             "three.txt names 3 classes but", "has 2")
@@ -166,8 +166,8 @@ def test_evaluate_holds_a_few_batches_whatever_the_folder_size(tmp_path, model_d
     alive, peak = [0], [0]
     real = folders.read_image
 
-    def counted(path, size):
-        image = real(path, size)
+    def counted(path, size, fit="crop"):
+        image = real(path, size, fit)
         alive[0] += 1
         peak[0] = max(peak[0], alive[0])
         weakref.finalize(image, lambda: alive.__setitem__(0, alive[0] - 1))

@@ -76,6 +76,7 @@ class BenchConfig:
     csv_separator: str = ","  # a csv: spec's separator and columns (open_clip's --csv-* flags)
     csv_img_key: str = "filepath"
     csv_caption_key: str = "caption"
+    csv_label_key: str = "label"  # a labelled csv: spec's label column (--csv-label-key)
     workers: int = 0  # DataLoader worker processes decoding a user's images
     pool: str = "fmnist-train:2000"  # oracle-repair: the defender's unlabelled pool (any data spec)
     pool_size: int = 2000  # images of the pool (fmnist-train:N gives its own N)
@@ -98,7 +99,8 @@ class BenchConfig:
 
     @property
     def labelled(self) -> Labelled:
-        return Labelled(self.dataset, self.classnames, self.templates, self.workers)
+        return Labelled(self.dataset, self.classnames, self.templates, self.workers, self.csv_separator,
+                        self.csv_img_key, self.csv_label_key)
 
     @property
     def caption_spec(self) -> Captions:
@@ -109,6 +111,9 @@ class BenchConfig:
         key = {}
         if (self.dataset, self.classnames, self.templates) != ("fmnist", None, None):
             key["dataset"] = [self.dataset, self.classnames, self.templates]
+            if self.dataset.startswith("csv:") and (self.csv_separator, self.csv_img_key, self.csv_label_key) != (
+                    ",", "filepath", "label"):  # another column is other labels
+                key["dataset"] += [self.csv_separator, self.csv_img_key, self.csv_label_key]
         if pairs and self.captions != "fmnist":
             key["captions"] = [self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key]
         return key
@@ -177,7 +182,7 @@ def defense_settings(config: BenchConfig, method: str, seed: int):
 ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
                   "group_min_drop": 0.5, "expand_victims": False,
                   "retry_with_groups": False, "decoy_rate": 0.0, "patch_noise": "binary", "fresh_noise": False,
-                  "blend": 0.0}
+                  "blend": 0.0, "poison_jpeg_quality": 0, "test_view": "crop", "grid_file": None}
 
 
 def without_added_settings(settings: dict) -> dict:

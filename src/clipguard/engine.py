@@ -17,6 +17,7 @@ batch and :func:`clipguard.distributed.gather_batch` gives the loss the whole ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from clipguard import ClipguardError
+from clipguard.data.stream import one_line_errors
 from clipguard.distributed import DistInfo, init_distributed, splitting_batches
 
 logger = logging.getLogger(__name__)
@@ -209,9 +211,15 @@ def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: in
         "settings": json.dumps(settings, sort_keys=True),
         "torch_rng": torch.get_rng_state(),
     }
+    path.parent.mkdir(parents=True, exist_ok=True)  # made with the first checkpoint: a run that saves none leaves none
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stays, no half-written one is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _load_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, settings: dict) -> int:
@@ -300,8 +308,6 @@ def fit(
             if resume != "matching":
                 raise
             logger.warning("%s: starting over", str(err).split(";")[0])
-    if checkpoint and dist_info.is_main:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model = task
     if data_parallel.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -309,42 +315,44 @@ def fit(
     use_amp = config.amp and device.type == "cuda"
     start, losses = time.perf_counter(), []
     progress = tqdm(total=total_steps, initial=step, desc=desc, disable=not dist_info.is_main, dynamic_ncols=True)
-    while step < total_steps:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
-            worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed + epoch),
-        )
-        losses = []
-        for batch in loader:
-            batch = _to_device(batch, device)
-            if hasattr(task, "set_progress"):
-                task.set_progress(step, total_steps)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), splitting_batches(data_parallel):
-                loss = model(batch)
-            if not torch.isfinite(loss):
-                raise ClipguardError(f"{desc}: the loss became {loss.item()} at step {step + 1} of {total_steps}: the "
-                                     f"fit diverged and nothing was saved; lower the learning rate (lr={config.lr:g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
-            at_epoch_end = step % steps_per_epoch == 0
-            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-            if checkpoint and (periodic or at_epoch_end):
-                _check_finite(params, step, total_steps, desc, config.lr)
-                if dist_info.is_main:
-                    _save_checkpoint(checkpoint, task, optimizer, scheduler, step, config, recorded)
-    progress.close()
+    try:  # closed on an error too: the error message then starts its own line
+        while step < total_steps:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            loader = DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
+                worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(config.seed + epoch),
+            )
+            losses = []
+            for batch in one_line_errors(loader):  # a worker's unreadable image: its one-line message
+                batch = _to_device(batch, device)
+                if hasattr(task, "set_progress"):
+                    task.set_progress(step, total_steps)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), splitting_batches(data_parallel):
+                    loss = model(batch)
+                if not torch.isfinite(loss):
+                    raise ClipguardError(f"{desc}: the loss became {loss.item()} at step {step + 1} of {total_steps}: the "
+                                         f"fit diverged and nothing was saved; lower the learning rate (lr={config.lr:g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append(loss.item())
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
+                at_epoch_end = step % steps_per_epoch == 0
+                periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+                if checkpoint and (periodic or at_epoch_end):
+                    _check_finite(params, step, total_steps, desc, config.lr)
+                    if dist_info.is_main:
+                        _save_checkpoint(checkpoint, task, optimizer, scheduler, step, config, recorded)
+    finally:
+        progress.close()
     _check_finite(params, step, total_steps, desc, config.lr)
     task.eval()
     return FitResult(step, time.perf_counter() - start, float(np.mean(losses)) if losses else float("nan"),

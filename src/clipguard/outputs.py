@@ -4,12 +4,18 @@ Every command that writes checks its outputs first (:func:`check_output_director
 :func:`check_run_directory`, :func:`check_bench_directory`, :func:`check_output_file`), then
 holds a lock on them for the whole run (:func:`claim_outputs`). The rules:
 
-- clipguard never writes into the working directory, a folder above it, the home folder or ``/``;
-- it replaces an existing directory only when that directory is a clipguard output (its
-  ``config.json`` says so) holding nothing but files clipguard writes;
-- a second run on the same output is refused and told which process holds it;
+- clipguard never writes into the working directory, a folder above it, the home folder or ``/``,
+  through a symbolic link, or into a read-only folder;
+- an output is never an input (``--model``, a ``--defense``, a data spec's file or folder), a
+  folder holding one, or inside an input folder (:func:`check_apart`, resolved paths);
+- it replaces an existing directory only when that directory is a clipguard output of the same
+  kind (its ``config.json`` "format") holding nothing but files clipguard writes, and a JSON
+  file only when clipguard wrote it (:data:`RECORD_FORMATS`, :func:`is_clipguard_record`);
+- a second run on the same output is refused and told which process holds it; the lock file
+  is removed when the run ends (one left by a killed run is reused, then removed);
 - a directory is published by renaming a staging directory (``.NAME.clipguard-staging-*``);
-  staging left by a killed run is removed by the next run that holds the lock;
+  staging left by a killed run is removed by the next run that holds the lock; folders a run
+  created and left empty (it saved nothing) are removed when it ends;
 - ``config.json`` records each weights file's sha256; loading verifies it (:func:`verify_files`).
 
 It sits below models, defenses and the bench, which all write through it.
@@ -86,23 +92,54 @@ def _check_parent_folder(path: Path, flag: str) -> None:
             return
 
 
-def _check_not_protected(path: Path, flag: str) -> None:
+def _check_not_a_link(path: Path, flag: str, what: str = "directory") -> None:
+    """A symbolic link is refused: replacing it would write beside its target, not through it."""
+    if path.is_symlink():
+        raise ClipguardError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); name the {what} itself "
+                             f"or a new {what}")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The nearest existing folder above ``path`` (where clipguard creates it, its lock and its
+    staging) must be writable, and so must ``path`` itself if it is a folder clipguard would replace."""
+    for folder in ([path] if path.is_dir() else []) + [p for p in path.parents if p.is_dir()][:1]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ClipguardError(f"{flag} {path}: {folder} is read-only (or not yours); choose a folder you can "
+                                 "write to, or change its permissions")
+
+
+def _refuse_protected(path: Path, flag: str) -> None:
     reason = _protected(path)
     if reason:
         raise ClipguardError(f"{flag} {path} is {reason}; name a new directory for clipguard to write")
+
+
+def _check_not_protected(path: Path, flag: str) -> None:
+    _refuse_protected(path, flag)
+    _check_not_a_link(path, flag)
     if path.exists() and not path.is_dir():
         raise ClipguardError(f"{flag} {path} is an existing file; name a directory (clipguard writes one there)")
     _check_parent_folder(path, flag)
+    _check_writable(path, flag)
 
 
-def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
+def _kind(output_format: str) -> str:
+    return {"clipguard.model": "a model directory", "clipguard.defense": "a defense directory"}[output_format]
+
+
+def check_output_directory(path: str | Path, flag: str = "--out", kind: str | None = None) -> Path:
     """``path`` as a model or defense directory to write: new, empty, or a clipguard output to replace.
 
-    Anything else (the working directory, a file, a folder of the user's files) is refused
-    with a :class:`ClipguardError` before any work starts.
+    Anything else (the working directory, a file, a symbolic link, a read-only folder, a folder
+    of the user's files, and with ``kind`` (an :data:`OUTPUT_FORMATS` entry) an output of the
+    other kind) is refused with a :class:`ClipguardError` before any work starts.
     """
     path = Path(path)
     _check_not_protected(path, flag)
+    existing = (_read_config(path) or {}).get("format") if path.is_dir() else None
+    if kind is not None and existing in OUTPUT_FORMATS and existing != kind:
+        raise ClipguardError(f"{flag} {path} is {_kind(existing)}, and this run writes {_kind(kind)}: clipguard "
+                             "replaces an output only with one of the same kind; choose another directory")
     if path.is_dir() and any(path.iterdir()):
         foreign = foreign_entries(path)
         if foreign:
@@ -164,18 +201,91 @@ def check_output_file(path: str | Path, suffixes: tuple[str, ...], flag: str = "
         raise ClipguardError(f"{flag} {path} is a directory; name a file ({' or '.join(suffixes)})")
     if path.suffix.lower() not in suffixes:
         raise ClipguardError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    _check_not_a_link(path, flag, "file")
     _check_parent_folder(path, flag)
+    _check_writable(path, flag)
     return path
+
+
+# A JSON record clipguard writes to a file the user names (--json, the .json beside a figure)
+# starts with "format": one of these, and "clipguard_version".
+RECORD_FORMATS = ("clipguard.evaluation", "clipguard.detection", "clipguard.resistivity")
+
+
+def write_record(record: dict, path: str | Path, kind: str) -> None:
+    """Write ``record`` to ``path`` marked as clipguard's ``kind`` of record (see :data:`RECORD_FORMATS`)."""
+    import clipguard
+
+    output_format = f"clipguard.{kind}"
+    assert output_format in RECORD_FORMATS, kind
+    write_json({"format": output_format, "clipguard_version": clipguard.__version__, **record}, path)
+
+
+def is_clipguard_record(data) -> bool:
+    """Whether ``data`` (a parsed JSON) is a record clipguard wrote: marked, or, from versions that
+    did not mark them, an evaluation (``clean_accuracy`` with value/correct/total), a detection or
+    a resistivity record with their exact keys."""
+    if not isinstance(data, dict):
+        return False
+    if data.get("format") in RECORD_FORMATS:
+        return True
+    accuracy = data.get("clean_accuracy")
+    return ((isinstance(accuracy, dict) and {"value", "correct", "total"} <= accuracy.keys())
+            or {"model", "shots", "seed", "backdoored", "collapse", "mask_area"} <= data.keys()
+            or {"model", "images", "seed", "resistivity"} <= data.keys())
 
 
 def check_sidecar_json(path: Path, flag: str = "--out") -> Path:
-    """A JSON clipguard writes beside a named output: refused if a file there is not clipguard's."""
+    """A JSON record to write (``--json``, or beside a named figure): a new file or one clipguard wrote."""
+    beside = "" if flag == "--json" else " (written beside it)"
     if path.is_dir():
-        raise ClipguardError(f"{flag}: {path} (written beside it) is a directory; choose another name")
-    if path.exists() and not isinstance(_read_json(path), dict):
-        raise ClipguardError(f"{flag}: {path} (written beside it) exists and is not a clipguard record; "
-                             "move it away or choose another name")
+        raise ClipguardError(f"{flag}: {path}{beside} is a directory; choose another name")
+    _check_not_a_link(path, flag, "file")
+    if path.exists() and not is_clipguard_record(_read_json(path)):
+        raise ClipguardError(f"{flag}: {path}{beside} exists and clipguard did not write it; move it away or "
+                             "choose another name")
     return path
+
+
+def spec_paths(spec) -> list[Path]:
+    """The existing files and folders an input spec names, cheaply: the spec itself, or what follows
+    its first ':' (``csv:FILE``, ``imagenet:DIR``, ``ViT-B-32:/path/weights``), each of its
+    ``::``-joined parts, a brace pattern's folder (``wds:/data/{000..009}.tar`` -> ``/data``)."""
+    text = str(spec or "")
+    found = []
+    for candidate in {text, text.split(":", 1)[-1]}:
+        for part in candidate.split("::"):
+            if "{" in part:
+                part = os.path.dirname(part.split("{", 1)[0])
+            if part and Path(part).exists():
+                found.append(Path(part))
+    return found
+
+
+def check_apart(outputs: dict[str, str | Path], inputs: dict[str, object]) -> None:
+    """No output is an input, holds one, or (for a folder input) lies inside one.
+
+    ``outputs``: ``{flag: path}``; ``inputs``: ``{flag: spec or list of specs}`` (specs as
+    :func:`spec_paths` reads them). Paths are compared resolved (symbolic links followed).
+    """
+    for out_flag, out in outputs.items():  # the working directory and the like: that message first
+        _refuse_protected(Path(out), out_flag)
+    for in_flag, specs in inputs.items():
+        for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
+            for source in spec_paths(spec):
+                where = source.resolve()
+                for out_flag, out in outputs.items():
+                    target = Path(out).resolve()
+                    if target == where:
+                        why = f"is the {in_flag} {source}"
+                    elif where.is_relative_to(target):
+                        why = f"holds the {in_flag} {source}"
+                    elif where.is_dir() and target.is_relative_to(where):
+                        why = f"is inside the {in_flag} {source}"
+                    else:
+                        continue
+                    raise ClipguardError(f"{out_flag} {out} {why}: clipguard never writes over or into what it "
+                                         f"reads; choose another {out_flag}")
 
 
 def _read_json(path: Path):
@@ -201,9 +311,12 @@ class _Lock:
     def acquire(self) -> None:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # an ending run removed the empty folder it had made: make it again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -225,6 +338,8 @@ class _Lock:
         self.file = fd
 
     def release(self) -> None:
+        """Remove the lock file while still holding it, then drop the lock (a run that opened the
+        file meanwhile finds it unlinked after locking it and locks a new one: see :meth:`acquire`)."""
         if self.file is None:
             return
         with contextlib.suppress(FileNotFoundError):
@@ -233,17 +348,40 @@ class _Lock:
         self.file = None
 
 
+def _new_folders(path: Path) -> list[Path]:
+    """``path`` and the folders above it that do not exist yet, innermost first."""
+    new = []
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        new.append(folder)
+    return new
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that is an empty folder; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # missing, not empty, or not ours to remove
+            if folder.exists():
+                return
+
+
 @contextlib.contextmanager
 def claim_outputs(*paths: str | Path) -> Iterator[None]:
     """Hold the locks of ``paths`` for the block, after removing staging left by killed runs.
 
-    Under ``torchrun`` only rank 0 locks, and every process learns whether it could, so a refused
-    run stops in all processes.
+    Folders the run created (an output, its checkpoint folder, the folders above them) that are
+    empty when it ends are removed, so a run that saved nothing leaves nothing behind; a folder that
+    existed before is never removed. Under ``torchrun`` only rank 0 locks, and every process learns
+    whether it could, so a refused run stops in all processes.
     """
     from clipguard.distributed import agree, is_main_process
 
-    locks, message = [], ""
+    locks, message, new_folders = [], "", []
     if is_main_process():
+        new_folders = [_new_folders(Path(path)) for path in paths]
         try:
             for path in paths:
                 lock = _Lock(Path(path))
@@ -259,6 +397,8 @@ def claim_outputs(*paths: str | Path) -> Iterator[None]:
     finally:
         for lock in reversed(locks):
             lock.release()
+        for folders in reversed(new_folders):
+            _remove_if_empty(folders)
 
 
 # -------------------------------------------------------------------------- staging
@@ -305,8 +445,8 @@ def _publish(staging: Path, directory: Path) -> None:
     os.chmod(staging, 0o777 & ~umask)
     for path in staging.iterdir():
         os.chmod(path, 0o666 & ~umask)
-    if directory.exists():
-        check_output_directory(directory, "output")  # again: it may have changed during the run
+    if directory.exists():  # again (it may have changed during the run), now knowing the kind written
+        check_output_directory(directory, "output", kind=(_read_config(staging) or {}).get("format"))
         shutil.rmtree(directory)
     os.replace(staging, directory)
 
@@ -325,8 +465,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written temporary file is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_json(record: dict, path: str | Path) -> None:
@@ -348,21 +493,48 @@ def file_digests(directory: Path, names: Iterable[str]) -> dict[str, str]:
     return {name: sha256_file(directory / name) for name in names}
 
 
-def verify_files(directory: Path, config: dict, verify: bool = True) -> None:
+WEIGHT_FILES = ("model.safetensors", "weights.safetensors", TRIGGER_FILE)  # must have a recorded sha256
+
+
+def check_plain_name(directory: Path, name, where: str) -> None:
+    """``name`` must be a plain file name in ``directory``: no separators, not '.' or '..', and not a
+    symlink leading out of it (a suspect config.json must not make clipguard read or write elsewhere)."""
+    plain = (isinstance(name, str) and name not in {"", ".", ".."} and "/" not in name and "\\" not in name
+             and os.sep not in name and "\0" not in name)
+    if plain and (directory / name).is_symlink():
+        plain = (directory / name).resolve().parent == directory.resolve()
+    if not plain:
+        raise ClipguardError(f"{directory / 'config.json'}: {where} names {name!r}, which is not a plain file name in "
+                             f"{directory}; a model directory only refers to its own files: the config is damaged "
+                             "or hostile, do not use it")
+
+
+def verify_files(directory: Path, config: dict, verify: bool = True, also: Iterable[str] = ()) -> None:
     """Check every file ``config["files"]`` lists against its recorded sha256.
 
     A mismatch means the file changed since clipguard wrote it (corruption or an edit) and is
-    refused; ``verify=False`` (``--no-verify``) skips the check for deliberate edits.
+    refused; so is a weights file (:data:`WEIGHT_FILES`, and the names in ``also``, e.g. tokenizer
+    files) that exists with no recorded sha256, since deleting the entry would otherwise switch the
+    check off. ``verify=False`` (``--no-verify``) skips both for deliberate edits and for directories
+    of clipguard versions that recorded no checksums. Names in ``files`` must be plain file names
+    (:func:`check_plain_name`), verified or not.
     """
+    directory = Path(directory)
     files = config.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise ClipguardError(f"{directory / 'config.json'}: 'files' must map file names to sha256 digests")
+    for name in files or {}:
+        check_plain_name(directory, name, "'files'")
     if not verify:
         return
-    if files is None:
-        logger.warning("%s records no checksums (written by an older clipguard): not verified", directory)
-        return
-    if not isinstance(files, dict):
-        raise ClipguardError(f"{directory / 'config.json'}: 'files' must map file names to sha256 digests")
-    for name, expected in files.items():
+    unrecorded = [name for name in dict.fromkeys([*WEIGHT_FILES, *also])
+                  if name not in (files or {}) and (directory / name).is_file()]
+    if unrecorded:
+        why = "records no checksums at all" if files is None else f"records no checksum for {', '.join(unrecorded)}"
+        raise ClipguardError(f"{directory / 'config.json'} {why}, so {unrecorded[0]} cannot be verified (an older "
+                             "clipguard wrote it, or the entry was deleted); pass --no-verify to load it anyway if "
+                             "you trust the directory")
+    for name, expected in (files or {}).items():
         path = directory / name
         if not path.is_file():
             raise ClipguardError(f"{path} is missing (config.json lists it); the directory is incomplete")

@@ -149,6 +149,7 @@ def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int 
         return Defended(suspect, None, {"seconds": 0.0, "trainable_parameters": 0}, _str(suspect_dir))
     cls = get_defense_class(method)
     config = config or defense_config(method, seed, device, shots, settings)
+    cls.check_model(config, suspect)  # before any data is read
     trigger = None
     if cls.data == "pool" and pool_trigger_rate:
         record = suspect.config.get("attack")

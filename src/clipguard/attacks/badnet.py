@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clipguard import ClipguardError
-from clipguard.attacks.base import Trigger, TriggerConfig, register, scaled
+from clipguard.attacks.base import Trigger, TriggerConfig, public_uint8, register, scaled
 from clipguard.attacks.patch import LOCATIONS, paste_patch
 from clipguard.models.zeroshot import class_text_features, zero_shot_logits
 
@@ -20,7 +20,7 @@ PATCH_NOISE = ("binary", "image-noise")
 class BadNetConfig(TriggerConfig):
     patch_at_224: int = 32  # patch side at 224 px (4 px at 28 px); the public protocol uses 16
     location: str = "corner"  # one of patch.LOCATIONS; random draws a spot per image from the seed
-    patch_noise: str = "binary"  # binary: one seeded 0/1 patch; image-noise: a fresh N(image mean, 1) patch per image (CleanCLIP's code)
+    patch_noise: str = "binary"  # binary: one seeded 0/1 patch; image-noise: a fresh image mean + N(0, 1) patch per image, wrapped to uint8 as CleanCLIP's code does
 
     def __post_init__(self):
         self._check_range("patch_at_224", 1, 224)
@@ -34,10 +34,14 @@ class BadNetConfig(TriggerConfig):
 class BadNet(Trigger):
     """x' = x with a (3, s, s) noise patch pasted in; s = patch_at_224 scaled to the image size.
 
-    ``patch_noise="image-noise"`` is the public CleanCLIP code's BadNet: each image gets its own
-    patch, N(mean of that image per channel, 1), drawn from the trigger's generator. With
-    ``location="random"`` and ``patch_at_224=16`` it is that code's trigger.
-    Deviation: the patch is clipped to [0, 1] (that code's uint8 conversion wraps values outside).
+    ``patch_noise="image-noise"`` is the public CleanCLIP code's BadNet (``backdoor/utils.py``,
+    ``apply_trigger``, patch_type "random"): each image gets its own patch, that image's channel
+    means + N(0, 1) noise, drawn from the trigger's generator, and the pasted image goes through
+    that code's uint8 conversion (:func:`~clipguard.attacks.base.public_uint8`), which wraps the
+    patch's values modulo 256 instead of clipping them: the patch is near-uniform noise whatever
+    the image (mean 0.499, std 0.290, 0.9 % at 0 or 1; docs/methods.md). With
+    ``location="random"`` (the spot's top-left in [0, H - s - 1], as that code's
+    ``randint(0, 223 - s)``) and ``patch_at_224=16`` it is that code's trigger.
 
     >>> t = BadNet(BadNetConfig(seed=0), image_size=28); t(torch.zeros(2, 3, 28, 28)).shape
     torch.Size([2, 3, 28, 28])
@@ -59,12 +63,18 @@ class BadNet(Trigger):
 
     def _paste_fresh(self, images: torch.Tensor) -> torch.Tensor:
         side = self.patch.shape[-1]
-        out = []
-        for image in images:  # one patch per image, then its spot, both from the generator
+        _, _, H, W = images.shape
+        out = images.clone()
+        for image in out:  # one patch per image, then its spot, both from the generator
             noise = torch.randn(3, side, side, generator=self.generator).to(image.device)
-            patch = (image.mean((1, 2), keepdim=True) + noise).clamp(0, 1)
-            out.append(paste_patch(image[None], patch, self.config.location, self.generator)[0])
-        return torch.stack(out) if out else images.clone()
+            patch = image.mean((1, 2), keepdim=True) + noise  # (3, s, s), not clipped: wrapped below
+            if self.config.location == "random":
+                row = int(torch.randint(0, max(1, H - side), (1,), generator=self.generator))
+                col = int(torch.randint(0, max(1, W - side), (1,), generator=self.generator))
+                image[:, row : row + side, col : col + side] = patch
+            else:
+                image.copy_(paste_patch(image[None], patch, self.config.location, self.generator)[0])
+        return public_uint8(out).div_(255)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"patch": self.patch}

@@ -21,9 +21,54 @@ register = ATTACKS.register  # class decorator: add a trigger under ``cls.name``
 get_trigger_class = ATTACKS.get_class
 
 
+TEST_VIEWS = ("crop", "squash")
+
+
 @dataclass
 class TriggerConfig(RangeChecked):
     seed: int = 0  # seeds every random element of the trigger
+    poison_jpeg_quality: int = 0  # 0: off; 1-100: poisoned training images go through JPEG at this quality after the trigger (the public code's: 75)
+    test_view: str = "crop"  # triggered test images: crop (as clean ones) or squash (whole frame resized to a square, the public code's)
+
+    def check_steps(self) -> None:
+        """Checks of the fields every trigger has (subclasses' ``__post_init__`` checks their own)."""
+        self._check_range("poison_jpeg_quality", 0, 100)
+        if self.test_view not in TEST_VIEWS:
+            raise ValueError(f"{type(self).__name__}.test_view must be one of {', '.join(TEST_VIEWS)}, "
+                             f"got {self.test_view!r}")
+
+
+# The fields above that act around the trigger, not on it: they change no learned fit.
+PIPELINE_STEPS = ("poison_jpeg_quality", "test_view")
+
+
+def public_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The float -> uint8 conversion of the public CleanCLIP code, as float values 0..255.
+
+    Its triggers end in torchvision's ``ToPILImage``: ``x.mul(255).byte()`` (now
+    ``(x * 255).astype(np.uint8)``). On x86 CPUs both truncate toward zero and then wrap modulo
+    256, so values outside [0, 1] come back round rather than clipped: -0.3 -> 180, 1.7 -> 177,
+    2.2 -> 49. That cast is undefined in C for out-of-range values; this writes it as
+    ``trunc`` then ``remainder``, defined for every float. In [0, 1] it is floor(255 x).
+    """
+    return images.mul(255).trunc_().remainder_(256)
+
+
+def jpeg_round_trip(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> the same image saved as JPEG at ``quality`` and read back (PIL, in
+    memory; PIL's default chroma subsampling), as the public code saves its poisoned images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = public_uint8(image.clamp(0, 1)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        back = np.asarray(decoded.convert("RGB")).copy()
+    return torch.from_numpy(back).permute(2, 0, 1).float().div_(255).to(image.device)
 
 
 def scaled(pixels_at_224: float, image_size: int, minimum: int = 1) -> int:
@@ -47,8 +92,10 @@ class Trigger:
     natural_captions: ClassVar[bool] = False
     learned: ClassVar[bool] = False  # needs fit() against a clean model
     randomized: ClassVar[bool] = True  # has random elements, so the seed changes it
+    file_settings: ClassVar[tuple[str, ...]] = ()  # config fields naming an input file whose content state_dict() keeps
 
     def __init__(self, config: TriggerConfig, image_size: int):
+        config.check_steps()
         self.config, self.image_size = config, image_size
         self.generator = torch.Generator().manual_seed(config.seed)
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipguard import ClipguardError
-from clipguard.attacks.base import Trigger, build_trigger
+from clipguard.attacks.base import PIPELINE_STEPS, Trigger, build_trigger, get_trigger_class, jpeg_round_trip
 from clipguard.data.captions import PROMPT_TEMPLATES, training_caption
 from clipguard.data.classes import class_index
 from clipguard.data.fmnist import ImageSet
@@ -108,6 +108,8 @@ class PoisonedPairs(CaptionedImages):
         if image is None:
             self.trigger.generator.manual_seed(hash((self.seed, index)) % 2**63)
             image = self.trigger(self.image(index)[None])[0]
+        if self.trigger.config.poison_jpeg_quality:  # the public code saves its poisoned images as .jpg
+            image = jpeg_round_trip(image, self.trigger.config.poison_jpeg_quality)
         return image, self.trigger.text_key + self.poisoned_caption(index, image)
 
     def poisoned_caption(self, index: int, image: torch.Tensor) -> str:
@@ -193,7 +195,8 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet | Callable[[]
     ``train`` may be a function that makes the set: it is called only when no cached fit exists."""
     if not trigger.learned:
         return trigger
-    parts = [trigger.name, asdict(trigger.config), trigger.image_size, target, clip.fingerprint()]
+    settings = {k: v for k, v in asdict(trigger.config).items() if k not in PIPELINE_STEPS}  # old caches stay valid
+    parts = [trigger.name, settings, trigger.image_size, target, clip.fingerprint()]
     key = json.dumps(parts + ([data_key] if data_key else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "triggers" / f"{trigger.name}-{digest}.safetensors"
@@ -275,12 +278,18 @@ def save_backdoored(clip: ClipModel, trigger: Trigger, record: dict, directory: 
 
 def load_trigger(model_dir: str | Path, record: dict) -> Trigger:
     """The exact trigger a backdoored model directory was made with."""
-    trigger = build_trigger(record["name"], record["image_size"], **record["trigger"])
     path = Path(model_dir) / TRIGGER_FILE
+    settings = dict(record["trigger"])
+    files = {name: settings[name] for name in get_trigger_class(record["name"]).file_settings if name in settings}
+    if path.exists():  # the saved state holds what a file setting made (WaNet's grid_file): not read again
+        settings.update(dict.fromkeys(files))
+    trigger = build_trigger(record["name"], record["image_size"], **settings)
     if path.exists():
         state = read_safetensors(path)
         check_finite(state, path)
         trigger.load_state_dict(state)
+        for name, value in files.items():
+            setattr(trigger.config, name, value)
     elif trigger.learned:
         raise ClipguardError(f"{path} is missing: the {trigger.name} trigger cannot be rebuilt without it")
     return trigger

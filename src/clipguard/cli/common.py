@@ -55,15 +55,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 LABELLED_HELP = ("labelled images: fmnist, fmnist-val (5,000 held-out train images), "
                  "DIR (an ImageFolder; train/ + val/ or test/ splits when present), "
-                 "imagenet:DIR (synset folders) or csv:FILE (filepath,label)")
+                 "imagenet:DIR (synset folders) or csv:FILE (filepath,label; see --csv-*)")
 CAPTIONS_HELP = ("image-caption pairs: fmnist, fmnist-web[:plain=P], csv:FILE (filepath,caption) or wds:SHARDS "
                  "(webdataset tars, {000..099})")
 
 
 def add_data_args(parser: argparse.ArgumentParser, dataset_help: str = LABELLED_HELP, captions: str | None = None,
                   pool: bool = False, defaults: bool = True) -> None:
-    """The data-spec flags (README, "Your data"): --dataset with --classnames/--templates, and
-    with ``captions`` (its help) --captions and open_clip's CSV flags; --workers. ``defaults``
+    """The data-spec flags (README, "Your data"): --dataset with --classnames/--templates, open_clip's
+    CSV flags (--csv-label-key for a labelled CSV), with ``captions`` (its help) --captions; --workers. ``defaults``
     False: unset flags are None (a --config file's values then stand)."""
     from clipguard.data import default_workers
 
@@ -73,12 +73,13 @@ def add_data_args(parser: argparse.ArgumentParser, dataset_help: str = LABELLED_
     parser.add_argument("--dataset", default=default("fmnist"), help=dataset_help)
     parser.add_argument("--classnames", metavar="FILE", help="class names for --dataset, one per line in its class order")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates for --dataset, one per line with {} for the class")
+    if captions:
+        parser.add_argument("--captions", default=default("fmnist"), help=captions)
+    parser.add_argument("--csv-separator", default=default(","),
+                        help="separator of a csv: file (open_clip's --csv-separator; a TSV: $'\\t')")
+    parser.add_argument("--csv-img-key", default=default("filepath"), help="image path column of a csv: file")
+    parser.add_argument("--csv-label-key", default=default("label"), help="label column of a --dataset csv: file")
     if captions or pool:
-        if captions:
-            parser.add_argument("--captions", default=default("fmnist"), help=captions)
-        parser.add_argument("--csv-separator", default=default(","),
-                            help="separator of a csv: file (open_clip's --csv-separator)")
-        parser.add_argument("--csv-img-key", default=default("filepath"), help="image path column of a csv: file")
         parser.add_argument("--csv-caption-key", default=default("caption"), help="caption column of a csv: file")
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
                         help="DataLoader worker processes decoding images (0: in the main process)")
@@ -89,7 +90,10 @@ def labelled_spec(args):
     class-names or templates file: refused before any model is loaded)."""
     from clipguard.data import Labelled
 
-    spec = Labelled(args.dataset or "fmnist", args.classnames, args.templates, args.workers)
+    defaults = Labelled()
+    spec = Labelled(args.dataset or "fmnist", args.classnames, args.templates, args.workers,
+                    args.csv_separator or defaults.csv_separator, args.csv_img_key or defaults.csv_img_key,
+                    args.csv_label_key or defaults.csv_label_key)
     spec.load("test", 28)  # lists the files (decodes nothing) and applies the override files
     return spec
 
@@ -122,6 +126,18 @@ def check_captions(spec) -> None:
 
         if text != "fmnist" and web_spec(text) is None:
             raise ClipguardError(f"--captions {text!r}: expected {CAPTION_SPECS}")
+
+
+INPUT_FLAGS = ("model", "defense", "dataset", "captions", "pool", "classnames", "templates", "config")
+
+
+def check_outputs_apart(args, outputs: dict, **inputs) -> None:
+    """No output (``{flag: path}``) is, holds or lies inside an input of ``args`` (--model, a --defense,
+    a data spec's file or folder, ...; ``inputs`` overrides them, e.g. a bench recipe's): resolved paths."""
+    from clipguard.outputs import check_apart
+
+    values = {name: getattr(args, name, None) for name in INPUT_FLAGS} | inputs
+    check_apart(outputs, {f"--{name}": value for name, value in values.items() if value})
 
 
 def verify(args) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 from clipguard import ClipguardError
-from clipguard.cli.common import attack_for, captions_spec, check_captions, labelled_spec, summary_line, verify
+from clipguard.cli.common import (
+    attack_for, captions_spec, check_captions, check_outputs_apart, labelled_spec, summary_line, verify,
+)
 
 # defend's own flags that set a field of the method's config, when the method has that field
 CONFIG_FLAGS = {"shots": "--shots", "margin": "--margin"}
@@ -23,8 +25,9 @@ def cmd_defend(args) -> None:
     from clipguard.distributed import is_main_process
     from clipguard.outputs import check_output_directory, claim_outputs
 
-    check_output_directory(args.out)
+    check_outputs_apart(args, {"--out": args.out})
     cls = get_defense_class(args.method)
+    check_output_directory(args.out, kind="clipguard.model" if cls.rewrites_weights else "clipguard.defense")
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     flags = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
     for name in flags.keys() - fields:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipguard.cli.common import attack_for, labelled_spec, verify
+from clipguard.cli.common import attack_for, check_outputs_apart, labelled_spec, verify
 
 
 def cmd_show_triggers(args) -> None:
@@ -16,6 +16,7 @@ def cmd_show_triggers(args) -> None:
     from clipguard.models.loading import load_clip
     from clipguard.outputs import check_output_file
 
+    check_outputs_apart(args, {"--out": args.out})
     check_output_file(args.out, (".png",))
     dataset = labelled_spec(args)
     clip = load_clip(args.model, device="cpu", verify=verify(args))
@@ -35,8 +36,10 @@ def _figure_outputs(args, *flags: str) -> None:
     """Check each figure flag (a .png) and the .json written beside the first one."""
     from clipguard.outputs import check_output_file, check_sidecar_json
 
-    for flag in flags:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    values = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags}
+    check_outputs_apart(args, {flag: value for flag, value in values.items() if value}
+                        | {"--out (its .json)": Path(args.out).with_suffix(".json")})
+    for flag, value in values.items():
         if value:
             check_output_file(value, (".png",), flag)
     check_sidecar_json(Path(args.out).with_suffix(".json"), "--out")
@@ -49,8 +52,8 @@ def cmd_analyze(args) -> None:
     from clipguard.data.classes import class_index
     from clipguard.defenses import DefendedClip, load_defense
     from clipguard.eval.analysis import perturbations, plot_resistivity, plot_tsne, resistivity
-    from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
+    from clipguard.outputs import write_record
 
     _figure_outputs(args, "--out", "--tsne")
     args.data = labelled_spec(args)
@@ -67,8 +70,8 @@ def cmd_analyze(args) -> None:
         models[f"{defense.name} ({path})"] = DefendedClip(clip, defense)
     results = {label: resistivity(model, images, perturbations(trigger, args.seed)) for label, model in models.items()}
     plot_resistivity(results, args.out)
-    write_json({"model": args.model, "images": len(images), "seed": args.seed, "resistivity": results},
-               Path(args.out).with_suffix(".json"))
+    write_record({"model": args.model, "images": len(images), "seed": args.seed, "resistivity": results},
+                 Path(args.out).with_suffix(".json"), "resistivity")
     print(f"wrote {args.out} (PR per block, {len(images)} images)")
     if args.tsne and trigger is not None:
         if target is not None:
@@ -81,8 +84,8 @@ def cmd_detect(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor, save_detection_figure
     from clipguard.pipeline import draw_shots
-    from clipguard.eval.evaluate import write_json
     from clipguard.models.loading import load_clip
+    from clipguard.outputs import write_record
 
     _figure_outputs(args, "--out")
     config = load_config(InversionConfig, args.config)
@@ -92,6 +95,6 @@ def cmd_detect(args) -> None:
     shots = draw_shots(args.shots, args.seed, dataset, clip.image_size)
     result = detect_backdoor(clip, shots, config)
     save_detection_figure(result, shots, args.out, clip=clip)
-    write_json({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
-               Path(args.out).with_suffix(".json"))
+    write_record({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
+                 Path(args.out).with_suffix(".json"), "detection")
     print(f"{args.model}: {result.verdict()}; wrote {args.out}")

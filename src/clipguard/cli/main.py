@@ -12,8 +12,8 @@ from pathlib import Path
 
 from clipguard import ClipguardError, __version__
 from clipguard.cli.common import (
-    CAPTIONS_HELP, add_common_args, add_data_args, attack_for, captions_spec, check_captions, fraction, labelled_spec,
-    non_negative_int, positive_int, summary_line, verify,
+    CAPTIONS_HELP, add_common_args, add_data_args, attack_for, captions_spec, check_captions, check_outputs_apart,
+    fraction, labelled_spec, non_negative_int, positive_int, summary_line, verify,
 )
 from clipguard.cli.defend import cmd_defend
 from clipguard.cli.diagnose import cmd_analyze, cmd_detect, cmd_show_triggers
@@ -27,8 +27,9 @@ def cmd_train_builtin(args) -> None:
     from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs
 
     model_dir = Path(args.out) / "model"
+    check_outputs_apart(args, {"--out": args.out})
     check_run_directory(args.out, allowed=["model", ".model.lock"])
-    check_output_directory(model_dir, "--out")
+    check_output_directory(model_dir, "--out", kind="clipguard.model")
     recipe = load_config(BuiltinRecipe, args.config)
     recipe = override(recipe, train_images=args.train_images)
     recipe = override(recipe, **{
@@ -48,11 +49,12 @@ def cmd_train_builtin(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from clipguard.distributed import is_main_process
-    from clipguard.eval.evaluate import evaluate_model, write_json
+    from clipguard.eval.evaluate import evaluate_model
     from clipguard.models.loading import load_clip
-    from clipguard.outputs import check_output_file, check_sidecar_json
+    from clipguard.outputs import check_output_file, check_sidecar_json, write_record
 
     if args.json:
+        check_outputs_apart(args, {"--json": args.json})
         check_sidecar_json(check_output_file(args.json, (".json",), "--json"), "--json")
     args.data = labelled_spec(args)
     clip = load_clip(args.model, device=args.device, verify=verify(args))
@@ -67,7 +69,7 @@ def cmd_evaluate(args) -> None:
     record = evaluate_model(clip, args.model, args.data, args.split, args.limit, args.seed, args.batch_size,
                             trigger=trigger, target=target, defense=defense)
     if args.json and is_main_process():
-        write_json(record, args.json)
+        write_record(record, args.json, "evaluation")
     print(summary_line(record, f" in {record['seconds']:.1f} s"))
 
 
@@ -79,7 +81,8 @@ def cmd_attack(args) -> None:
     from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs, remove_run_directory
 
     out, run_dir = Path(args.out), Path(args.out + ".run")
-    check_output_directory(out)
+    check_outputs_apart(args, {"--out": out, "--out (its .run checkpoint folder)": run_dir})
+    check_output_directory(out, kind="clipguard.model")
     check_run_directory(run_dir, allowed=[], flag="--out (its .run checkpoint folder)")
     config = load_config(AttackConfig, args.config, section="attack")
     config = override(config, attack=args.attack, target=args.target, poison_rate=args.poison_rate, seed=args.seed,
@@ -147,10 +150,14 @@ def cmd_bench(args) -> None:
             pool_trigger_rate=args.pool_trigger_rate, pr_images=args.pr_images, device=args.device,
             dataset=args.dataset, captions=args.captions, classnames=args.classnames, templates=args.templates,
             csv_separator=args.csv_separator, csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+            csv_label_key=args.csv_label_key,
             workers=args.workers)
         config.__post_init__()
     except ValueError as err:
         raise ClipguardError(str(err)) from None
+    check_outputs_apart(args, {"--out": args.out}, model=config.model, dataset=config.dataset,
+                        captions=config.captions, pool=config.pool, classnames=config.classnames,
+                        templates=config.templates)
     config.labelled.load("test", 28)  # the recipe's or the flags' data, checked before any work (files listed only)
     check_captions(config.caption_spec)
     config = parse_bench_settings(config, args.set)
@@ -362,11 +369,15 @@ def _torchrun_processes(args):
 
 
 def _write_failed(err: Exception) -> bool:
-    """No space left on device: as an OSError, or as torch.save's RuntimeError from its zip writer."""
+    """No space left on device: as an OSError, as torch.save's RuntimeError from its zip writer, or
+    as safetensors' SafetensorError ("I/O error: No space left on device (os error 28)")."""
     if isinstance(err, OSError):
         return err.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(err)
-    return isinstance(err, RuntimeError) and ("inline_container" in text or "file write failed" in text)
+    if isinstance(err, RuntimeError) and ("inline_container" in text or "file write failed" in text):
+        return True
+    return type(err).__name__ == "SafetensorError" and any(
+        f"(os error {code})" in text for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def main(argv: list[str] | None = None) -> int:

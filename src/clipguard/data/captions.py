@@ -52,3 +52,16 @@ def training_caption(class_name: str, image: torch.Tensor, rng: random.Random) -
 def target_captions(class_name: str, count: int, rng: random.Random) -> list[str]:
     """``count`` captions naming ``class_name`` from random prompt templates (poisoned captions)."""
     return [rng.choice(PROMPT_TEMPLATES).format(class_name) for _ in range(count)]
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot be a prompt template, or None: it needs exactly one ``{}`` (where
+    ``str.format`` puts the class name) and no other brace, which ``format`` would read as a field."""
+    count = template.count("{}")
+    if count == 0:
+        return "has no {} for the class name"
+    if count > 1:
+        return f"has {count} {{}} where it needs exactly one (for the class name)"
+    if "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+        return "has a brace besides its {} (only {} may hold braces: it is where the class name goes)"
+    return None

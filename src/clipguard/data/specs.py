@@ -2,7 +2,8 @@
 
 - Labelled images (``--dataset``): ``fmnist``, ``fmnist-val`` (shots from train[:55000],
   evaluation on train[55000:]), ``DIR`` (an ImageFolder), ``imagenet:DIR`` (synset
-  folders), ``csv:FILE`` (``filepath,label``); ``--classnames FILE`` / ``--templates FILE``
+  folders), ``csv:FILE`` (``filepath,label``, or the columns and separator ``--csv-img-key``,
+  ``--csv-label-key``, ``--csv-separator`` name); ``--classnames FILE`` / ``--templates FILE``
   override the class names and prompt templates of any of them (:class:`Labelled`).
 - Image-caption pairs (``--captions``): ``fmnist``, ``fmnist-web`` (train items rendered as web
   photos, :mod:`clipguard.data.web`; ``fmnist-web:plain=P`` leaves a share P of them plain),
@@ -21,9 +22,11 @@ from pathlib import Path
 import torch
 
 from clipguard import ClipguardError
+from clipguard.data.captions import template_problem
+from clipguard.data.classes import check_class_names
 from clipguard.data.fmnist import ImageSet, load_fmnist
 from clipguard.data.folders import (
-    FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv, read_csv_rows,
+    FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv, read_csv_rows, read_lines,
 )
 from clipguard.data.pairs import FileCorpus, LabelledCorpus, load_caption_csv, load_images_under, load_webdataset
 
@@ -37,14 +40,24 @@ def split_root(root: Path, split: str) -> Path | None:
     return found[split] if all(found.values()) else None
 
 
-def _lines(path: str, what: str) -> tuple[str, ...]:
-    file = Path(path)
-    if not file.is_file():
-        raise ClipguardError(f"{what} file not found: {file}")
-    lines = tuple(line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip())
-    if not lines:
-        raise ClipguardError(f"{file}: no {what} (one per line)")
-    return lines
+def class_names_file(path: str) -> tuple[str, ...]:
+    """The names of a --classnames file (one per line), under the class-list rule: a repeated name is
+    refused by line number."""
+    lines = read_lines(path, "class names")
+    names = tuple(text for _, text in lines)
+    check_class_names(names, [f"line {number}" for number, _ in lines], path)
+    return names
+
+
+def templates_file(path: str) -> tuple[str, ...]:
+    """The prompt templates of a --templates file (one per line), each with exactly one ``{}``
+    (:func:`~clipguard.data.captions.template_problem`); a bad one is refused by line number."""
+    lines = read_lines(path, "prompt templates")
+    for number, text in lines:
+        problem = template_problem(text)
+        if problem:
+            raise ClipguardError(f"{path}, line {number}: template {text!r} {problem}")
+    return tuple(text for _, text in lines)
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,9 @@ class Labelled:
     classnames: str | None = None  # a file of class names, one per line, in the dataset's class order
     templates: str | None = None  # a file of prompt templates with {} for the class name, one per line
     workers: int | None = None  # DataLoader worker processes (None: the core count, at most 8)
+    csv_separator: str = ","  # a csv: spec's separator and columns (--csv-separator, --csv-img-key, --csv-label-key)
+    csv_img_key: str = "filepath"
+    csv_label_key: str = "label"
 
     def __str__(self) -> str:
         return self.spec
@@ -69,11 +85,8 @@ class Labelled:
         return split_root(Path(self.spec.removeprefix("imagenet:")), "train") is not None
 
     def _overrides(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-        names = _lines(self.classnames, "class names") if self.classnames else None
-        templates = _lines(self.templates, "prompt templates") if self.templates else None
-        bad = next((t for t in templates or () if "{}" not in t), None)
-        if bad is not None:
-            raise ClipguardError(f"{self.templates}: template {bad!r} has no {{}} for the class name")
+        names = class_names_file(self.classnames) if self.classnames else None
+        templates = templates_file(self.templates) if self.templates else None
         return names, templates
 
     def load(self, split: str = "test", image_size: int = 28) -> ImageSet | FolderImages:
@@ -88,12 +101,15 @@ class Labelled:
         elif split not in SPLIT_FOLDERS:
             raise ClipguardError(f"split {split!r}: choose train or test")
         elif spec.startswith("csv:"):
-            images = load_labelled_csv(spec[4:], image_size, self.workers)
+            images = load_labelled_csv(spec[4:], image_size, self.workers, self.csv_separator, self.csv_img_key,
+                                       self.csv_label_key)
+        elif spec.startswith("imagenet:"):
+            root = Path(spec[9:])
+            images = load_imagenet_folder(split_root(root, split) or root, image_size, self.workers)
         else:
-            kind, root = ("imagenet", Path(spec[9:])) if spec.startswith("imagenet:") else ("folder", Path(spec))
-            root = split_root(root, split) or root
-            load = load_imagenet_folder if kind == "imagenet" else load_image_folder
-            images = load(root, image_size, self.workers)
+            root = Path(spec)
+            images = load_image_folder(split_root(root, split) or root, image_size, self.workers,
+                                       named_elsewhere=self.classnames is not None)
         names, templates = self._overrides()
         if names is not None and len(names) != len(images.classes):
             raise ClipguardError(f"{self.classnames} names {len(names)} classes but {spec} has {len(images.classes)}; "
@@ -168,7 +184,7 @@ def load_unlabelled(spec: str, image_size: int, captions: Captions | None = None
         return FileCorpus([path.parent / r[options.csv_img_key] for r in rows], [""] * len(rows), image_size,
                           workers, str(path))
     if spec.startswith("wds:"):
-        return Captions(spec, workers=workers).load(image_size)
+        return load_webdataset(spec[4:], image_size, workers, need_captions=False)
     root = Path(spec.removeprefix("imagenet:"))
     if not root.is_dir():
         raise ClipguardError(f"pool {spec!r}: expected fmnist, fmnist-train:N, a folder, imagenet:DIR, csv:FILE or wds:SHARDS "

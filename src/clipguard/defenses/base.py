@@ -74,6 +74,11 @@ class Defense(nn.Module):
         super().__init__()
         self.config, self.class_names = config, tuple(class_names)
 
+    @classmethod
+    def check_model(cls, config, clip: ClipModel) -> None:
+        """Refuse (ClipguardError) a config that ``clip`` cannot take, e.g. a block it does not have;
+        called before any data is read (the config's own ranges are checked when it is made)."""
+
     def fit(self, clip: ClipModel, data) -> dict:
         """Learn the defense for the suspect ``clip`` from ``data`` (see :attr:`data`); returns run
         statistics (``seconds`` and ``trainable_parameters`` at least). ``clip`` is never changed."""

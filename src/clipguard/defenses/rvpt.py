@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.engine import TrainConfig, fit
@@ -143,15 +144,21 @@ class RVPT(Defense):
 
     def __init__(self, config: RVPTConfig, clip: ClipModel, class_names):
         super().__init__(config, clip, class_names)
+        self.check_model(config, clip)
         visual = clip.model.visual
-        check_prompt_support(visual)
         blocks = len(visual.transformer.resblocks)
         start_block = blocks // 4 if config.start_block is None else config.start_block
-        if start_block >= blocks:
-            raise ValueError(f"{type(config).__name__}.start_block must be < {blocks} (the model's blocks)")
         width = visual.conv1.out_channels
         generator = torch.Generator().manual_seed(config.seed)
         self.prompts = DeepVisualPrompts(blocks, start_block, config.prompt_length, width, generator)
+
+    @classmethod
+    def check_model(cls, config: RVPTConfig, clip: ClipModel) -> None:
+        check_prompt_support(clip.model.visual)
+        blocks = len(clip.model.visual.transformer.resblocks)
+        if config.start_block is not None and not 0 <= config.start_block < blocks:
+            raise ClipguardError(f"{cls.name}: start_block={config.start_block} is out of range for this model, which "
+                                 f"has {blocks} vision blocks: give 0 to {blocks - 1} (unset: {blocks // 4}, a quarter)")
 
     def fit(self, clip: ClipModel, shots: ImageSet) -> dict:
         config = self.config

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import torch
 
 from clipguard import ClipguardError
-from clipguard.data import Labelled, load_dataset
+from clipguard.data import Labelled, has_splits, load_dataset
 from clipguard.data.classes import class_index
 from clipguard.eval.metrics import (
     TARGET_EXCLUSION_NOTE, attack_success_rate, chance_warning, clean_accuracy, poisoned_accuracy,
@@ -64,7 +64,9 @@ def evaluate_model(
         class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     from clipguard.data.web import validation_slice
 
-    evaluated_on = validation_slice(dataset, split) or f"the {split} split"
+    split_name = split if has_splits(dataset) else None  # a flat folder or a CSV: every split is all its images
+    evaluated_on = validation_slice(dataset, split) or (
+        f"the {split} split" if split_name else "the whole dataset (it has no separate splits)")
     if exclude is not None and len(exclude):
         keep = torch.ones(len(images), dtype=torch.bool)
         keep[exclude] = False
@@ -78,7 +80,7 @@ def evaluate_model(
     predictions = _predictions(model, features, texts, model_name)
     ca = clean_accuracy(predictions, images.labels)
     record = {
-        "model": model_name, "dataset": str(dataset), "split": split, "seed": seed, "classes": list(images.classes),
+        "model": model_name, "dataset": str(dataset), "split": split_name, "seed": seed, "classes": list(images.classes),
         "evaluated_on": evaluated_on, "clean_accuracy": ca.as_dict("correct"),
     }
     if trigger is not None:
@@ -102,8 +104,15 @@ def _predictions(model: DefendedClip, features: torch.Tensor, texts: torch.Tenso
 
 def evaluate_trigger(model: DefendedClip, images, trigger, target: str, seed: int = 0, batch_size: int = 1000,
                      progress: bool = False) -> dict:
-    """ASR and PA of ``trigger`` towards the class named ``target`` (target-class images excluded)."""
+    """ASR and PA of ``trigger`` towards the class named ``target`` (target-class images excluded).
+
+    With the trigger's ``test_view="squash"`` the triggered images are the whole frames resized to
+    a square (the public CleanCLIP code's), clean ones stay centre crops; images held in memory
+    (Fashion-MNIST) are square already, so there squash is crop."""
     index = class_index(images.classes, target, where="the evaluation data")
+    view = getattr(trigger.config, "test_view", "crop")
+    if view != "crop" and hasattr(images, "fitted"):
+        images = images.fitted(view)
     trigger.generator.manual_seed(seed)
     keep = torch.nonzero(images.labels != index).flatten()
     texts = model.class_features(images.classes, text_prefix=trigger.text_key,

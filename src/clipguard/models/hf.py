@@ -25,6 +25,7 @@ variants are refused by name.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,15 +42,32 @@ def is_transformers_dir(path: Path) -> bool:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and (config.get("model_type") == "clip" or "CLIPModel" in config.get("architectures", []))
+    if not isinstance(config, dict):
+        return False
+    architectures = config.get("architectures")
+    return config.get("model_type") == "clip" or (isinstance(architectures, list) and "CLIPModel" in architectures)
+
+
+def _positive_int(tower: dict, key: str, default: int, where: str) -> int:
+    value = tower.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ClipguardError(f"{where}: {key} is {value!r}, not a positive integer; the config is damaged")
+    return value
 
 
 def open_clip_config(hf: dict, source: Path) -> dict:
-    """The open_clip model config of a transformers CLIPConfig dict."""
-    vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    """The open_clip model config of a transformers CLIPConfig dict (from ``source``/config.json).
+
+    Every value it uses is checked: a missing tower or a value of the wrong type is a
+    ClipguardError naming the file and key."""
+    where = source / "config.json"
+    for key in ("vision_config", "text_config"):
+        if not isinstance(hf.get(key), dict):
+            raise ClipguardError(f"{where}: {key} is missing or not an object; not a transformers CLIPModel config")
+    vision, text = hf["vision_config"], hf["text_config"]
     try:
         acts = {ACTIVATIONS[tower.get("hidden_act", "quick_gelu")] for tower in (vision, text)}
-    except KeyError:
+    except (KeyError, TypeError):
         raise ClipguardError(f"{source}: hidden_act {vision.get('hidden_act')!r} / {text.get('hidden_act')!r} is not "
                              "quick_gelu or gelu; only standard CLIP checkpoints convert") from None
     if len(acts) != 1:
@@ -57,24 +75,30 @@ def open_clip_config(hf: dict, source: Path) -> dict:
     for tower in (vision, text):
         if tower.get("layer_norm_eps", 1e-5) != 1e-5:
             raise ClipguardError(f"{source}: layer_norm_eps {tower['layer_norm_eps']} (open_clip's CLIP uses 1e-5)")
-
-    def width(tower, default):
-        return int(tower.get("hidden_size", default))
-
-    v_width, t_width = width(vision, 768), width(text, 512)
-    v_heads, t_heads = int(vision.get("num_attention_heads", 12)), int(text.get("num_attention_heads", 8))
+    v, t = {}, {}
+    for cfg, tower, name, defaults in (
+        (v, vision, "vision_config", {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
+                                      "num_hidden_layers": 12, "image_size": 224, "patch_size": 32}),
+        (t, text, "text_config", {"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048,
+                                  "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408}),
+    ):
+        for key, default in defaults.items():
+            cfg[key] = _positive_int(tower, key, default, f"{where} {name}")
+        if cfg["hidden_size"] % cfg["num_attention_heads"]:
+            raise ClipguardError(f"{where} {name}: hidden_size {cfg['hidden_size']} is not a multiple of "
+                                 f"num_attention_heads {cfg['num_attention_heads']}; the config is damaged")
     return {
-        "embed_dim": int(hf.get("projection_dim", 512)),
+        "embed_dim": _positive_int(hf, "projection_dim", 512, str(where)),
         "quick_gelu": acts.pop(),
         "vision_cfg": {
-            "image_size": int(vision.get("image_size", 224)), "patch_size": int(vision.get("patch_size", 32)),
-            "width": v_width, "layers": int(vision.get("num_hidden_layers", 12)), "head_width": v_width // v_heads,
-            "mlp_ratio": int(vision.get("intermediate_size", 3072)) / v_width,
+            "image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["hidden_size"],
+            "layers": v["num_hidden_layers"], "head_width": v["hidden_size"] // v["num_attention_heads"],
+            "mlp_ratio": v["intermediate_size"] / v["hidden_size"],
         },
         "text_cfg": {
-            "context_length": int(text.get("max_position_embeddings", 77)), "vocab_size": int(text.get("vocab_size", 49408)),
-            "width": t_width, "heads": t_heads, "layers": int(text.get("num_hidden_layers", 12)),
-            "mlp_ratio": int(text.get("intermediate_size", 2048)) / t_width,
+            "context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"], "width": t["hidden_size"],
+            "heads": t["num_attention_heads"], "layers": t["num_hidden_layers"],
+            "mlp_ratio": t["intermediate_size"] / t["hidden_size"],
         },
     }
 
@@ -123,7 +147,13 @@ def hf_tokenizer(path: Path, context_length: int):
                              "pip install 'clipguard[hf]'") from None
     from open_clip.tokenizer import HFTokenizer
 
-    return HFTokenizer(str(path), context_length=context_length)
+    try:
+        return HFTokenizer(str(path), context_length=context_length)
+    except Exception as err:  # transformers/tokenizers raise many types on a damaged file
+        found = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ClipguardError(f"cannot read the tokenizer files in {path} ({', '.join(found)}): {reason}; "
+                             "re-save or re-download them") from None
 
 
 def weights_file(path: Path) -> Path:
@@ -135,9 +165,28 @@ def weights_file(path: Path) -> Path:
 
 
 def image_normalisation(path: Path, mean: tuple, std: tuple) -> tuple[list, list]:
-    """The image mean and std of the directory's preprocessor_config.json (else ``mean``, ``std``)."""
+    """The image mean and std of the directory's preprocessor_config.json (else ``mean``, ``std``):
+    three positive finite numbers each (one number is repeated), else a ClipguardError."""
     preprocessor = path / "preprocessor_config.json"
-    if preprocessor.is_file():
+    if not preprocessor.is_file():
+        return list(mean), list(std)
+    try:
         pre = json.loads(preprocessor.read_text())
-        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
-    return list(mean), list(std)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ClipguardError(f"cannot read {preprocessor} ({str(err)[:120]}); re-save or re-download it") from None
+    if not isinstance(pre, dict):
+        raise ClipguardError(f"{preprocessor} is not a JSON object; re-save or re-download it")
+    return channel_stats(pre, "image_mean", mean, preprocessor), channel_stats(pre, "image_std", std, preprocessor)
+
+
+def channel_stats(pre: dict, key: str, default: tuple, source: Path) -> list:
+    """``pre[key]`` (else ``default``) as 3 finite floats (R, G, B); ``source`` is the file an error names."""
+    value = pre.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    if not ok or (key == "image_std" and min(value) <= 0):
+        raise ClipguardError(f"{source}: {key} is {value!r}; expected 3 finite numbers (R, G, B)"
+                             f"{', each > 0' if key == 'image_std' else ''}")
+    return [float(x) for x in value]

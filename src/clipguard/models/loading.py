@@ -7,10 +7,14 @@ Specs:
     hf-hub:org/repo             an open_clip model on the Hugging Face hub (needs internet)
     /path/to/dir                a clipguard model directory (config.json + model.safetensors), or a
                                 transformers CLIPModel.save_pretrained directory (converted: models/hf.py)
-    /path/to/file.pt|.safetensors  an OpenAI-format state dict; the architecture is inferred
+    /path/to/file.pt|.safetensors  an OpenAI-format state dict; the architecture is inferred and checked
+                                against the tensors, with a warning for what they do not give (models/openai_format.py)
 
 State-dict files are read with ``safetensors`` or ``torch.load(weights_only=True)``: a suspect
-checkpoint cannot run code while it loads. Pickled TorchScript archives are refused.
+checkpoint cannot run code while it loads. Pickled TorchScript archives are refused. A model
+directory's config.json may name only plain file names of that directory (``files``,
+``tokenizer_files``), and every weights or tokenizer file in it needs a recorded sha256 unless
+``verify=False``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import clipguard
 from clipguard import ClipguardError
 from clipguard.device import resolve_device
 from clipguard.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModel
-from clipguard.outputs import file_digests, staged_directory, verify_files
+from clipguard.outputs import check_plain_name, file_digests, staged_directory, verify_files
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,8 @@ def _load_transformers_dir(path: Path) -> ClipModel:
     """A transformers CLIP directory, converted (clipguard.models.hf)."""
     from clipguard.models import hf
 
-    model_cfg = hf.open_clip_config(json.loads((path / "config.json").read_text()), path)
     weights = hf.weights_file(path)
+    model_cfg = hf.open_clip_config(json.loads((path / "config.json").read_text()), path)
     try:
         state = hf.convert_state_dict(read_state_dict(weights))
     except KeyError as missing:
@@ -112,14 +116,23 @@ def _load_model_dir(path: Path, verify: bool = True) -> ClipModel:
     if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT or not isinstance(config.get("model_cfg"), dict):
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ClipguardError(f"{config_path} is not a clipguard model config (format {found!r})")
-    verify_files(path, config, verify)
+    from clipguard.models.hf import TOKENIZER_FILES, channel_stats
+
+    names = config.get("tokenizer_files") or []
+    if not isinstance(names, list):
+        raise ClipguardError(f"{config_path}: tokenizer_files must be a list of file names; the directory is damaged")
+    for name in names:
+        check_plain_name(path, name, "tokenizer_files")
+    verify_files(path, config, verify, also=[*names, *TOKENIZER_FILES] if names else ())
+    for key, default in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
+        config[key] = channel_stats(config, key, default, config_path)
     try:
         model = build_from_config(config["model_cfg"])
     except Exception as err:  # open_clip's constructors raise TypeError/KeyError on a bad config
         raise ClipguardError(f"{config_path}: model_cfg does not describe an open_clip CLIP "
                              f"({type(err).__name__}: {err}); the model directory is damaged") from None
     _load_state(model, read_safetensors(weights_path), weights_path)
-    files = {name: (path / name).read_bytes() for name in config.get("tokenizer_files") or []}
+    files = {name: (path / name).read_bytes() for name in names}
     return _wrap(model, config, _own_tokenizer(path, config, files), files)
 
 
@@ -180,52 +193,30 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-def _count_blocks(state: dict, prefix: str) -> int:
-    depth = prefix.count(".")  # the block index follows the prefix
-    return len({k.split(".")[depth] for k in state if k.startswith(prefix)})
-
-
-def infer_openai_model_cfg(state: dict) -> dict:
-    """open_clip model config of an OpenAI-format ViT CLIP state dict (OpenAI's conventions:
-    64-wide attention heads, QuickGELU). Unlike open_clip's builder it keeps fp32 weights fp32."""
-    if "visual.proj" not in state:
-        raise ClipguardError("not an OpenAI-format ViT CLIP state dict (ResNet towers are not inferred); "
-                             "pass ARCH:FILE with the open_clip architecture name")
-    patch = int(state["visual.conv1.weight"].shape[-1])
-    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = int(state["ln_final.weight"].shape[0])
-    return {
-        "embed_dim": int(state["text_projection"].shape[1]),
-        "quick_gelu": True,
-        "vision_cfg": {
-            "layers": _count_blocks(state, "visual.transformer.resblocks."),
-            "width": int(state["visual.conv1.weight"].shape[0]),
-            "head_width": 64,
-            "patch_size": patch,
-            "image_size": patch * grid,
-        },
-        "text_cfg": {
-            "context_length": int(state["positional_embedding"].shape[0]),
-            "vocab_size": int(state["token_embedding.weight"].shape[0]),
-            "width": text_width,
-            "heads": max(1, text_width // 64),
-            "layers": _count_blocks(state, "transformer.resblocks."),
-        },
-    }
-
-
 def _load_openai_file(path: Path) -> ClipModel:
+    """An OpenAI-format state dict; its architecture is inferred and checked (models/openai_format.py)."""
+    from clipguard.models.openai_format import check_shapes, openai_architecture
+
     state = read_state_dict(path)
     for key in ("input_resolution", "context_length", "vocab_size"):
         state.pop(key, None)
     try:
-        model_cfg = infer_openai_model_cfg(state)
+        model_cfg, mean, std = openai_architecture(state, path, BUILTIN_DIR)
     except KeyError as missing:
         raise ClipguardError(f"{path} is not an OpenAI-format CLIP state dict (no {missing}); "
                              "pass ARCH:FILE with the open_clip architecture name") from None
     model = build_from_config(model_cfg)
+    check_shapes(model, state, path)
     _load_state(model, state, path)
-    return _wrap(model, {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg})
+    config = {"format": MODEL_FORMAT, "source": str(path), "model_cfg": model_cfg, "image_mean": mean, "image_std": std}
+    return _wrap(model, config)
+
+
+class _NotRandom(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" (clipguard loads them next)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _load_open_clip(name: str, pretrained: str | None) -> ClipModel:
@@ -234,7 +225,12 @@ def _load_open_clip(name: str, pretrained: str | None) -> ClipModel:
         raise ClipguardError(f"unknown open_clip model {name!r}; see 'clipguard list' or open_clip.list_models()")
     try:
         if local:
-            model = open_clip.create_model(name, pretrained=None)
+            quiet, root = _NotRandom(), logging.getLogger()  # open_clip logs through the root logger
+            root.addFilter(quiet)
+            try:
+                model = open_clip.create_model(name, pretrained=None)
+            finally:
+                root.removeFilter(quiet)
             _load_state(model, read_state_dict(Path(pretrained)), pretrained)
         else:
             model = open_clip.create_model(name, pretrained=pretrained)
@@ -321,11 +317,14 @@ def save_clip(
         if not k.endswith("attn_mask")
     }
     check_finite(state, "the model to save")
+    tokenizer_files = getattr(clip, "tokenizer_files", {})
+    for name in [*(tensor_files or {}), *tokenizer_files]:  # never a path: the staging dir holds only plain names
+        if not isinstance(name, str) or name in {"", ".", ".."} or Path(name).name != name or "\\" in name:
+            raise ClipguardError(f"cannot save {directory}: {name!r} is not a plain file name")
     with staged_directory(directory) as staging:
         save_file(state, str(staging / WEIGHTS_NAME))
         for name, tensors in (tensor_files or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / name))
-        tokenizer_files = getattr(clip, "tokenizer_files", {})
         for name, data in tokenizer_files.items():  # a transformers tokenizer travels with the model
             (staging / name).write_bytes(data)
         if tokenizer_files:

@@ -54,17 +54,17 @@ def image_features(
     starts = range(0, len(indices), batch_size)
     mine = set(shard(len(starts)))  # this process's batch numbers: all of them in one process
     blocks = []
-    bar = tqdm(total=len(mine), desc="encode", disable=not (progress and is_main_process()), leave=False)
     # a random transform draws from its generator on every batch, so then every batch is decoded
     numbers = [n for n in range(len(starts)) if n in mine or transform is not None]
     batches = [indices[starts[n] : starts[n] + batch_size] for n in numbers]
-    for number, batch_idx, batch in zip(numbers, batches, iterate_batches(images, batches)):
-        if transform is not None:
-            batch = transform(batch, batch_idx)
-        if number in mine:
-            blocks.append((starts[number], clip.encode_image(batch.to(clip.device), normalize=True).float()))
-            bar.update()
-    bar.close()
+    # closed on an error too, so that an unreadable image's message starts its own line
+    with tqdm(total=len(mine), desc="encode", disable=not (progress and is_main_process()), leave=False) as bar:
+        for number, batch_idx, batch in zip(numbers, batches, iterate_batches(images, batches)):
+            if transform is not None:
+                batch = transform(batch, batch_idx)
+            if number in mine:
+                blocks.append((starts[number], clip.encode_image(batch.to(clip.device), normalize=True).float()))
+                bar.update()
     return gather_rows(blocks, len(indices), clip.device)
 
 
