@@ -26,7 +26,7 @@ from clipguard import pipeline
 from clipguard.attacks import load_trigger
 from clipguard.bench import config_hash, record_key, without_added_settings
 from clipguard.defenses.cbpt import CBPTConfig
-from clipguard.defenses.cbpt.inversion import detect_backdoor, save_detection_figure
+from clipguard.detection.inversion import detect_backdoor, save_detection_figure
 from clipguard.eval.evaluate import write_json
 from clipguard.models.loading import load_clip
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
-from clipguard.defenses.cbpt.inversion import InversionConfig
+from clipguard.detection.inversion import InversionConfig
 
 
 def attack_of(model: str) -> dict | None:
@@ -43,7 +43,7 @@ def model_name(model: str) -> str:
 
 
 def detect(model: str, shots: int, seed: int) -> dict:
-    from clipguard.defenses.cbpt.inversion import detect_backdoor
+    from clipguard.detection.inversion import detect_backdoor
     from clipguard.models.loading import load_clip
     from clipguard.pipeline import draw_shots
 

@@ -19,7 +19,7 @@ import torch
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.pipeline import draw_shots
-from clipguard.defenses.cbpt.inversion import InversionConfig, invert_trigger
+from clipguard.detection.inversion import InversionConfig, invert_trigger
 from clipguard.models import load_clip
 
 LOCATIONS = {"badnet": None, "badclip": None, "trojvqa": "center"}  # None: read from the trigger config

@@ -7,7 +7,7 @@ from clipguard.attacks import AttackConfig, run_attack
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.defenses import load_defense, save_defense
 from clipguard.defenses.cbpt import CBPT, CBPTConfig, ClassPrompts, CoOp, CoOpConfig, keep_loss, zero_shot_cross_entropy
-from clipguard.defenses.cbpt.inversion import (
+from clipguard.detection.inversion import (
     InversionConfig, apply_trigger, collapse_score, contrastive_inversion_loss, detect_backdoor, mean_pairwise_cosine,
     save_detection_figure, total_variation,
 )

@@ -82,7 +82,7 @@ def cmd_analyze(args) -> None:
 
 def cmd_detect(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
-    from clipguard.defenses.cbpt.inversion import InversionConfig, detect_backdoor, save_detection_figure
+    from clipguard.detection.inversion import InversionConfig, detect_backdoor, save_detection_figure
     from clipguard.pipeline import draw_shots
     from clipguard.models.loading import load_clip
     from clipguard.outputs import write_record

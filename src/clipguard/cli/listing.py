@@ -43,7 +43,7 @@ def _print_settings(name: str) -> None:
 
     from clipguard.attacks import ATTACKS, AttackConfig
     from clipguard.defenses import DEFENSES
-    from clipguard.defenses.cbpt.inversion import InversionConfig
+    from clipguard.detection.inversion import InversionConfig
 
     if name in ATTACKS:
         cls = ATTACKS[name].config_class

@@ -1,7 +1,7 @@
 """CBPT (and CoOp): text prompts learned from clean shots, with a trigger inverted from them.
 
-cbpt.py holds the prompts, the losses and the two registered defenses; inversion.py the trigger
-inversion that CBPT's L_trig and ``clipguard detect`` share.
+cbpt.py holds the prompts, the losses and the two registered defenses; the trigger inversion
+that CBPT's L_trig and ``clipguard detect`` share is :mod:`clipguard.detection.inversion`.
 """
 
 from clipguard.defenses.cbpt.cbpt import (

@@ -2,7 +2,7 @@
 
 CBPT ("Neural Antidote: Class-Wise Prompt Tuning for Purifying Backdoors in CLIP"; the paper's
 details are not public, so everything below beyond its outline is our design):
-  1. contrastive trigger inversion on the clean shots (:mod:`clipguard.defenses.cbpt.inversion`)
+  1. contrastive trigger inversion on the clean shots (:mod:`clipguard.detection.inversion`)
      gives a dummy trigger (mask, pattern), the suspected target and a collapse score;
   2. class-specific CoOp prompts ``[SOS] [V]_1..[V]_n_ctx <class name> . [EOS]`` (each class its
      own n_ctx context vectors, initialised from "a photo of a"; both encoders frozen) learn
@@ -53,7 +53,7 @@ from torch.utils.data import TensorDataset
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
-from clipguard.defenses.cbpt.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
+from clipguard.detection.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
 from clipguard.engine import TrainConfig, fit
 from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
