@@ -45,7 +45,7 @@ def png_header(path, width: int, height: int) -> None:
 
 def jpeg_bytes(image: Image.Image, **save) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95, **save)
+    image.save(buffer, format="JPEG", **{"quality": 95, **save})
     return buffer.getvalue()
 
 
@@ -133,6 +133,30 @@ def test_a_truncated_jpeg_is_refused_by_name(tmp_path):
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
     with pytest.raises(ClipguardError, match=r"cannot read image .*half\.jpg .*truncated.*remove or replace"):
         decode_image(tmp_path / "half.jpg", 16)
+
+
+def test_a_jpeg_with_a_garbled_scan_is_refused_by_name(tmp_path):
+    """PIL decodes it into a plausible picture (libjpeg only warns, PIL drops the warning)."""
+    raw = bytearray(jpeg_bytes(Image.fromarray(RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8)), quality=90))
+    start = raw.find(b"\xff\xda") + 20
+    raw[start: start + 400] = bytes((b * 7 + 3) % 255 for b in range(400))  # the battery's corruption
+    (tmp_path / "garbled.jpg").write_bytes(bytes(raw))
+    with Image.open(tmp_path / "garbled.jpg") as im:
+        im.load()  # PIL alone accepts it
+    with pytest.raises(ClipguardError, match=r"garbled\.jpg is a damaged JPEG \(Corrupt JPEG data: .*\); remove or replace"):
+        decode_image(tmp_path / "garbled.jpg", 16)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("options", [dict(), dict(progressive=True, optimize=True), dict(restart_marker_blocks=2),
+                                     dict(subsampling=0, quality=95)])
+def test_valid_jpegs_pass_the_damage_check(options, mode):
+    from clipguard.data.images import jpeg_damage
+
+    image = Image.fromarray(RNG.integers(0, 256, (61, 83, 3), dtype=np.uint8)).convert(mode)
+    data = jpeg_bytes(image, **options)
+    assert jpeg_damage(data) is None
+    assert decode_image(data, 16).shape == (3, 16, 16)
 
 
 def test_no_dependency_lets_pil_accept_truncated_images():

@@ -85,6 +85,27 @@ def to_rgb(im: Image.Image, name: str) -> Image.Image:
                              "an RGB image") from None
 
 
+def jpeg_damage(data: bytes) -> str | None:
+    """libjpeg's complaint about JPEG ``data`` whose scans are damaged, or None.
+
+    PIL decodes a JPEG whose scan bytes were garbled into a plausible image: libjpeg only warns,
+    and PIL drops its warnings. libjpeg-turbo through simplejpeg (strict) turns them into errors;
+    the check decodes at 1/8 scale, which still reads every scan byte. Only damage is reported
+    ("Corrupt JPEG data", "Premature end of JPEG file"); other warnings and formats libjpeg-turbo
+    does not decode are left to PIL. JPEG has no checksum: damage that decodes cleanly passes.
+    """
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace={"Gray": "GRAY", "CMYK": "CMYK"}.get(colorspace, "RGB"),
+                               min_factor=8, strict=True)
+    except ValueError as err:
+        message = str(err)
+        return message if "Corrupt JPEG data" in message or "Premature end of JPEG" in message else None
+    return None
+
+
 def _opened(source: Path | bytes, name: str, fix: str) -> Image.Image:
     """The decoded image (orientation applied) of a path or bytes, or a ClipguardError naming ``name``."""
     try:
@@ -111,7 +132,13 @@ def _opened(source: Path | bytes, name: str, fix: str) -> Image.Image:
     try:
         with im:
             im.load()  # decode now: a truncated or corrupt file fails here, not half-grey later
+            if im.format == "JPEG":
+                problem = jpeg_damage(source if isinstance(source, bytes) else Path(source).read_bytes())
+                if problem:
+                    raise ClipguardError(f"image {name} is a damaged JPEG ({problem}); {fix}")
             return ImageOps.exif_transpose(im)  # a new image, independent of the file
+    except ClipguardError:
+        raise
     except Exception as err:
         raise ClipguardError(f"cannot read image {name} ({type(err).__name__}: {err}); {fix}") from None
 
