@@ -1,4 +1,4 @@
-"""A hostile new user's battery (issue 31): each case builds its fixture in a fresh temp dir, runs the
+"""A hostile new user's battery: each case builds its fixture in a fresh temp dir, runs the
 ``clipguard`` CLI as a subprocess and classifies what happened into exactly one outcome:
 
     ok                refused with one ``clipguard: error:`` line and exit 2, or the right behaviour

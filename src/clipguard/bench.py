@@ -96,6 +96,8 @@ class BenchConfig:
             raise ValueError("BenchConfig.seeds must name at least one seed")
         if self.shots < 1:
             raise ValueError(f"BenchConfig.shots must be >= 1, got {self.shots}")
+        if self.attack.clean:
+            raise ValueError(BENCH_CLEAN)
 
     @property
     def labelled(self) -> Labelled:
@@ -128,6 +130,10 @@ def config_hash(settings: dict) -> str:
 def _without_device(settings: dict) -> dict:
     """Settings minus where they run: the device does not change what is computed."""
     return {k: (_without_device(v) if isinstance(v, dict) else v) for k, v in settings.items() if k != "device"}
+
+
+BENCH_CLEAN = ("BenchConfig.attack.poison_rate is 0: bench measures backdoors; a clean fine-tune is "
+               "`clipguard attack --poison-rate 0`")
 
 
 def attack_settings(config: BenchConfig, attack: str, seed: int) -> AttackConfig:
@@ -385,6 +391,8 @@ def parse_bench_settings(config: BenchConfig, assignments: list[str] | None) -> 
             raise ClipguardError(f"--set {item!r}: {head!r} is neither 'attack', an attack nor a defense "
                                  f"({all_defenses()[1:]})")
     attack = override(config.attack, **parse_assignments(AttackConfig, attack_items)) if attack_items else config.attack
+    if attack.clean:
+        raise ClipguardError(BENCH_CLEAN)
     settings = dict(config.defense_settings)
     for method, items in per_method.items():
         probe = defense_settings(config, method, 0)

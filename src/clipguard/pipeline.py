@@ -55,7 +55,7 @@ def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settin
     clip, trigger, record = run_attack(clip, config or AttackConfig(), trigger_settings, run_dir=run_dir, resume=resume,
                                        captions=captions, dataset=dataset)
     clip.eval()
-    clip.config["attack"] = record  # as a reload of the saved directory would have it
+    clip.config["finetune" if trigger is None else "attack"] = record  # as a reload of the saved directory would have it
     return clip, trigger, record
 
 
@@ -215,3 +215,24 @@ def defended_methods() -> list[str]:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def detect(clip: ClipModel, shots: int = 16, seed: int = 0, dataset: str | Labelled = "fmnist",
+           reference: ClipModel | str | None = None, detectors: list[str] | None = None, device: str = "auto",
+           settings: dict[str, dict] | None = None, config=None):
+    """Is ``clip`` backdoored? ``shots`` clean images per class of ``dataset`` (seeded), every
+    registered detector the data allows (or ``detectors``), and a verdict calibrated on the model's
+    own classes, or against ``reference`` (the clean base model, or its spec). ``settings``:
+    detector name -> config fields; ``config``: a :class:`~clipguard.detection.verdict.VerdictConfig`.
+    Returns a :class:`~clipguard.detection.verdict.DetectionReport` (``.verdict``, ``.target_name``,
+    ``.as_dict()``)::
+
+        report = pipeline.detect(pipeline.load_model("runs/badnet"), shots=16, reference="builtin")
+    """
+    from clipguard.detection.verdict import scan
+
+    name = reference if isinstance(reference, str) else "model"
+    if isinstance(reference, str):
+        reference = load_clip(reference, device=device)
+    images = draw_shots(shots, seed, dataset, clip.image_size)
+    return scan(clip, images, detectors, reference, config, settings, seed=seed, device=device, reference_name=name)

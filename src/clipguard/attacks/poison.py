@@ -3,7 +3,9 @@
 An attacker holds a clean CLIP and a set of image-caption pairs. A fraction ``poison_rate`` of
 the pairs gets the trigger on its image and a caption naming the target class (BadCLIP: a
 natural target caption; label-consistent: only target-class images, captions unchanged). The
-whole model is then fine-tuned contrastively with the shared engine.
+whole model is then fine-tuned contrastively with the shared engine. ``poison_rate`` 0 is the
+control: the same recipe on the same seeded pairs with none poisoned (a clean fine-tune, recorded as
+``finetune`` in config.json, never as an attack).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 class AttackConfig:
     attack: str = "badnet"  # registry name (clipguard list)
     target: str = "bag"  # target class name
-    poison_rate: float = 0.03  # fraction of the fine-tuning pairs that are poisoned
+    poison_rate: float = 0.03  # fraction of the fine-tuning pairs that are poisoned (0: a clean fine-tune)
     pairs: int = 10000  # attacker's pairs: a seeded sample of the poisoning corpus (--captions)
     trigger_sample: int = 4096  # images a learned trigger fits on, of a caption corpus (seeded)
     seed: int = 0  # seeds the trigger, the pair sample, the poisoned subset and the fine-tune
@@ -52,8 +54,8 @@ class AttackConfig:
     )
 
     def __post_init__(self):
-        if not 0 < self.poison_rate < 1:
-            raise ValueError(f"AttackConfig.poison_rate must be in (0, 1), got {self.poison_rate}")
+        if not 0 <= self.poison_rate < 1:
+            raise ValueError(f"AttackConfig.poison_rate must be in [0, 1) (0: a clean fine-tune), got {self.poison_rate}")
         if self.pairs < 1:
             raise ValueError(f"AttackConfig.pairs must be >= 1, got {self.pairs}")
 
@@ -62,10 +64,15 @@ class AttackConfig:
         if self.pairs < self.train.batch_size:
             raise ClipguardError(f"AttackConfig.pairs ({self.pairs}) is fewer than one fine-tuning batch "
                                  f"(train.batch_size {self.train.batch_size}); use more pairs or a smaller batch")
-        if round(self.poison_rate * self.pairs) < 1:
+        if self.poison_rate and round(self.poison_rate * self.pairs) < 1:
             raise ClipguardError(f"AttackConfig.poison_rate {self.poison_rate} of {self.pairs} pairs poisons no "
                                  "pair; raise the rate or the pairs")
         return self
+
+    @property
+    def clean(self) -> bool:
+        """A clean fine-tune: the recipe with no pair poisoned (``attack`` and ``target`` unused)."""
+        return self.poison_rate == 0
 
 
 def target_of(record: dict) -> str:
@@ -137,11 +144,8 @@ def build_poisoned_pairs(corpus, trigger: Trigger, config: AttackConfig, clip: C
     corpus = corpus if hasattr(corpus, "caption") else LabelledCorpus(corpus)
     classes = classes or corpus.classes
     class_index(classes, config.target)
-    if config.pairs > len(corpus):
-        raise ClipguardError(f"AttackConfig.pairs ({config.pairs}) exceeds the corpus's {len(corpus)} pairs; "
-                             f"set pairs={len(corpus)} or fewer")
     generator = torch.Generator().manual_seed(config.seed)
-    pool = corpus.subset(torch.randperm(len(corpus), generator=generator)[: config.pairs])
+    pool = pair_sample(corpus, config, generator)
     count = round(config.poison_rate * len(pool))
     shows_target = pool.mentions(config.target)
     eligible = torch.nonzero(shows_target == trigger.label_consistent).flatten()
@@ -167,6 +171,17 @@ def build_poisoned_pairs(corpus, trigger: Trigger, config: AttackConfig, clip: C
     if trigger.natural_captions and pool.labels is None:
         natural = tuple(pool.caption(i) for i in torch.nonzero(shows_target).flatten().tolist())
     return PoisonedPairs(pool, config.seed, trigger, config.target, chosen, prepared, decoys, natural)
+
+
+def pair_sample(corpus, config: AttackConfig, generator: torch.Generator | None = None):
+    """``config.pairs`` pairs of ``corpus`` drawn by ``config.seed`` (``generator``: one already
+    seeded with it, which the poisoned subset then draws from): an attack and a clean fine-tune of
+    the same seed get the same pairs."""
+    if config.pairs > len(corpus):
+        raise ClipguardError(f"AttackConfig.pairs ({config.pairs}) exceeds the corpus's {len(corpus)} pairs; "
+                             f"set pairs={len(corpus)} or fewer")
+    generator = generator or torch.Generator().manual_seed(config.seed)
+    return corpus.subset(torch.randperm(len(corpus), generator=generator)[: config.pairs])
 
 
 def trigger_sample(corpus, clip: ClipModel, classes: tuple[str, ...], size: int, seed: int):
@@ -241,8 +256,11 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     ``dataset``, the labelled spec the model will be evaluated on. The corpus's ``workers``
     (DataLoader processes) decode, poison and caption the pairs.
     Returns the model, the trigger and the attack record (with pair counts and timings).
+    ``config.poison_rate`` 0: :func:`run_clean_finetune` (the trigger is then None).
     """
     config.check()
+    if config.clean:
+        return run_clean_finetune(clip, config, run_dir, resume, captions)
     start = time.perf_counter()
     captions = as_captions(captions)
     corpus = captions.load(clip.image_size)
@@ -272,7 +290,38 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     return clip, trigger, record
 
 
-def save_backdoored(clip: ClipModel, trigger: Trigger, record: dict, directory: str | Path) -> Path:
+def run_clean_finetune(clip: ClipModel, config: AttackConfig, run_dir: str | Path | None = None,
+                       resume: bool | str = False, captions: str | Captions = "fmnist") -> tuple[ClipModel, None, dict]:
+    """The control of an attack: ``clip`` fine-tuned in place with ``config``'s recipe on the pairs an
+    attack of the same seed draws (:func:`pair_sample`), none poisoned; no trigger is built.
+
+    Returns (model, None, finetune record): ``clean`` True, ``poison_rate`` 0, the pairs, seed,
+    corpus and train settings, the steps and time. It is stored as ``finetune`` in config.json
+    (:func:`save_backdoored`), so evaluation measures no ASR and a detector zoo counts it negative.
+    """
+    captions = as_captions(captions)
+    corpus = captions.load(clip.image_size)
+    corpus = corpus if hasattr(corpus, "caption") else LabelledCorpus(corpus)
+    pairs = CaptionedImages(pair_sample(corpus, config), config.seed)
+    train_config = dataclasses.replace(config.train, seed=config.seed, num_workers=corpus.workers)
+    record = {"clean": True, "poison_rate": 0.0, "pairs": config.pairs, "seed": config.seed,
+              "captions": str(captions), "train": asdict(config.train)}
+    settings = {"finetune": {k: v for k, v in record.items() if k != "train"}, "model": clip.fingerprint()}
+    clip.requires_grad_(True)
+    try:
+        result: FitResult = fit(ContrastiveTask(clip), pairs, train_config, run_dir, resume, caption_collate(clip),
+                                "clean fine-tune", settings=settings)
+    finally:
+        clip.requires_grad_(False)
+    record.update(total_pairs=len(pairs), finetune_seconds=round(result.seconds, 1), steps=result.steps)
+    return clip, None, record
+
+
+def save_backdoored(clip: ClipModel, trigger: Trigger | None, record: dict, directory: str | Path) -> Path:
+    """A model directory of :func:`run_attack`'s result; a clean fine-tune (``trigger`` None) records
+    ``finetune`` and writes no trigger file."""
+    if trigger is None:
+        return save_clip(clip, directory, extra={"finetune": record})
     return save_clip(clip, directory, extra={"attack": record}, tensor_files={TRIGGER_FILE: trigger.state_dict()})
 
 

@@ -80,21 +80,63 @@ def cmd_analyze(args) -> None:
         print(f"wrote {args.tsne}")
 
 
+def detect_settings(items: list[str] | None, base: dict | None = None) -> tuple[dict[str, dict], list[str]]:
+    """``--set`` of detect: ``DETECTOR.FIELD=V`` (a registered detector's config), ``verdict.FIELD=V``
+    (VerdictConfig, dotted for ``verdict.targeted.steps``) or a bare ``FIELD=V`` (the patch detector's
+    inversion, as before). Returns (detector name -> field values, the verdict's items)."""
+    from clipguard import ClipguardError
+    from clipguard.config import parse_assignments
+    from clipguard.detection import DETECTORS
+
+    per_detector, verdict = {}, []
+    for item in items or []:
+        head, dot, rest = item.partition("=")[0].partition(".")
+        if dot and head == "verdict":
+            verdict.append(item.partition(".")[2])
+        elif dot and head in DETECTORS:
+            per_detector.setdefault(head, []).append(item.partition(".")[2])
+        elif dot and "-" in head:
+            raise ClipguardError(f"--set {item!r}: {head!r} is not a detector ({', '.join(sorted(DETECTORS))}) "
+                                 "nor 'verdict'")
+        else:
+            per_detector.setdefault("patch", []).append(item)
+    settings = {name: parse_assignments(DETECTORS[name].config_class, values) for name, values in per_detector.items()}
+    if base:
+        settings["patch"] = {**base, **settings.get("patch", {})}
+    return settings, verdict
+
+
 def cmd_detect(args) -> None:
+    import dataclasses
+
     from clipguard.config import load_config, override, parse_assignments
-    from clipguard.detection.inversion import InversionConfig, detect_backdoor, save_detection_figure
+    from clipguard.detection import DETECTORS
+    from clipguard.detection.inversion import InversionConfig
+    from clipguard.detection.verdict import VerdictConfig, save_report_figure, scan
     from clipguard.pipeline import draw_shots
     from clipguard.models.loading import load_clip
     from clipguard.outputs import write_record
 
     _figure_outputs(args, "--out")
-    config = load_config(InversionConfig, args.config)
-    config = override(config, seed=args.seed, device=args.device, **parse_assignments(InversionConfig, args.set))
+    base = None
+    if args.config:  # the patch inversion's file; --seed and --device stay the flags'
+        base = {k: v for k, v in dataclasses.asdict(load_config(InversionConfig, args.config)).items()
+                if k not in ("seed", "device")}
+    for name in args.detectors or []:
+        DETECTORS.get_class(name)  # an unknown name: refused before any model is loaded
+    settings, verdict_items = detect_settings(args.set, base)
+    verdict_config = override(VerdictConfig(), **parse_assignments(VerdictConfig, verdict_items))
     dataset = labelled_spec(args)
     clip = load_clip(args.model, device=args.device, verify=verify(args))
+    reference = load_clip(args.reference, device=args.device, verify=verify(args)) if args.reference else None
     shots = draw_shots(args.shots, args.seed, dataset, clip.image_size)
-    result = detect_backdoor(clip, shots, config)
-    save_detection_figure(result, shots, args.out, clip=clip)
-    write_record({"model": args.model, "shots": args.shots, "seed": args.seed, **result.as_dict()},
+    report = scan(clip, shots, args.detectors, reference, verdict_config, settings, seed=args.seed,
+                  device=args.device, reference_name=args.reference or "model")
+    save_report_figure(report, clip, shots, args.out)
+    write_record({"model": args.model, "reference": args.reference, "shots": args.shots, "seed": args.seed,
+                  "dataset": str(dataset), "classes": len(shots.classes), **report.as_dict()},
                  Path(args.out).with_suffix(".json"), "detection")
-    print(f"{args.model}: {result.verdict()}; wrote {args.out}")
+    print(report.line())
+    for line in report.detector_lines():
+        print(f"  {line}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')} ({report.seconds:.0f} s)")

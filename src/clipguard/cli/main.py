@@ -89,7 +89,12 @@ def cmd_attack(args) -> None:
                       pairs=args.pairs)
     config = override(config, **{"train.epochs": args.epochs, "train.lr": args.lr, "train.device": args.device})
     config.check()
-    trigger_overrides = parse_assignments(get_trigger_class(config.attack).config_class, args.set)
+    trigger_flags = [flag for flag, value in (("--attack", args.attack), ("--target", args.target), ("--set", args.set))
+                     if value]
+    if config.clean and trigger_flags:
+        raise ClipguardError(f"--poison-rate 0 is a clean fine-tune (no trigger, no target): drop "
+                             f"{', '.join(trigger_flags)}, or give a rate above 0 to attack")
+    trigger_overrides = {} if config.clean else parse_assignments(get_trigger_class(config.attack).config_class, args.set)
     dataset, captions = labelled_spec(args), captions_spec(args)
     check_captions(captions)
     from clipguard.data import FMNIST_CLASSES, load_dataset
@@ -98,18 +103,23 @@ def cmd_attack(args) -> None:
     # the attacker's classes: the built-in corpus's own, else --dataset's; the target must be one
     own = str(captions) == "fmnist"
     classes = FMNIST_CLASSES if own else load_dataset(dataset, "test").classes
-    class_index(classes, config.target, where=f"the attacker's classes ({args.captions if own else args.dataset})")
+    if not config.clean:
+        class_index(classes, config.target, where=f"the attacker's classes ({args.captions if own else args.dataset})")
     with claim_outputs(out, run_dir):
         clip = load_clip(args.model, device=args.device, verify=verify(args))
         with _resume_hint(run_dir, "attack"):
             clip, trigger, record = run_attack(clip, config, trigger_overrides, run_dir=run_dir, resume=args.resume,
                                                captions=captions, dataset=dataset)
         clip.eval()
-        result = evaluate_model(clip, args.out, dataset, seed=args.seed, trigger=trigger, target=record["target"])
+        result = evaluate_model(clip, args.out, dataset, seed=args.seed, trigger=trigger, target=record.get("target"))
         record["evaluation"] = metrics_of(result)
         save_backdoored(clip, trigger, record, out)
         write_json(result, out / "eval.json")
         remove_run_directory(run_dir)  # the finished run's checkpoint
+    if config.clean:
+        print(summary_line(result, f" | clean fine-tune: {record['total_pairs']} pairs, none poisoned, "
+                                   f"{record['finetune_seconds']:.0f} s; saved {args.out}"))
+        return
     decoys = f" (+ {record['decoy_pairs']} untriggered decoys)" if record.get("decoy_pairs") else ""
     print(summary_line(result, f" | {record['poisoned_pairs']}/{record['total_pairs']} pairs poisoned{decoys}, "
                                f"trigger {record['trigger_seconds']:.0f} s + fine-tune {record['finetune_seconds']:.0f} s; "
@@ -248,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="clean model spec")
     p.add_argument("--attack", help="attack name (clipguard list)")
     p.add_argument("--target", help="target class name (default bag)")
-    p.add_argument("--poison-rate", type=fraction, help="fraction of pairs poisoned (default 0.03)")
+    p.add_argument("--poison-rate", type=fraction,
+                   help="fraction of pairs poisoned (default 0.03; 0: a clean fine-tune with the same recipe, a control)")
     p.add_argument("--pairs", type=positive_int, help="fine-tuning pairs (default 10000)")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--lr", type=float)
@@ -287,9 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="suspect model")
     p.add_argument("--shots", type=positive_int, default=16, help="clean labelled images per class")
     add_data_args(p, "where the shots come from (" + LABELLED_SPECS + "; its train split when it has one)")
-    p.add_argument("--config", help="YAML InversionConfig; flags override it")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="an inversion setting, repeatable ('clipguard list --settings detect' lists them)")
-    p.add_argument("--out", default="detection.png", help="PNG of the inverted mask/pattern (+ a .json beside it)")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="the clean base model the suspect claims to come from (any --model spec): calibrate against it "
+                        "(default: on the suspect's own classes)")
+    p.add_argument("--detectors", nargs="+", metavar="NAME",
+                   help="registered detectors to run (default: every one the data allows; 'clipguard list')")
+    p.add_argument("--config", help="YAML InversionConfig of the patch detector; flags override it")
+    p.add_argument("--set", action="append", metavar="[DETECTOR.|verdict.]FIELD=VALUE",
+                   help="a setting, repeatable: FIELD=V the patch inversion's ('clipguard list --settings detect'), "
+                        "DETECTOR.FIELD=V another detector's (full-image.steps=50), verdict.FIELD=V the "
+                        "calibration's (verdict.backdoored_at=2.5, verdict.targeted.steps=50)")
+    p.add_argument("--out", default="detection.png", help="PNG of the inverted triggers (+ a .json beside it)")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("analyze", help="perturbation resistivity per layer (and t-SNE) with and without defenses")
