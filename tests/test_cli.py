@@ -88,9 +88,10 @@ def test_detect_cli_writes_verdict_figure_and_json(tmp_path, capsys):
 
     save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "m")
     code = main(["detect", "--model", str(tmp_path / "m"), "--shots", "2", "--device", "cpu", "--set", "steps=2",
-                 "--set", "restarts=1", "--out", str(tmp_path / "det.png")])
+                 "--set", "restarts=1", "--detectors", "patch", "--set", "verdict.targeted.steps=2",
+                 "--out", str(tmp_path / "det.png")])
     assert code == 0
-    assert "backdoored" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(("backdoored", "clean", "inconclusive"))
     result = json.loads((tmp_path / "det.json").read_text())
     assert set(result) >= {"backdoored", "target_name", "collapse"} and 0 <= result["collapse"] <= 1
     assert (tmp_path / "det.png").stat().st_size > 0

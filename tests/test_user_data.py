@@ -44,9 +44,10 @@ def test_detect_draws_its_shots_from_a_folder(tmp_path, capsys):
     save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "m")
     folder = folder_of_test_images(tmp_path / "folder", per_class=3)
     assert main(["detect", "--model", str(tmp_path / "m"), "--dataset", str(folder), "--shots", "2", "--device",
-                 "cpu", "--set", "steps=2", "--set", "restarts=1", "--out", str(tmp_path / "det.png")]) == 0
+                 "cpu", "--set", "steps=2", "--set", "restarts=1", "--detectors", "patch",
+                 "--set", "verdict.targeted.steps=2", "--out", str(tmp_path / "det.png")]) == 0
     result = json.loads((tmp_path / "det.json").read_text())
-    assert result["target_name"] in sorted(FMNIST_CLASSES)
+    assert result["classes"] == 10 and result["detectors"][0]["target_name"] in sorted(FMNIST_CLASSES)
 
 
 def _pngs(folder, count, value=60):
