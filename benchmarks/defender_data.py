@@ -9,7 +9,7 @@ script only schedules them and gathers each ``eval.json``. A job still running a
 seconds is stopped and listed as unfinished with the last progress line of its log, so a
 time-boxed run (a lent GPU) still returns what finished.
 
-    python benchmarks/defender_data.py --model runs/builtin-broad/model --work runs/defender-data \\
+    python benchmarks/defender_data.py --model builtin-broad --work runs/defender-data \\
         --device cuda --parallel 14 --deadline 520
 
 Writes ``--work``/summary.json and summary.md; logs under ``--work``/logs/. A rerun over the same
@@ -148,7 +148,7 @@ def _process(status: dict, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="runs/builtin-broad/model", help="the clean model to backdoor")
+    parser.add_argument("--model", default="builtin-broad", help="the clean model to backdoor")
     parser.add_argument("--work", default="runs/defender-data")
     parser.add_argument("--attacks", nargs="+", default=["badnet", "badclip"])
     parser.add_argument("--jobs", nargs="+", default=list(ORDER), choices=list(JOBS))

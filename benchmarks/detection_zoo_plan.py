@@ -1,4 +1,4 @@
-"""The honest detection zoo (issue 32): build it with ``clipguard attack``, score it with ``clipguard detect``.
+"""The honest detection zoo: build it with ``clipguard attack``, score it with ``clipguard detect``.
 
 Positives: every attack (``--attacks``), in two regimes, at ``--attack-seeds`` (2 by default):
   * ``default``: the default attack recipe on the built-in model (``--model builtin``);
@@ -26,8 +26,8 @@ resumes; an interrupted fine-tune continues with ``--resume``. ``--plan-only`` p
 and its estimated CPU time; ``--quick`` shrinks the attack recipe for a pilot of the plumbing
 (recorded in the output; its backdoors are not the zoo's).
 
-    python benchmarks/detection_zoo_plan.py --work runs/zoo --broad runs/builtin-broad/model --plan-only
-    python benchmarks/detection_zoo_plan.py --work runs/zoo --broad runs/builtin-broad/model \\
+    python benchmarks/detection_zoo_plan.py --work runs/zoo --broad builtin-broad --plan-only
+    python benchmarks/detection_zoo_plan.py --work runs/zoo --broad builtin-broad \\
         --modes self reference --doc docs/results/detection-zoo.md
 """
 
@@ -346,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the models, detections and manifest (reused)")
     parser.add_argument("--model", default="builtin", help="the default regime's clean base model")
-    parser.add_argument("--broad", help="the light regime's clean base model (the broad built-in model)")
+    parser.add_argument("--broad", default="builtin-broad", help="the light regime's clean base model (the broad built-in model)")
     parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=REGIMES)
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=ATTACKS)
     parser.add_argument("--attack-seeds", nargs="+", type=int, default=[0, 1])

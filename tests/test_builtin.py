@@ -1,4 +1,6 @@
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from clipguard.engine import TrainConfig
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models import load_clip
 from clipguard.models.builtin import BuiltinRecipe, train_builtin
-from clipguard.models.loading import BUILTIN_DIR
+from clipguard.models.loading import BUILTIN_DIR, BUILTIN_MODELS
 
 from conftest import TINY28
 
@@ -19,13 +21,37 @@ def test_shipped_builtin_model_reaches_85_percent_on_a_fixed_test_subset():
     assert record["clean_accuracy"]["value"] >= 0.85
 
 
-def test_shipped_weights_are_small_fp16_safetensors():
-    weights = BUILTIN_DIR / "model.safetensors"
+def test_shipped_broad_model_reaches_85_percent_on_held_out_validation_images():
+    clip = load_clip("builtin-broad")
+    assert clip.config["train_recipe"]["corpus"] == "fmnist+web"
+    record = evaluate_model(clip, "builtin-broad", dataset="fmnist-val", limit=2000, progress=False)
+    assert record["clean_accuracy"]["total"] == 2000
+    assert record["clean_accuracy"]["value"] >= 0.85
+
+
+@pytest.mark.parametrize("spec", sorted(BUILTIN_MODELS))
+def test_shipped_weights_are_small_checksummed_fp16_safetensors(spec):
+    directory = BUILTIN_MODELS[spec][0]
+    weights = directory / "model.safetensors"
     assert weights.stat().st_size <= 30 * 2**20
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as f:
         assert f.get_tensor("visual.proj").dtype == torch.float16
+    assert "model.safetensors" in json.loads((directory / "config.json").read_text())["files"]
+
+
+def test_the_package_data_ships_every_builtin_model():
+    import tomllib
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["clipguard"]
+    package = BUILTIN_DIR.parents[2]  # src/clipguard
+    for directory, _ in BUILTIN_MODELS.values():
+        for name in ("config.json", "model.safetensors"):
+            relative = (directory / name).relative_to(package).as_posix()
+            assert any(fnmatch(relative, pattern) for pattern in patterns), relative
 
 
 def _tiny_recipe(seed):

@@ -78,7 +78,7 @@ def test_the_light_recipe_backdoors_through_plain_and_web_pairs(tmp_path, model_
     attack = load_config(AttackConfig, RECIPES / "builtin-light.yaml", section="attack")
     assert attack == bench.attack and (attack.pairs, attack.poison_rate, attack.target) == (10_000, 0.03, "bag")
     assert (attack.train.lr, attack.train.epochs) == (5e-5, 5)
-    assert (bench.model, bench.captions, bench.dataset) == ("runs/builtin-broad/model", "fmnist-web:plain=0.7", "fmnist-val")
+    assert (bench.model, bench.captions, bench.dataset) == ("builtin-broad", "fmnist-web:plain=0.7", "fmnist-val")
     out = tmp_path / "light"
     assert main(["attack", "--config", str(RECIPES / "builtin-light.yaml"), "--model", str(model_dir), "--attack", "badnet",
                  "--captions", bench.captions, "--dataset", bench.dataset, "--pairs", "256", "--epochs", "1",

@@ -11,7 +11,7 @@ def cmd_list(args) -> None:
     if args.settings:
         return _print_settings(args.settings)
 
-    print("models:   builtin (default), NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
+    print("models:   builtin (default), builtin-broad, NAME:TAG, hf-hub:ORG/REPO, a model directory, a state-dict file")
     print("datasets: fmnist, fmnist-val (shots from train[:55000], evaluation on train[55000:]), "
           "DIR (an ImageFolder; train/ + val/ or test/ are splits), imagenet:DIR (synset folders, "
           "OpenAI's class names and templates), csv:FILE (filepath,label); --classnames/--templates FILE override")

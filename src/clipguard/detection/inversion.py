@@ -215,6 +215,18 @@ class _InversionTask(nn.Module):
         return loss
 
 
+def frozen_shots(clip: ClipModel, shots: ImageSet, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shots' images (N, 3, H, W) and clean normalised features (N, D), with ``clip`` frozen;
+    ``what`` (the caller, for the message) needs shots of at least two classes."""
+    if len(torch.unique(shots.labels)) < 2:
+        raise ClipguardError(f"{what} needs clean shots of at least two classes")
+    clip.requires_grad_(False)
+    images = shots.float_images()  # (N, 3, H, W)
+    with torch.no_grad():
+        clean = clip.encode_image(images.to(clip.device), normalize=True)  # (N, D)
+    return images, clean
+
+
 def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
                    class_features: torch.Tensor | None = None, desc: str = "trigger inversion") -> DetectionResult:
     """Optimise a mask + pattern on the clean ``shots`` (N images, >= 2 classes) of ``clip``.
@@ -226,12 +238,7 @@ def invert_trigger(clip: ClipModel, shots: ImageSet, config: InversionConfig,
     import time
 
     start = time.perf_counter()
-    if len(torch.unique(shots.labels)) < 2:
-        raise ClipguardError("trigger inversion needs clean shots of at least two classes")
-    clip.requires_grad_(False)
-    images = shots.float_images()  # (N, 3, H, W)
-    with torch.no_grad():
-        clean = clip.encode_image(images.to(clip.device), normalize=True)  # (N, D)
+    images, clean = frozen_shots(clip, shots, "trigger inversion")
     trigger = TriggerParameters(images.shape[-1], config.mask_budget, torch.Generator().manual_seed(config.seed))
     task = _InversionTask(trigger, clip, config)
     batch_size = min(config.batch_size, len(images))

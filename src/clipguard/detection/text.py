@@ -57,7 +57,7 @@ from torch.utils.data import TensorDataset
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
 from clipguard.detection.base import Detector, DetectorConfig, Finding, register
-from clipguard.detection.inversion import TriggerParameters, apply_trigger, collapse_score
+from clipguard.detection.inversion import TriggerParameters, apply_trigger, collapse_score, frozen_shots
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
 from clipguard.models.clip import ClipModel
@@ -224,12 +224,7 @@ class TextKeyDetector(Detector):
     def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
         config = self.config
         start = time.perf_counter()
-        if len(torch.unique(shots.labels)) < 2:
-            raise ClipguardError("the text-side detector needs clean shots of at least two classes")
-        clip.requires_grad_(False)
-        images = shots.float_images()  # (N, 3, H, W)
-        with torch.no_grad():
-            clean = clip.encode_image(images.to(clip.device), normalize=True)  # (N, D)
+        images, clean = frozen_shots(clip, shots, "the text-side detector")
         prompts = KeyedPrompts(clip, shots.classes, config)
         trigger = (TriggerParameters(images.shape[-1], config.mask_budget, torch.Generator().manual_seed(config.seed))
                    if config.image_trigger else None)

@@ -2,6 +2,7 @@
 
 Specs:
     builtin                     the shipped Fashion-MNIST CLIP (the default everywhere)
+    builtin-broad               the shipped broad built-in CLIP (plain + web renderings; the light regime's)
     ViT-B-32:openai             an open_clip architecture + pretrained tag (downloads; needs internet)
     ViT-B-32:/path/weights.pt   an open_clip architecture + a local state-dict file
     hf-hub:org/repo             an open_clip model on the Hugging Face hub (needs internet)
@@ -38,6 +39,11 @@ from clipguard.outputs import check_plain_name, file_digests, staged_directory, 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "weights" / "builtin-fmnist"
+# the shipped models by spec name -> (directory, the recipe that rebuilds it)
+BUILTIN_MODELS = {
+    "builtin": (BUILTIN_DIR, "clipguard train-builtin"),
+    "builtin-broad": (BUILTIN_DIR.parent / "builtin-broad", "clipguard train-builtin --config recipes/builtin-broad.yaml"),
+}
 MODEL_FORMAT = "clipguard.model"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -267,10 +273,12 @@ def load_clip(spec: str = "builtin", device: str | torch.device = "cpu", verify:
     """
     device = resolve_device(device)
     path = Path(spec)
-    if spec == "builtin":
-        if not (BUILTIN_DIR / WEIGHTS_NAME).is_file():
-            raise ClipguardError(f"built-in weights missing at {BUILTIN_DIR}; run 'clipguard train-builtin' to make them")
-        clip = _load_model_dir(BUILTIN_DIR, verify)
+    if spec in BUILTIN_MODELS:
+        directory, recipe = BUILTIN_MODELS[spec]
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise ClipguardError(f"{spec} weights missing at {directory}; reinstall clipguard, or '{recipe}' "
+                                 "makes them (then pass its OUT/model)")
+        clip = _load_model_dir(directory, verify)
     elif spec.startswith("hf-hub:"):
         clip = _load_open_clip(spec, None)
     elif path.is_dir():
@@ -287,7 +295,8 @@ def load_clip(spec: str = "builtin", device: str | torch.device = "cpu", verify:
         logger.warning("%s loaded with random weights: give a pretrained tag, e.g. %s:openai", spec, spec)
     else:
         raise ClipguardError(
-            f"cannot load model {spec!r}: not 'builtin', an existing file or directory, NAME:TAG, or hf-hub:ORG/REPO"
+            f"cannot load model {spec!r}: not 'builtin', 'builtin-broad', an existing file or directory, NAME:TAG, "
+            "or hf-hub:ORG/REPO"
         )
     return clip.to(device)
 
