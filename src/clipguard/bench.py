@@ -112,10 +112,7 @@ class BenchConfig:
         """What a cell's data adds to its key: nothing for the built-in defaults (old caches stay valid)."""
         key = {}
         if (self.dataset, self.classnames, self.templates) != ("fmnist", None, None):
-            key["dataset"] = [self.dataset, self.classnames, self.templates]
-            if self.dataset.startswith("csv:") and (self.csv_separator, self.csv_img_key, self.csv_label_key) != (
-                    ",", "filepath", "label"):  # another column is other labels
-                key["dataset"] += [self.csv_separator, self.csv_img_key, self.csv_label_key]
+            key["dataset"] = [self.dataset, self.classnames, self.templates, *self.labelled.read_options()]
         if pairs and self.captions != "fmnist":
             key["captions"] = [self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key]
         return key

@@ -84,6 +84,12 @@ class Labelled:
             return False
         return split_root(Path(self.spec.removeprefix("imagenet:")), "train") is not None
 
+    def read_options(self) -> list[str]:
+        """The options that change what the spec reads, beyond its string: a csv: spec's separator
+        and columns when not the defaults (another column is other labels); [] otherwise."""
+        options = [self.csv_separator, self.csv_img_key, self.csv_label_key]
+        return options if self.spec.startswith("csv:") and options != [",", "filepath", "label"] else []
+
     def _overrides(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
         names = class_names_file(self.classnames) if self.classnames else None
         templates = templates_file(self.templates) if self.templates else None

@@ -24,7 +24,8 @@ from clipguard.models.zeroshot import class_text_features
 from clipguard.models.clip import ClipModel
 from clipguard.config import config_from_dict
 from clipguard.models.loading import check_finite, read_safetensors
-from clipguard.outputs import file_digests, staged_directory, verify_files
+from clipguard.integrity import file_digests, verify_files
+from clipguard.outputs import staged_directory
 from clipguard.models.view import DefendedClip, vision_cls_states  # noqa: F401  (DefendedClip: re-exported)
 from clipguard.registry import RangeChecked, Registry
 

@@ -34,7 +34,8 @@ import clipguard
 from clipguard import ClipguardError
 from clipguard.device import resolve_device
 from clipguard.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModel
-from clipguard.outputs import check_plain_name, file_digests, staged_directory, verify_files
+from clipguard.integrity import check_plain_name, file_digests, verify_files
+from clipguard.outputs import staged_directory
 
 logger = logging.getLogger(__name__)
 
