@@ -110,6 +110,13 @@ def plan(args) -> list[Model]:
     return models
 
 
+def build_order(m: Model) -> tuple:
+    """Seed by seed, both regimes and clean fine-tunes side by side: a zoo stopped part-way still has
+    both halves (even and odd seeds), both regimes and negatives."""
+    kind = ATTACKS.index(m.attack) if m.attack else len(ATTACKS)
+    return (m.seed is None, m.seed or 0, kind, REGIMES.index(m.regime))
+
+
 def attack_command(m: Model, args) -> list[str]:
     command = [args.clipguard, "attack", "--model", m.base, "--seed", str(m.seed), "--dataset", EVAL_DATASET,
                "--device", args.device, "--out", m.path]
@@ -359,6 +366,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"a pilot of the plumbing: {QUICK}")
     parser.add_argument("--epochs", type=int, help="fine-tune epochs of every model (default: the recipe's)")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and its estimated time")
+    parser.add_argument("--build-only", action="store_true", help="build the models and write the manifest; no detect run")
     parser.add_argument("--jobs", type=int, default=1, help="commands run at once")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--detect-minutes", type=float, default=DETECT_MINUTES, help="for the estimate")
@@ -380,8 +388,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda m: build(m, args), models))
+        list(pool.map(lambda m: build(m, args), sorted(models, key=build_order)))
     (work / "manifest.json").write_text(json.dumps([asdict(m) for m in models], indent=1))
+    if args.build_only:
+        print(manifest_table(models))
+        return
     todo = detect_runs(models, args)
     with ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda run: detect(*run, args), todo))
