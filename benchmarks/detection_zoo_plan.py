@@ -111,9 +111,9 @@ def plan(args) -> list[Model]:
 
 
 def build_order(m: Model) -> tuple:
-    """Seed by seed, both regimes and clean fine-tunes side by side: a zoo stopped part-way still has
-    both halves (even and odd seeds), both regimes and negatives."""
-    kind = ATTACKS.index(m.attack) if m.attack else len(ATTACKS)
+    """Seed by seed, both regimes, the clean fine-tunes first: a zoo stopped part-way still has both
+    halves (even and odd seeds), both regimes and negatives."""
+    kind = 1 + ATTACKS.index(m.attack) if m.attack else 0
     return (m.seed is None, m.seed or 0, kind, REGIMES.index(m.regime))
 
 
