@@ -80,6 +80,15 @@ def test_imagenet_synset_folders_are_named_by_id_with_openai_templates(tmp_path)
     assert record["classes"] == ["goldfish", "great white shark"] and record["clean_accuracy"]["total"] == 4
     openai = class_text_features(clip, images.classes, images.templates)
     assert not torch.allclose(openai, class_text_features(clip, images.classes))  # the 80 templates are used
+    import clipguard.models.zeroshot as zeroshot
+
+    batches = []
+    encode = clip.encode_text
+    with pytest.MonkeyPatch.context() as patch:  # 2 classes x 80 templates through the text tower a class at a time
+        patch.setattr(zeroshot, "TEXT_CHUNK", 100)
+        patch.setattr(clip, "encode_text", lambda ids, **kw: batches.append(len(ids)) or encode(ids, **kw))
+        assert torch.allclose(class_text_features(clip, images.classes, images.templates), openai, atol=1e-6)
+    assert batches == [80, 80]
     _pngs(tmp_path / "val" / "n99999999", 1)
     with pytest.raises(ClipguardError, match="'n99999999' is not one of the 1,000 ImageNet synset IDs"):
         load_dataset(f"imagenet:{tmp_path}", "test", 16)

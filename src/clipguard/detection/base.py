@@ -19,8 +19,10 @@ from typing import Callable, ClassVar
 
 import torch
 
+from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.data.fmnist import ImageSet
 from clipguard.models.clip import ClipModel
+from clipguard.models.zeroshot import class_text_features
 from clipguard.registry import RangeChecked, Registry
 
 DETECTORS = Registry("detector")
@@ -52,10 +54,12 @@ class Finding:
 
 
 class Detector:
-    """A registered detector: ``Detector(config).run(clip, shots) -> Finding``.
+    """A registered detector: ``Detector(config).run(clip, shots, head) -> Finding``.
 
     ``uses_class_names``: whether it needs the shots' class names (a label-free detector works
-    on images alone). ``run`` must not change ``clip``'s weights.
+    on images alone). ``head`` (C, D): the zero-shot head of ``shots`` on ``clip``
+    (:func:`zero_shot_head`), computed once per scan; None: the detector computes it. ``run``
+    must not change ``clip``'s weights.
     """
 
     name: ClassVar[str]
@@ -65,8 +69,15 @@ class Detector:
     def __init__(self, config: DetectorConfig | None = None):
         self.config = config or self.config_class()
 
-    def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
+    def run(self, clip: ClipModel, shots: ImageSet, head: torch.Tensor | None = None) -> Finding:
         raise NotImplementedError
+
+
+def zero_shot_head(clip: ClipModel, shots: ImageSet) -> torch.Tensor:
+    """(C, D) the head every detector classifies with: the shots' class names in their templates
+    (default :data:`~clipguard.data.captions.PROMPT_TEMPLATES`), as ``clipguard evaluate`` does.
+    Outside inference mode, so it can enter an inversion's graph."""
+    return class_text_features(clip, shots.classes, shots.templates or PROMPT_TEMPLATES).clone()
 
 
 def get_detector(name: str, config: DetectorConfig | None = None, **settings) -> Detector:

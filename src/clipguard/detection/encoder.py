@@ -115,7 +115,7 @@ class EncoderDetector(Detector):
     config_class = EncoderConfig
     uses_class_names = False
 
-    def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
+    def run(self, clip: ClipModel, shots: ImageSet, head: torch.Tensor | None = None) -> Finding:
         start = time.perf_counter()
         if len(shots) < 2:
             raise ClipguardError("the encoder detector needs at least two clean shots")

@@ -37,12 +37,11 @@ from torch.utils.data import TensorDataset
 
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
-from clipguard.detection.base import Detector, DetectorConfig, Finding, register
+from clipguard.detection.base import Detector, DetectorConfig, Finding, register, zero_shot_head
 from clipguard.detection.inversion import collapse_score, contrastive_inversion_loss, mean_pairwise_cosine
 from clipguard.distributed import broadcast_from_main
 from clipguard.engine import TrainConfig, fit
 from clipguard.models.clip import ClipModel
-from clipguard.models.zeroshot import class_text_features
 
 FAMILIES = ("additive", "blend", "warp")
 
@@ -173,7 +172,7 @@ class FullImageDetector(Detector):
     name = "full-image"
     config_class = FullImageConfig
 
-    def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
+    def run(self, clip: ClipModel, shots: ImageSet, head: torch.Tensor | None = None) -> Finding:
         start = time.perf_counter()
         if len(torch.unique(shots.labels)) < 2:
             raise ClipguardError("the full-image detector needs clean shots of at least two classes")
@@ -182,16 +181,14 @@ class FullImageDetector(Detector):
         images = shots.float_images()  # (N, 3, H, W)
         with torch.no_grad():
             clean = clip.encode_image(images.to(clip.device), normalize=True)  # (N, D)
-        texts = None
+        texts = zero_shot_head(clip, shots) if head is None else head  # (C, D)
         results = {}
         for family in config.families:
             tensors = invert_full_image(clip, images, clean, shots.labels, family, config)
             with torch.no_grad():
                 triggered = clip.encode_image(
                     apply_full_image(images, family, tensors, config.blend_ratio).to(clip.device), normalize=True)
-                if texts is None:  # the one step whose cost grows with the classes
-                    texts = class_text_features(clip, shots.classes).to(triggered.device)  # (C, D)
-                predictions = (triggered @ texts.T).argmax(-1).cpu()  # (N,)
+                predictions = (triggered @ texts.to(triggered.device).T).argmax(-1).cpu()  # (N,)
             target, collapse = collapse_score(predictions, shots.labels, len(shots.classes))
             results[family] = (collapse, target, tensors,
                                mean_pairwise_cosine(triggered) - mean_pairwise_cosine(clean))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from clipguard.data.fmnist import ImageSet
-from clipguard.detection.base import Detector, Finding, register
+from clipguard.detection.base import Detector, Finding, register, zero_shot_head
 from clipguard.detection.inversion import InversionConfig, apply_trigger, detect_backdoor
 from clipguard.models.clip import ClipModel
 
@@ -19,8 +21,8 @@ class PatchDetector(Detector):
     name = "patch"
     config_class = InversionConfig
 
-    def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
-        result = detect_backdoor(clip, shots, self.config)
+    def run(self, clip: ClipModel, shots: ImageSet, head: torch.Tensor | None = None) -> Finding:
+        result = detect_backdoor(clip, shots, self.config, zero_shot_head(clip, shots) if head is None else head)
         mask, pattern = result.mask, result.pattern
         return Finding(
             detector=self.name, score=result.collapse, target_name=result.target_name,

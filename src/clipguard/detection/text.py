@@ -221,7 +221,7 @@ class TextKeyDetector(Detector):
     name = "text"
     config_class = TextKeyConfig
 
-    def run(self, clip: ClipModel, shots: ImageSet) -> Finding:
+    def run(self, clip: ClipModel, shots: ImageSet, head: torch.Tensor | None = None) -> Finding:
         config = self.config
         start = time.perf_counter()
         images, clean = frozen_shots(clip, shots, "the text-side detector")

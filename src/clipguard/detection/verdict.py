@@ -51,10 +51,9 @@ import torch
 from clipguard import ClipguardError
 from clipguard.data.captions import PROMPT_TEMPLATES
 from clipguard.data.fmnist import ImageSet
-from clipguard.detection.base import DETECTORS, Finding, get_detector
+from clipguard.detection.base import DETECTORS, Finding, get_detector, zero_shot_head
 from clipguard.detection.targeted import TargetedConfig, invert_targets
 from clipguard.models.clip import ClipModel
-from clipguard.models.zeroshot import class_text_features
 from clipguard.registry import RangeChecked
 
 logger = logging.getLogger(__name__)
@@ -137,16 +136,18 @@ def keyed_class_features(clip: ClipModel, classes, key: torch.Tensor, templates=
     return torch.nn.functional.normalize(features, dim=-1)
 
 
-def collapse_towards(clip: ClipModel, shots: ImageSet, finding: Finding, target: str | None = None) -> tuple[str, float]:
+def collapse_towards(clip: ClipModel, shots: ImageSet, finding: Finding, target: str | None = None,
+                     head: torch.Tensor | None = None) -> tuple[str, float]:
     """(target, share of the shots of other classes that ``clip`` reads as it) under the finding's
-    trigger; target None: the class most triggered shots are read as."""
+    trigger; target None: the class most triggered shots are read as. ``head`` (C, D): ``clip``'s
+    zero-shot head (:func:`~clipguard.detection.base.zero_shot_head`), computed when None."""
     templates = shots.templates or PROMPT_TEMPLATES
     images = shots.float_images()  # (N, 3, H, W)
     with torch.no_grad():
         if finding.apply is not None:
             images = finding.apply(images)
         texts = (keyed_class_features(clip, shots.classes, finding.text_key, templates) if finding.text_key is not None
-                 else class_text_features(clip, shots.classes, templates))
+                 else zero_shot_head(clip, shots) if head is None else head).to(clip.device)
         predictions = (clip.encode_image(images.to(clip.device), normalize=True) @ texts.T).argmax(-1).cpu()  # (N,)
     index = (int(torch.bincount(predictions, minlength=len(shots.classes)).argmax()) if target is None
              else shots.classes.index(target))
@@ -154,10 +155,10 @@ def collapse_towards(clip: ClipModel, shots: ImageSet, finding: Finding, target:
     return shots.classes[index], float((predictions[others] == index).float().mean()) if others.any() else 0.0
 
 
-def natural_rates(clip: ClipModel, shots: ImageSet, targets: list[str]) -> list[float]:
-    """Per target, the share of clean shots of other classes ``clip`` already reads as it."""
+def natural_rates(clip: ClipModel, shots: ImageSet, targets: list[str], head: torch.Tensor | None = None) -> list[float]:
+    """Per target, the share of clean shots of other classes ``clip`` already reads as it (``head``: as in collapse_towards)."""
     with torch.no_grad():
-        texts = class_text_features(clip, shots.classes, shots.templates or PROMPT_TEMPLATES)
+        texts = (zero_shot_head(clip, shots) if head is None else head).to(clip.device)
         predictions = (clip.encode_image(shots.float_images().to(clip.device), normalize=True) @ texts.T).argmax(-1).cpu()
     rates = []
     for name in targets:
@@ -179,6 +180,7 @@ class DetectionReport:
     reference_findings: list[Finding] = field(default_factory=list)  # the same detectors on the reference
     trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # self mode: the suspected target's (mask, pattern)
     seconds: float = 0.0
+    head: torch.Tensor | None = None  # (C, D) the suspect's zero-shot head the detectors classified with
 
     @property
     def backdoored(self) -> bool:
@@ -260,7 +262,7 @@ def check_reference(suspect: ClipModel, reference: ClipModel, name: str = "model
 
 
 def _run_detectors(clip: ClipModel, shots: ImageSet, names: list[str], settings: dict, seed: int,
-                   device: str) -> list[Finding]:
+                   device: str, head: torch.Tensor | None) -> list[Finding]:
     findings = []
     for name in names:
         cls = DETECTORS.get_class(name)
@@ -269,7 +271,7 @@ def _run_detectors(clip: ClipModel, shots: ImageSet, names: list[str], settings:
         from clipguard.config import override
 
         config = override(cls.config_class(), **{**values, **settings.get(name, {})})
-        findings.append(get_detector(name, config).run(clip, shots))
+        findings.append(get_detector(name, config).run(clip, shots, head))
         logger.info("detector %s: score %.3f, target %s", name, findings[-1].score, findings[-1].target_name)
     return findings
 
@@ -299,23 +301,26 @@ def scan(clip: ClipModel, shots: ImageSet, detectors: list[str] | None = None, r
             f"{len(shots.classes)}: it compares the suspected target's trigger size with the median and spread of the "
             f"other classes', and a median and MAD of so few sizes make any class look anomalous; give --reference "
             f"MODEL (the clean base model) or a dataset with more classes")
-    findings = _run_detectors(clip, shots, names, settings, seed, device)
+    head = zero_shot_head(clip, shots) if shots.classes else None  # (C, D), once for every detector
+    findings = _run_detectors(clip, shots, names, settings, seed, device, head)
     if reference is None:
-        report = _self_calibrated(clip, shots, findings, config, seed, device)
+        report = _self_calibrated(clip, shots, findings, config, seed, device, head)
     else:
-        reference_findings = _run_detectors(reference, shots, names, settings, seed, device)
-        report = _reference_calibrated(clip, reference, shots, findings, reference_findings, config, reference_name)
-    report.seconds = time.perf_counter() - start
+        reference_head = zero_shot_head(reference, shots) if shots.classes else None
+        reference_findings = _run_detectors(reference, shots, names, settings, seed, device, reference_head)
+        report = _reference_calibrated(clip, reference, shots, findings, reference_findings, config, reference_name,
+                                       (head, reference_head))
+    report.seconds, report.head = time.perf_counter() - start, head
     return report
 
 
-def _self_calibrated(clip, shots, findings, config, seed, device) -> DetectionReport:
+def _self_calibrated(clip, shots, findings, config, seed, device, head) -> DetectionReport:
     suspects = [f.target_name for f in findings if f.target_name]
     targets = candidate_targets(shots.classes, suspects, min(config.candidates, len(shots.classes)), seed)
     targeted_config = TargetedConfig(**{**asdict(config.targeted), "seed": seed, "device": device})
-    result = invert_targets(clip, shots, targets, targeted_config)
+    result = invert_targets(clip, shots, targets, targeted_config, head)
     indices = anomaly_indices(result.sizes, config.mad_floor)
-    natural = natural_rates(clip, shots, targets)
+    natural = natural_rates(clip, shots, targets, head)
     biased = [k for k in range(len(targets)) if natural[k] >= config.natural_limit]
     eligible = [k for k in range(len(targets)) if k not in biased] or list(range(len(targets)))
     best = max(eligible, key=lambda k: indices[k])
@@ -342,15 +347,15 @@ def _self_calibrated(clip, shots, findings, config, seed, device) -> DetectionRe
                            trigger=(result.masks[best], result.patterns[best]))
 
 
-def _reference_calibrated(clip, reference, shots, findings, reference_findings, config, name) -> DetectionReport:
+def _reference_calibrated(clip, reference, shots, findings, reference_findings, config, name, heads) -> DetectionReport:
     rows = []
     for mine, theirs in zip(findings, reference_findings):
         row = {"detector": mine.detector, "suspect_score": round(mine.score, 4),
                "reference_score": round(theirs.score, 4), "difference": round(mine.score - theirs.score, 4),
                "target_name": mine.target_name, "suspect_collapse": None, "reference_collapse": None, "gap": None}
         if (mine.apply is not None or mine.text_key is not None) and shots.classes:
-            target, on_suspect = collapse_towards(clip, shots, mine, mine.target_name)
-            _, on_reference = collapse_towards(reference, shots, mine, target)
+            target, on_suspect = collapse_towards(clip, shots, mine, mine.target_name, heads[0])
+            _, on_reference = collapse_towards(reference, shots, mine, target, heads[1])
             row.update(target_name=target, suspect_collapse=round(on_suspect, 4),
                        reference_collapse=round(on_reference, 4), gap=round(on_suspect - on_reference, 4))
         row["call"] = reference_call(row["gap"], row["difference"], config)
@@ -383,7 +388,7 @@ def save_report_figure(report: DetectionReport, clip: ClipModel, shots: ImageSet
         rows.append(("self calibration", lambda x: apply_trigger(x, mask, pattern), report.calibration["target_name"]))
     picks = torch.linspace(0, len(shots) - 1, examples).round().long()
     images = shots.float_images(picks)  # (E, 3, H, W)
-    texts = class_text_features(clip, shots.classes, shots.templates or PROMPT_TEMPLATES)
+    texts = (zero_shot_head(clip, shots) if report.head is None else report.head).to(clip.device)
     fig, axes = plt.subplots(max(1, len(rows)), examples + 1, figsize=(1.5 * (examples + 1), 1.8 * max(1, len(rows))),
                              squeeze=False)
     for ax in axes.flat:

@@ -13,6 +13,7 @@ from clipguard.data.stream import iterate_batches
 from clipguard.distributed import gather_rows, is_main_process, shard
 from clipguard.models.clip import ClipModel
 
+TEXT_CHUNK = 4096  # prompts per text-tower batch in class_text_features
 ImageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, indices) -> images
 
 
@@ -22,10 +23,14 @@ def class_text_features(
 ) -> torch.Tensor:
     """(C, D) class features: the mean of each class's normalised template embeddings, renormalised.
 
-    ``text_prefix`` is prepended to every prompt (e.g. TrojVQA's text key).
+    ``text_prefix`` is prepended to every prompt (e.g. TrojVQA's text key). Up to
+    ``TEXT_CHUNK`` prompts go through the text tower in one batch; more (1,000 ImageNet classes x
+    80 templates) in chunks of whole classes, so memory stays that of one chunk.
     """
     texts = [text_prefix + t.format(name) for name in class_names for t in templates]
-    features = clip.encode_text(clip.tokenize(texts), normalize=True)  # (C * T, D)
+    per_chunk = max(1, TEXT_CHUNK // len(templates)) * len(templates)
+    chunks = [texts[i : i + per_chunk] for i in range(0, len(texts), per_chunk)]
+    features = torch.cat([clip.encode_text(clip.tokenize(chunk), normalize=True) for chunk in chunks])  # (C * T, D)
     features = features.view(len(class_names), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(features, dim=-1)
 
