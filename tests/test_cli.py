@@ -105,6 +105,23 @@ def test_list_settings_shows_every_field_with_its_default_and_comment(capsys):
     assert main(["list", "--settings", "nonsense"]) == 2
 
 
+def test_list_settings_detect_names_every_detector_and_the_verdict_as_set_takes_them(capsys):
+    from clipguard.cli.diagnose import detect_settings
+    from clipguard.detection import DETECTORS
+
+    assert main(["list", "--settings", "detect"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    for name in DETECTORS:
+        assert any(line.startswith(f"{name}.steps = ") for line in lines), name
+    assert "verdict.backdoored_at = 2.0  # anomaly index at or above which the verdict is backdoored (NC's 2)" in lines
+    assert any(line.startswith("verdict.targeted.steps = ") for line in lines)
+    # every listed name is one --set accepts, with its listed default
+    items = [line.split("  # ")[0].replace(" = ", "=") for line in lines]
+    settings, verdict = detect_settings([i for i in items if not i.startswith(("verdict.", "text.template", "full-image.families"))])
+    assert set(settings) == set(DETECTORS) and not verdict
+    assert main(["list", "--settings", "full-image"]) == 0 and "epsilon = 0.15" in capsys.readouterr().out
+
+
 def test_every_registered_defense_is_listed_with_what_it_learns_from(capsys):
     from clipguard.defenses import DEFENSES
 

@@ -22,6 +22,10 @@ def cmd_list(args) -> None:
     from clipguard.attacks import ATTACKS
 
     print("attacks:  " + ", ".join(sorted(ATTACKS)))
+    from clipguard.detection import DETECTORS
+
+    print("detectors: " + ", ".join(sorted(DETECTORS)) + " (detect runs every one the data allows; "
+          "'clipguard list --settings detect' lists their settings)")
     from clipguard.defenses import DEFENSES
     from clipguard.pipeline import defended_methods
 
@@ -37,24 +41,41 @@ def cmd_list(args) -> None:
 
 
 def _print_settings(name: str) -> None:
-    """Every field of a config dataclass with its default and its comment, as --set takes them."""
-    import dataclasses
-    import inspect
-
+    """Every field of a config dataclass with its default and its comment, as --set takes them.
+    ``detect``: every detector's fields (``DETECTOR.FIELD``) and the verdict's (``verdict.FIELD``)."""
     from clipguard.attacks import ATTACKS, AttackConfig
     from clipguard.defenses import DEFENSES
-    from clipguard.detection.inversion import InversionConfig
+    from clipguard.detection import DETECTORS
+    from clipguard.detection.verdict import VerdictConfig
 
+    if name == "detect":
+        print("detect: --set DETECTOR.FIELD=VALUE (a bare FIELD=VALUE is the patch detector's), --set verdict.FIELD=VALUE")
+        for detector in sorted(DETECTORS):
+            _print_fields(DETECTORS[detector].config_class, f"{detector}.")
+        _print_fields(VerdictConfig, "verdict.")
+        return
     if name in ATTACKS:
         cls = ATTACKS[name].config_class
     elif name in DEFENSES:
         cls = DEFENSES[name].config_class
-    elif name in ("attack", "detect"):
-        cls = AttackConfig if name == "attack" else InversionConfig
+    elif name in DETECTORS:
+        cls = DETECTORS[name].config_class
+        name = f"{name} (detect --set {name}.FIELD=VALUE)"
+    elif name == "attack":
+        cls = AttackConfig
     else:
-        raise ClipguardError(f"--settings {name!r}: not an attack, a defense, 'attack' or 'detect'; see 'clipguard list'")
+        raise ClipguardError(f"--settings {name!r}: not an attack, a defense, a detector, 'attack' or 'detect'; "
+                             "see 'clipguard list'")
+    print(f"{name} ({cls.__name__}): --set FIELD=VALUE")
+    _print_fields(cls)
+
+
+def _comments(cls) -> dict[str, str]:
+    """Field name -> the comment after its definition, over the class and its bases (a subclass's wins)."""
+    import inspect
+
     comments = {}
-    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+    for klass in reversed(cls.__mro__):
         try:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
@@ -64,8 +85,19 @@ def _print_settings(name: str) -> None:
             field_name = head.strip().split(":")[0]
             if comment and field_name.isidentifier():
                 comments[field_name] = comment.strip()
-    print(f"{name} ({cls.__name__}): --set FIELD=VALUE")
+    return comments
+
+
+def _print_fields(cls, prefix: str = "") -> None:
+    """One line per field of the dataclass ``cls``: prefix + name = default  # comment; a nested
+    config dataclass (the verdict's ``targeted``) is listed field by field under its own prefix."""
+    import dataclasses
+
+    comments = _comments(cls)
     for field in dataclasses.fields(cls):
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-        print(f"  {field.name} = {default!r}" + (f"  # {comments[field.name]}" if field.name in comments else ""))
+        if dataclasses.is_dataclass(default):
+            _print_fields(type(default), f"{prefix}{field.name}.")
+            continue
+        print(f"  {prefix}{field.name} = {default!r}" + (f"  # {comments[field.name]}" if field.name in comments else ""))
