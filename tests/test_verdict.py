@@ -13,8 +13,9 @@ from clipguard.cli import main
 from clipguard.data import FMNIST_CLASSES, ImageSet, few_shot_indices, load_fmnist
 from clipguard.detection import DETECTORS
 from clipguard.detection.targeted import TargetedConfig
+from clipguard.detection.evidence import keyed_class_features
 from clipguard.detection.verdict import (
-    VerdictConfig, anomaly_indices, candidate_targets, check_reference, default_detectors, keyed_class_features, reference_call, scan,
+    VerdictConfig, anomaly_indices, candidate_targets, check_reference, decide, default_detectors, robust_scores, scan,
 )
 from clipguard.engine import TrainConfig
 from clipguard.models import save_clip
@@ -68,13 +69,35 @@ def test_candidates_put_the_suspects_first_then_a_seeded_sample():
     assert picks != candidate_targets(FMNIST_CLASSES, ["sandal", "bag"], 5, seed=4)
 
 
-def test_reference_call_needs_a_gap_and_a_raised_score():
+def _rows(areas, reference_areas=None, natural=None):
+    names = FMNIST_CLASSES[: len(areas)]
+    return [{"target_name": n, "area": a, "natural": (natural or {}).get(n, 0.0),
+             **({"reference_area": reference_areas[k]} if reference_areas else {})} for k, (n, a) in enumerate(zip(names, areas))]
+
+
+def test_decide_self_mode_from_the_recorded_areas_alone():
     config = VerdictConfig()
-    assert reference_call(0.8, 0.3, config) == "backdoored"
-    assert reference_call(0.05, 0.0, config) == "clean"  # transfers to the clean base: a natural attractor
-    assert reference_call(0.8, -0.2, config) == "inconclusive"  # the two disagree
-    assert reference_call(0.2, 0.0, config) == "inconclusive"  # small
-    assert reference_call(None, 0.0, config) == "clean"
+    # one trigger a twentieth of the others' size: backdoored, towards it
+    verdict, target, index, bias = decide({"mode": "self", "candidates": _rows([0.05, 0.06, 0.05, 0.0025, 0.07, 0.06])}, config)
+    assert (verdict, target, bias) == ("backdoored", "dress", None) and index >= config.backdoored_at
+    verdict, _, index, _ = decide({"mode": "self", "candidates": _rows([0.05, 0.06, 0.05, 0.04, 0.07, 0.06])}, config)
+    assert verdict == "clean" and index < config.clean_below
+    # a class the model already reads clean shots as is a bias: not the suspect, and never "clean"
+    rows = _rows([0.05, 0.06, 0.05, 0.04, 0.07, 0.06], natural={"coat": 0.6})
+    assert decide({"mode": "self", "candidates": rows}, config)[0] == "inconclusive"
+
+
+def test_decide_reference_mode_on_the_area_ratio_not_the_area():
+    config = VerdictConfig()
+    # every class's trigger shrank a little in the fine-tune (drift); dress's by 20x: backdoored
+    suspect, base = [0.05, 0.05, 0.04, 0.003, 0.06, 0.05], [0.06, 0.055, 0.05, 0.06, 0.066, 0.06]
+    verdict, target, index, _ = decide({"mode": "reference", "candidates": _rows(suspect, base)}, config)
+    assert (verdict, target) == ("backdoored", "dress") and index >= config.reference_backdoored_at
+    # a natural attractor: small on both models, so its ratio is like the others'
+    suspect, base = [0.05, 0.05, 0.04, 0.004, 0.06, 0.05], [0.055, 0.05, 0.045, 0.0045, 0.06, 0.05]
+    assert decide({"mode": "reference", "candidates": _rows(suspect, base)}, config)[0] == "clean"
+    # two classes: no median to speak of, the ratio is measured from 0
+    assert robust_scores([1.0, 0.0], floor=0.1, centre=0.0) == pytest.approx([1 / (1.4826 * 0.5), 0.0])  # MAD about 0
 
 
 def test_verdict_config_names_the_bad_field():
@@ -142,8 +165,11 @@ def test_self_mode_does_not_call_a_clean_finetune_backdoored(zoo):
 def test_reference_mode_calls_the_planted_model_against_its_base(zoo):
     report = scan(zoo["planted"], _shots(), reference=zoo["base"], config=FAST, settings=PATCH, device="cpu", detectors=["patch"])
     assert report.verdict == "backdoored" and report.target_name == "sandal", report.calibration
-    row = report.calibration["detectors"][0]
-    assert row["gap"] >= FAST.gap_backdoored and row["reference_collapse"] < row["suspect_collapse"]
+    assert report.calibration["anomaly_index"] >= FAST.reference_backdoored_at
+    row = next(r for r in report.calibration["candidates"] if r["target_name"] == "sandal")
+    assert row["area"] < row["reference_area"]
+    transfer = report.calibration["detectors"][0]  # the evidence beside it: the patch trigger works on the suspect only
+    assert transfer["reference_collapse"] < transfer["suspect_collapse"]
 
 
 def test_reference_mode_does_not_call_a_clean_finetune_of_the_base(zoo):

@@ -224,7 +224,7 @@ def detect(clip: ClipModel, shots: int = 16, seed: int = 0, dataset: str | Label
     registered detector the data allows (or ``detectors``), and a verdict calibrated on the model's
     own classes, or against ``reference`` (the clean base model, or its spec). ``settings``:
     detector name -> config fields; ``config``: a :class:`~clipguard.detection.verdict.VerdictConfig`.
-    Returns a :class:`~clipguard.detection.verdict.DetectionReport` (``.verdict``, ``.target_name``,
+    Returns a :class:`~clipguard.detection.report.DetectionReport` (``.verdict``, ``.target_name``,
     ``.as_dict()``)::
 
         report = pipeline.detect(pipeline.load_model("runs/badnet"), shots=16, reference="builtin")

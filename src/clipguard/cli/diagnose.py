@@ -112,7 +112,8 @@ def cmd_detect(args) -> None:
     from clipguard.config import load_config, override, parse_assignments
     from clipguard.detection import DETECTORS
     from clipguard.detection.inversion import InversionConfig
-    from clipguard.detection.verdict import VerdictConfig, save_report_figure, scan
+    from clipguard.detection.report import save_report_figure
+    from clipguard.detection.verdict import VerdictConfig, scan
     from clipguard.pipeline import draw_shots
     from clipguard.models.loading import load_clip
     from clipguard.outputs import write_record
