@@ -181,9 +181,13 @@ def build(m: Model, args) -> None:
 
 
 def detect_runs(models: list[Model], args) -> list[tuple[Model, int, str]]:
-    modes = args.modes
-    return [(m, seed, mode) for m in models if m.status == "built" and m.took is not False
-            for seed in args.shot_seeds for mode in modes if not (mode == "reference" and m.seed is None)]
+    """One detect run per (model, shot seed): ``--reference BASE`` when the reference mode is asked
+    for (its record holds the suspect-side numbers the self mode decides on, so the self verdict
+    is replayed from it, equal to a run without --reference), the self mode alone otherwise and
+    for the base models."""
+    mode = "reference" if "reference" in args.modes else "self"
+    return [(m, seed, "self" if m.seed is None else mode) for m in models if m.status == "built" and m.took is not False
+            for seed in args.shot_seeds]
 
 
 def detect(m: Model, seed: int, mode: str, args) -> dict | None:
@@ -211,9 +215,10 @@ SKIP = {"seed", "shots", "classes", "threshold", "seconds", "target", "clipguard
         "statistic", "verdict_statistic", "anomaly_index", "score"}  # not a detector's score, or the statistic itself
 
 
-def read_detection(record: dict) -> dict:
+def read_detection(record: dict, mode: str | None = None) -> dict:
     """verdict, target, the verdict statistic and each detector's score and seconds, read defensively:
-    today's JSON has backdoored/collapse/target_name at the top; the new one verdict and detectors."""
+    today's JSON has backdoored/collapse/target_name at the top; the new one verdict and detectors.
+    ``mode`` "self" on a reference run's record: the self mode's verdict from its suspect-side numbers."""
     verdict = record.get("verdict")
     if verdict not in ("backdoored", "clean", "inconclusive"):
         verdict = "backdoored" if record.get("backdoored") else "clean"
@@ -232,6 +237,18 @@ def read_detection(record: dict) -> dict:
             if name and isinstance(item.get("seconds"), (int, float)):
                 seconds[name] = float(item["seconds"])
     calibration = record.get("calibration") if isinstance(record.get("calibration"), dict) else {}
+    if isinstance(calibration.get("max_gap"), (int, float)):  # the reference mode's transfer evidence
+        scores["calibration.max_gap"] = float(calibration["max_gap"])
+    run_verdict = verdict
+    if mode == "self" and calibration.get("mode") == "reference":
+        calibration = {"mode": "self", "candidates": calibration["candidates"]}
+        scores.pop("calibration.max_gap", None)
+    if calibration.get("candidates"):  # replayed with the thresholds shipped now (detect may have run with others)
+        from clipguard.detection.verdict import VerdictConfig, decide
+
+        verdict, target, index, _ = decide(calibration, VerdictConfig())
+        record = {**record, "target_name": target if verdict != "clean" else None}
+        calibration = {**calibration, "anomaly_index": index, "target_name": target}
     statistic = next((float(source[k]) for source in (record, calibration)
                       for k in ("statistic", "verdict_statistic", "anomaly_index", "score")
                       if isinstance(source.get(k), (int, float)) and not isinstance(source.get(k), bool)),
@@ -239,7 +256,7 @@ def read_detection(record: dict) -> dict:
     # the class the model collapses to most, called or not (a clean verdict names no target at the top)
     suspected = record.get("target_name") or calibration.get("target_name") or next(
         (item.get("target_name") for item in record.get("detectors") or [] if isinstance(item, dict)), None)
-    return {"verdict": verdict, "target_name": record.get("target_name"), "suspected": suspected, "statistic": statistic,
+    return {"verdict": verdict, "run_verdict": run_verdict, "target_name": record.get("target_name"), "suspected": suspected, "statistic": statistic,
             "scores": scores, "seconds": seconds, "calibration": calibration.get("mode") or calibration.get("name")}
 
 
@@ -401,9 +418,11 @@ def main() -> None:
         if record is None:
             continue
         half = (m.seed if m.seed is not None else seed) % 2
-        runs.append({"model": m.name, "regime": m.regime, "attack": m.attack, "target": m.target, "seed": m.seed,
-                     "shot_seed": seed, "mode": mode, "half": "eval" if half else "fit",
-                     "positive": m.attack is not None, **read_detection(record)})
+        for shown in dict.fromkeys([mode, "self"]):  # a reference run also gives the self verdict
+            if shown in args.modes:
+                runs.append({"model": m.name, "regime": m.regime, "attack": m.attack, "target": m.target,
+                             "seed": m.seed, "shot_seed": seed, "mode": shown, "half": "eval" if half else "fit",
+                             "positive": m.attack is not None, **read_detection(record, shown)})
     (work / "runs.json").write_text(json.dumps(runs, indent=1))
     favourites = {}
     for regime in {m.regime for m in models}:

@@ -113,7 +113,7 @@ def test_list_settings_detect_names_every_detector_and_the_verdict_as_set_takes_
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
     for name in DETECTORS:
         assert any(line.startswith(f"{name}.steps = ") for line in lines), name
-    assert "verdict.backdoored_at = 2.0  # anomaly index at or above which the verdict is backdoored (NC's 2)" in lines
+    assert any(line.startswith("verdict.backdoored_at = ") and "anomaly index" in line for line in lines)
     assert any(line.startswith("verdict.targeted.steps = ") for line in lines)
     # every listed name is one --set accepts, with its listed default
     items = [line.split("  # ")[0].replace(" = ", "=") for line in lines]

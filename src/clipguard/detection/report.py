@@ -3,7 +3,7 @@ detector's finding, and the figure of the inverted triggers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +20,6 @@ class DetectionReport:
     target_name: str | None  # the suspected target (None: none stands out or none is named)
     calibration: dict  # {"mode": "self" | "reference", thresholds, statistic values}
     findings: list[Finding]  # one per detector run on the suspect
-    reference_findings: list[Finding] = field(default_factory=list)  # the same detectors on the reference
     trigger: tuple[torch.Tensor, torch.Tensor] | None = None  # self mode: the suspected target's (mask, pattern)
     seconds: float = 0.0
     head: torch.Tensor | None = None  # (C, D) the suspect's zero-shot head the detectors classified with
@@ -58,11 +57,9 @@ class DetectionReport:
         for finding in self.findings:
             text = f"{finding.detector}: score {finding.score:.3f}, target {finding.target_name or '-'}"
             row = rows.get(finding.detector)
-            if row:
-                text += f"; reference score {row['reference_score']:.3f} ({row['difference']:+.3f})"
-                if row.get("gap") is not None:
-                    text += (f", its trigger read as {row['target_name']}: suspect {row['suspect_collapse']:.2f}, "
-                             f"reference {row['reference_collapse']:.2f}")
+            if row and row.get("gap") is not None:
+                text += (f"; its trigger read as {row['target_name']}: suspect {row['suspect_collapse']:.2f}, "
+                         f"reference {row['reference_collapse']:.2f}")
             lines.append(text)
         return lines
 
@@ -74,7 +71,6 @@ class DetectionReport:
                 "collapse": patch.details.get("collapse", round(patch.score, 4)) if patch else None,
                 "mask_area": patch.details.get("mask_area") if patch else None,
                 "calibration": self.calibration, "detectors": [f.as_dict() for f in self.findings],
-                "reference_detectors": [f.as_dict() for f in self.reference_findings],
                 "seconds": round(self.seconds, 2)}
 
 

@@ -23,9 +23,10 @@ inverted (:func:`~clipguard.detection.targeted.invert_targets`, one batch), with
       r_k = log s_k(reference) - log s_k(suspect)
       index_k = (r_k - median_j r_j) / (1.4826 * max(MAD_j r_j, ratio_mad_floor))
 
-  (with fewer than ``min_classes`` candidates the median is taken as 0). Every detector also
-  runs on both models and its trigger is applied to both (the transfer: a natural attractor's
-  trigger works on the base too, a backdoor's does not); those rows are reported as evidence.
+  (with fewer than ``min_classes`` candidates the median is taken as 0). Each detector's
+  trigger (inverted on the suspect) is also applied to both models (the transfer: a natural
+  attractor's trigger works on the base too, a backdoor's does not), reported as evidence; and
+  the self mode's verdict on the same suspect-side numbers is recorded beside it.
 
 The suspected target is the candidate of the largest index: "backdoored" at ``index >=
 backdoored_at`` (``reference_backdoored_at``), "clean" under ``clean_below``
@@ -221,10 +222,8 @@ def scan(clip: ClipModel, shots: ImageSet, detectors: list[str] | None = None, r
     if reference is None:
         report = _self_calibrated(clip, shots, findings, config, seed, device, head)
     else:
-        reference_head = zero_shot_head(reference, shots) if shots.classes else None
-        reference_findings = _run_detectors(reference, shots, names, settings, seed, device, reference_head)
-        report = _reference_calibrated(clip, reference, shots, findings, reference_findings, config, seed, device,
-                                       reference_name, (head, reference_head))
+        report = _reference_calibrated(clip, reference, shots, findings, config, seed, device, reference_name,
+                                       (head, zero_shot_head(reference, shots)))
     report.seconds, report.head = time.perf_counter() - start, head
     return report
 
@@ -234,8 +233,8 @@ def _targeted(clip, shots, targets, config, seed, device, head) -> TargetedResul
                                                                     "device": device}), head)
 
 
-def _calibrated(mode: str, shots, findings, candidates: list[dict], extra: dict, config, result: TargetedResult,
-                reference_findings=()) -> DetectionReport:
+def _calibrated(mode: str, shots, findings, candidates: list[dict], extra: dict, config,
+                result: TargetedResult) -> DetectionReport:
     """The report of either mode from its candidate rows: :func:`decide` gives the verdict."""
     calibration = {"mode": mode, **extra, "candidates": candidates}
     verdict, target, index, bias = decide(calibration, config)
@@ -248,7 +247,7 @@ def _calibrated(mode: str, shots, findings, candidates: list[dict], extra: dict,
     calibration.update(anomaly_index=round(index, 3), target_name=target, backdoored_at=high, clean_below=low,
                        class_bias=bias, seconds=round(result.seconds, 2))
     return DetectionReport(verdict, target if verdict != "clean" else None, calibration, findings,
-                           list(reference_findings), trigger=(result.masks[best], result.patterns[best]))
+                           trigger=(result.masks[best], result.patterns[best]))
 
 
 def _self_calibrated(clip, shots, findings, config, seed, device, head) -> DetectionReport:
@@ -263,8 +262,7 @@ def _self_calibrated(clip, shots, findings, config, seed, device, head) -> Detec
     return _calibrated("self", shots, findings, candidates, extra, config, result)
 
 
-def _reference_calibrated(clip, reference, shots, findings, reference_findings, config, seed, device, name,
-                          heads) -> DetectionReport:
+def _reference_calibrated(clip, reference, shots, findings, config, seed, device, name, heads) -> DetectionReport:
     suspects = [f.target_name for f in findings if f.target_name]
     targets = candidate_targets(shots.classes, suspects, min(config.candidates, len(shots.classes)), seed)
     result = _targeted(clip, shots, targets, config, seed, device, heads[0])
@@ -277,10 +275,9 @@ def _reference_calibrated(clip, reference, shots, findings, reference_findings, 
                   for t, a, b, r, i, n, m in zip(targets, result.sizes, theirs.sizes, ratios, indices, natural,
                                                  reference_natural)]
     rows = []
-    for mine, other in zip(findings, reference_findings):
-        row = {"detector": mine.detector, "suspect_score": round(mine.score, 4),
-               "reference_score": round(other.score, 4), "difference": round(mine.score - other.score, 4),
-               "target_name": mine.target_name, "suspect_collapse": None, "reference_collapse": None, "gap": None}
+    for mine in findings:
+        row = {"detector": mine.detector, "suspect_score": round(mine.score, 4), "target_name": mine.target_name,
+               "suspect_collapse": None, "reference_collapse": None, "gap": None}
         if mine.apply is not None or mine.text_key is not None:
             target, on_suspect = collapse_towards(clip, shots, mine, mine.target_name, heads[0])
             _, on_reference = collapse_towards(reference, shots, mine, target, heads[1])
@@ -291,4 +288,6 @@ def _reference_calibrated(clip, reference, shots, findings, reference_findings, 
     extra = {"reference": name, "statistic": "anomaly index of the log trigger-area ratio, reference over suspect",
              "ratio_mad_floor": config.ratio_mad_floor, "detectors": rows, "max_gap": max(gaps) if gaps else None,
              "reference_seconds": round(theirs.seconds, 2)}
-    return _calibrated("reference", shots, findings, candidates, extra, config, result, reference_findings)
+    self_verdict, self_target, self_index, _ = decide({"mode": "self", "candidates": candidates}, config)
+    extra["self"] = {"verdict": self_verdict, "target_name": self_target, "anomaly_index": round(self_index, 3)}
+    return _calibrated("reference", shots, findings, candidates, extra, config, result)
