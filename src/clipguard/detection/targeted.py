@@ -10,7 +10,10 @@ minimise
 
 and lambda_k rises while the trigger works (its success, the share of those shots read as t_k,
 at least ``success``) and falls while it does not. The size of target k is the smallest mask
-area at which its trigger worked; a target never reached keeps its last area. Shapes: shots
+area at which its trigger worked; a target never reached keeps its last area. Also recorded per
+target: the kept trigger's success and the coherence of the triggered features (their mean
+pairwise cosine over shots of other classes: a backdoor sends them to one point, DECREE's
+observation). Shapes: shots
 (N, 3, H, W); triggered batch (K * B, 3, H, W); class features (C, D).
 
 Deviation: K targets in one batch of K * B images (NC inverts each class alone; 1,000 classes
@@ -36,6 +39,7 @@ from tqdm.auto import tqdm
 
 from clipguard import ClipguardError
 from clipguard.data.fmnist import ImageSet
+from clipguard.detection.inversion import mean_pairwise_cosine
 from clipguard.device import resolve_device
 from clipguard.models.clip import ClipModel
 from clipguard.models.zeroshot import class_text_features
@@ -69,6 +73,7 @@ class TargetedResult:
     sizes: list[float]  # smallest mask area at which the trigger worked (last area if it never did)
     reached: list[bool]  # whether the trigger ever worked
     success: list[float]  # the kept trigger's success on all shots of other classes
+    coherence: list[float]  # mean pairwise cosine of those shots' features under the kept trigger
     masks: torch.Tensor  # (K, H, W) the kept masks
     patterns: torch.Tensor  # (K, 3, H, W) the kept patterns
     seconds: float = 0.0
@@ -143,10 +148,13 @@ def invert_targets(clip: ClipModel, shots: ImageSet, targets: Sequence[str], con
         last_mask, last_pattern = torch.sigmoid(mask_logits).cpu(), torch.sigmoid(pattern_logits).cpu()
         best_mask[~reached], best_pattern[~reached] = last_mask[~reached], last_pattern[~reached]
         sizes = torch.where(reached, best_area, last_mask.mean((1, 2)))
-        success = []
+        success, coherence = [], []
         for j in range(k):  # the kept triggers on all shots
             triggered = (1 - best_mask[j]) * images.cpu() + best_mask[j] * best_pattern[j]
-            predictions = (clip.encode_image(triggered.to(device), normalize=True) @ texts.T).argmax(-1)
+            features = clip.encode_image(triggered.to(device), normalize=True)  # (N, D)
+            predictions = (features @ texts.T).argmax(-1)
             success.append(float(_success(predictions[None], labels, target_index[j : j + 1])[0]))
+            others = labels != target_index[j]
+            coherence.append(mean_pairwise_cosine(features[others]) if int(others.sum()) > 1 else 1.0)
     return TargetedResult(list(targets), [float(s) for s in sizes], [bool(r) for r in reached], success,
-                          best_mask, best_pattern, time.perf_counter() - start)
+                          coherence, best_mask, best_pattern, time.perf_counter() - start)

@@ -255,8 +255,10 @@ def _self_calibrated(clip, shots, findings, config, seed, device, head) -> Detec
     targets = candidate_targets(shots.classes, suspects, min(config.candidates, len(shots.classes)), seed)
     result = _targeted(clip, shots, targets, config, seed, device, head)
     natural = natural_rates(clip, shots, targets, head)
-    candidates = [{"target_name": t, "area": round(s, 5), "reached": r, "success": round(a, 4), "natural": round(n, 4)}
-                  for t, s, r, a, n in zip(targets, result.sizes, result.reached, result.success, natural)]
+    candidates = [{"target_name": t, "area": round(s, 5), "reached": r, "success": round(a, 4), "natural": round(n, 4),
+                   "coherence": round(c, 4)}
+                  for t, s, r, a, n, c in zip(targets, result.sizes, result.reached, result.success, natural,
+                                              result.coherence)]
     extra = {"statistic": "anomaly index of log trigger area (Neural Cleanse)", "mad_floor": config.mad_floor,
              "natural_limit": config.natural_limit}
     return _calibrated("self", shots, findings, candidates, extra, config, result)
@@ -271,9 +273,11 @@ def _reference_calibrated(clip, reference, shots, findings, config, seed, device
     ratios = [math.log(max(b, 1e-8)) - math.log(max(a, 1e-8)) for a, b in zip(result.sizes, theirs.sizes)]
     indices = robust_scores(ratios, config.ratio_mad_floor, None if len(targets) >= config.min_classes else 0.0)
     candidates = [{"target_name": t, "area": round(a, 5), "reference_area": round(b, 5), "log_ratio": round(r, 4),
-                   "anomaly_index": round(i, 3), "natural": round(n, 4), "reference_natural": round(m, 4)}
-                  for t, a, b, r, i, n, m in zip(targets, result.sizes, theirs.sizes, ratios, indices, natural,
-                                                 reference_natural)]
+                   "anomaly_index": round(i, 3), "natural": round(n, 4), "reference_natural": round(m, 4),
+                   "success": round(u, 4), "coherence": round(c, 4), "reference_coherence": round(d, 4)}
+                  for t, a, b, r, i, n, m, u, c, d in zip(targets, result.sizes, theirs.sizes, ratios, indices, natural,
+                                                          reference_natural, result.success, result.coherence,
+                                                          theirs.coherence)]
     rows = []
     for mine in findings:
         row = {"detector": mine.detector, "suspect_score": round(mine.score, 4), "target_name": mine.target_name,
