@@ -47,6 +47,7 @@ from pathlib import Path
 ATTACKS = ["badclip", "badnet", "badnet-lc", "blended", "issba", "sig", "trojvqa", "wanet"]
 TARGETS = ["sandal", "trousers", "pullover", "sneaker", "bag", "dress", "ankle boot", "coat"]
 REGIMES = ["default", "light"]
+BUILD_FAMILIES = ["badnet", "wanet", "trojvqa", "sig", "blended", "issba", "badnet-lc", "badclip"]  # unlike families first
 LIGHT_RECIPE = "recipes/builtin-light.yaml"
 LIGHT_CAPTIONS = "fmnist-web:plain=0.7"
 EVAL_DATASET = "fmnist-val"
@@ -111,9 +112,10 @@ def plan(args) -> list[Model]:
 
 
 def build_order(m: Model) -> tuple:
-    """Seed by seed, both regimes, the clean fine-tunes first: a zoo stopped part-way still has both
-    halves (even and odd seeds), both regimes and negatives."""
-    kind = 1 + ATTACKS.index(m.attack) if m.attack else 0
+    """Seed by seed, both regimes, the clean fine-tunes first, then the attacks, unlike trigger
+    families first: a zoo stopped part-way still has both halves (even and odd seeds), both
+    regimes, negatives and several families."""
+    kind = 1 + BUILD_FAMILIES.index(m.attack) if m.attack else 0
     return (m.seed is None, m.seed or 0, kind, REGIMES.index(m.regime))
 
 
