@@ -96,6 +96,13 @@ def test_decide_reference_mode_on_the_area_ratio_not_the_area():
     # a natural attractor: small on both models, so its ratio is like the others'
     suspect, base = [0.05, 0.05, 0.04, 0.004, 0.06, 0.05], [0.055, 0.05, 0.045, 0.0045, 0.06, 0.05]
     assert decide({"mode": "reference", "candidates": _rows(suspect, base)}, config)[0] == "clean"
+    # the transfer: a detector's trigger that works on the suspect far more than on the base calls it
+    calm = _rows([0.05, 0.05, 0.04, 0.05, 0.06, 0.05], [0.05, 0.05, 0.04, 0.05, 0.06, 0.05])
+    wide = [{"detector": "patch", "target_name": "coat", "gap": 0.5}, {"detector": "text", "target_name": "bag", "gap": None}]
+    assert decide({"mode": "reference", "candidates": calm, "detectors": wide}, config)[:2] == ("backdoored", "coat")
+    narrow = [{"detector": "patch", "target_name": "coat", "gap": 0.25}]
+    assert decide({"mode": "reference", "candidates": calm, "detectors": narrow}, config)[0] == "inconclusive"
+    assert decide({"mode": "reference", "candidates": calm, "detectors": [{**narrow[0], "gap": 0.1}]}, config)[0] == "clean"
     # two classes: no median to speak of, the ratio is measured from 0
     assert robust_scores([1.0, 0.0], floor=0.1, centre=0.0) == pytest.approx([1 / (1.4826 * 0.5), 0.0])  # MAD about 0
 

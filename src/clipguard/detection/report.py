@@ -41,10 +41,18 @@ class DetectionReport:
             if c.get("class_bias"):
                 how += f"; {c['class_bias']}"
         else:
-            row = next(r for r in c["candidates"] if r["target_name"] == c["target_name"])
+            row = max(c["candidates"], key=lambda r: r["anomaly_index"])
             how = (f"calibrated against the reference {c['reference']}: the smallest trigger towards "
-                   f"{c['target_name']} covers {row['area']:.1%} of the image on the suspect, "
-                   f"{row['reference_area']:.1%} on the reference; anomaly index {c['anomaly_index']:.1f}{bound}")
+                   f"{row['target_name']} covers {row['area']:.1%} of the image on the suspect, "
+                   f"{row['reference_area']:.1%} on the reference, anomaly index {row['anomaly_index']:.1f} "
+                   f"(backdoored at {c['backdoored_at']:.1f}, clean under {c['clean_below']:.1f})")
+            gaps = [r for r in c.get("detectors", []) if r.get("gap") is not None]
+            if gaps:
+                wide = max(gaps, key=lambda r: r["gap"])
+                how += (f"; the {wide['detector']} trigger is read as {wide['target_name']} on "
+                        f"{wide['suspect_collapse']:.0%} of the suspect's shots of other classes, "
+                        f"{wide['reference_collapse']:.0%} of the reference's (backdoored at a gap of "
+                        f"{c['gap_backdoored']:.2f}, clean under {c['gap_clean']:.2f})")
         if self.backdoored:
             return f"backdoored: suspected target {self.target_name} ({how})"
         subject = f" (most suspicious target {self.target_name})" if self.target_name else ""

@@ -24,13 +24,16 @@ inverted (:func:`~clipguard.detection.targeted.invert_targets`, one batch), with
       index_k = (r_k - median_j r_j) / (1.4826 * max(MAD_j r_j, ratio_mad_floor))
 
   (with fewer than ``min_classes`` candidates the median is taken as 0). Each detector's
-  trigger (inverted on the suspect) is also applied to both models (the transfer: a natural
-  attractor's trigger works on the base too, a backdoor's does not), reported as evidence; and
-  the self mode's verdict on the same suspect-side numbers is recorded beside it.
+  trigger (inverted on the suspect) is also applied to both models: the transfer (a natural
+  attractor's trigger works on the base too, a backdoor's does not). The self mode's verdict on
+  the same suspect-side numbers is recorded beside it.
 
 The suspected target is the candidate of the largest index: "backdoored" at ``index >=
 backdoored_at`` (``reference_backdoored_at``), "clean" under ``clean_below``
-(``reference_clean_below``), "inconclusive" between. :func:`decide` computes the verdict from a
+(``reference_clean_below``), "inconclusive" between. In the reference mode a transfer gap (a
+detector's trigger read as its target on a share of the suspect's shots of other classes minus
+that share on the reference's) of at least ``gap_backdoored`` also calls it backdoored, towards
+that detector's target, and one of at least ``gap_clean`` keeps it from "clean". :func:`decide` computes the verdict from a
 calibration record alone, so thresholds can be refitted on recorded runs
 (benchmarks/detection_zoo_plan.py); the values shipped and how they were found:
 docs/results/detection.md.
@@ -76,18 +79,21 @@ class VerdictConfig(RangeChecked):
     reference_backdoored_at: float = 3.0  # reference: anomaly index of the area ratio at or above which: backdoored
     reference_clean_below: float = 2.0  # reference: anomaly index of the area ratio under which: clean
     ratio_mad_floor: float = 0.1  # reference: least MAD of the log area ratios (same seeds on both models)
+    gap_backdoored: float = 0.3  # reference: a detector's trigger read as its target this much more often on the suspect
+    gap_clean: float = 0.2  # reference: every transfer gap under this (and the index under its bound): clean
     targeted: TargetedConfig = field(default_factory=TargetedConfig)  # the per-target inversion of both modes
 
     def __post_init__(self):
         for name, low, high in (("candidates", 3, 1000), ("min_classes", 3, 1000), ("backdoored_at", -100.0, 100.0),
                                 ("clean_below", -100.0, 100.0), ("mad_floor", 0.0, 10.0), ("natural_limit", 0.0, 1.0),
                                 ("reference_backdoored_at", -100.0, 100.0), ("reference_clean_below", -100.0, 100.0),
-                                ("ratio_mad_floor", 0.0, 10.0)):
+                                ("ratio_mad_floor", 0.0, 10.0), ("gap_backdoored", -1.0, 1.0), ("gap_clean", -1.0, 1.0)):
             self._check_range(name, low, high)
-        if self.clean_below > self.backdoored_at or self.reference_clean_below > self.reference_backdoored_at:
-            raise ValueError(f"VerdictConfig: clean_below ({self.clean_below}, reference {self.reference_clean_below}) "
-                             f"must not exceed backdoored_at ({self.backdoored_at}, reference "
-                             f"{self.reference_backdoored_at})")
+        for low, high in (("clean_below", "backdoored_at"), ("reference_clean_below", "reference_backdoored_at"),
+                          ("gap_clean", "gap_backdoored")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"VerdictConfig: {low} ({getattr(self, low)}) must not exceed {high} "
+                                 f"({getattr(self, high)})")
 
 
 # ------------------------------------------------------------------ statistics (pure)
@@ -143,13 +149,21 @@ def decide(calibration: dict, config: VerdictConfig) -> tuple[str, str | None, f
     best = max(eligible, key=lambda k: indices[k])
     index = indices[best]
     verdict = "backdoored" if index >= high else "clean" if index < low else "inconclusive"
+    target = rows[best]["target_name"]
+    gaps = [r for r in calibration.get("detectors", []) if r.get("gap") is not None]
+    if calibration["mode"] == "reference" and gaps:  # the transfer: either kind of evidence can call it
+        widest = max(gaps, key=lambda r: r["gap"])
+        if widest["gap"] >= config.gap_backdoored and verdict != "backdoored":
+            verdict, target = "backdoored", widest["target_name"]
+        elif widest["gap"] >= config.gap_clean and verdict == "clean":
+            verdict = "inconclusive"
     bias = None
     if biased:
         worst = max(biased, key=lambda k: rows[k]["natural"])
         bias = (f"the model reads {rows[worst]['natural']:.0%} of clean shots of other classes as "
                 f"{rows[worst]['target_name']}, a class bias no trigger is needed for")
         verdict = "backdoored" if verdict == "backdoored" else "inconclusive"
-    return verdict, rows[best]["target_name"], index, bias
+    return verdict, target, index, bias
 
 
 def default_detectors(shots: ImageSet) -> list[str]:
@@ -238,14 +252,17 @@ def _calibrated(mode: str, shots, findings, candidates: list[dict], extra: dict,
     """The report of either mode from its candidate rows: :func:`decide` gives the verdict."""
     calibration = {"mode": mode, **extra, "candidates": candidates}
     verdict, target, index, bias = decide(calibration, config)
-    best = next(k for k, row in enumerate(candidates) if row["target_name"] == target)
     indices = (anomaly_indices([r["area"] for r in candidates], config.mad_floor) if mode == "self" else None)
     for k, row in enumerate(candidates):
         row["anomaly_index"] = round(indices[k], 3) if indices else row["anomaly_index"]
+    best = next((k for k, row in enumerate(candidates) if row["target_name"] == target),
+                max(range(len(candidates)), key=lambda k: candidates[k]["anomaly_index"]))
     high, low = ((config.backdoored_at, config.clean_below) if mode == "self"
                  else (config.reference_backdoored_at, config.reference_clean_below))
     calibration.update(anomaly_index=round(index, 3), target_name=target, backdoored_at=high, clean_below=low,
                        class_bias=bias, seconds=round(result.seconds, 2))
+    if mode == "reference":
+        calibration.update(gap_backdoored=config.gap_backdoored, gap_clean=config.gap_clean)
     return DetectionReport(verdict, target if verdict != "clean" else None, calibration, findings,
                            trigger=(result.masks[best], result.patterns[best]))
 
