@@ -163,6 +163,8 @@ def build(m: Model, args) -> None:
         m.status, m.note = "failed", f"made with (pairs, epochs, rate) {recipe_of(m.path)}, not {wanted}: use another --work"
         return
     if m.seed is not None and not (Path(m.path) / "config.json").is_file():
+        if args.detect_only:  # another invocation builds it
+            return
         command = attack_command(m, args)
         log = Path(args.work) / "logs" / (m.name.replace("/", "_") + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -386,6 +388,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="fine-tune epochs of every model (default: the recipe's)")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and its estimated time")
     parser.add_argument("--build-only", action="store_true", help="build the models and write the manifest; no detect run")
+    parser.add_argument("--detect-only", action="store_true",
+                        help="build nothing: detect on the models already built (beside a --build-only invocation)")
     parser.add_argument("--jobs", type=int, default=1, help="commands run at once")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--detect-minutes", type=float, default=DETECT_MINUTES, help="for the estimate")
@@ -408,7 +412,8 @@ def main() -> None:
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda m: build(m, args), sorted(models, key=build_order)))
-    (work / "manifest.json").write_text(json.dumps([asdict(m) for m in models], indent=1))
+    if not args.detect_only:
+        (work / "manifest.json").write_text(json.dumps([asdict(m) for m in models], indent=1))
     if args.build_only:
         print(manifest_table(models))
         return
