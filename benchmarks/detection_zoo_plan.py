@@ -11,7 +11,9 @@ backdoor counts only when it took (ASR on ``fmnist-val`` >= ``--min-asr``, read 
 Negatives: clean fine-tunes (``attack --poison-rate 0``) with each regime's recipe at
 ``--finetune-seeds`` (5 by default), and the clean base model of each regime.
 
-Every model is scored by ``clipguard detect --seed S`` (a subprocess: its JSON beside ``--out``
+The verdict statistic: self mode, the anomaly index; reference mode, max(index /
+reference_backdoored_at, widest transfer gap / gap_backdoored), the verdict's own scale (at least
+1: backdoored). Every model is scored by ``clipguard detect --seed S`` (a subprocess: its JSON beside ``--out``
 is read, whatever detectors it holds) for each of ``--shot-seeds``; with ``--modes self
 reference`` also with ``--reference BASE`` (the regime's base model). Scores per attack family
 and regime are reported on the evaluation half of the zoo: the models of odd attack / fine-tune
@@ -58,6 +60,7 @@ FULL = {"pairs": 10000, "epochs": 5, "poison_rate": 0.03}  # the default recipe'
 # CPU minutes on 2 cores (docs/results/attacks.md: 5-15 min per attack; detection-zoo.md's pilot: 5-6 min per
 # detect run with every detector, under a load of 4-5)
 ATTACK_MINUTES, DETECT_MINUTES = 10.0, 5.0
+OLD_THRESHOLD = 0.6  # the collapse at which the detector before the calibrated verdict called a model backdoored
 
 
 @dataclass
@@ -250,8 +253,12 @@ def read_detection(record: dict, mode: str | None = None) -> dict:
     if calibration.get("candidates"):  # replayed with the thresholds shipped now (detect may have run with others)
         from clipguard.detection.verdict import VerdictConfig, decide
 
-        verdict, target, index, _ = decide(calibration, VerdictConfig())
+        config = VerdictConfig()
+        verdict, target, index, _ = decide(calibration, config)
         record = {**record, "target_name": target if verdict != "clean" else None}
+        if calibration["mode"] == "reference":  # both kinds of evidence on the verdict's scale: >= 1 calls it
+            gaps = [r["gap"] for r in calibration.get("detectors", []) if r.get("gap") is not None]
+            index = max([index / config.reference_backdoored_at] + [g / config.gap_backdoored for g in gaps])
         calibration = {**calibration, "anomaly_index": index, "target_name": target}
     statistic = next((float(source[k]) for source in (record, calibration)
                       for k in ("statistic", "verdict_statistic", "anomaly_index", "score")
@@ -260,7 +267,8 @@ def read_detection(record: dict, mode: str | None = None) -> dict:
     # the class the model collapses to most, called or not (a clean verdict names no target at the top)
     suspected = record.get("target_name") or calibration.get("target_name") or next(
         (item.get("target_name") for item in record.get("detectors") or [] if isinstance(item, dict)), None)
-    return {"verdict": verdict, "run_verdict": run_verdict, "target_name": record.get("target_name"), "suspected": suspected, "statistic": statistic,
+    patch = next((item for item in record.get("detectors") or [] if isinstance(item, dict) and item.get("detector") == "patch"), {})
+    return {"verdict": verdict, "run_verdict": run_verdict, "patch_target": patch.get("target_name"), "target_name": record.get("target_name"), "suspected": suspected, "statistic": statistic,
             "scores": scores, "seconds": seconds, "calibration": calibration.get("mode") or calibration.get("name")}
 
 
@@ -309,8 +317,9 @@ def score_tables(runs: list[dict], favourites: dict[str, str | None]) -> str:
     lines = [f"Thresholds fitted on the fitting half (even seeds; FPR <= 0.05 there): "
              + ", ".join(f"{k} > {cell(t)}" for k, t in thresholds.items()), "",
              "| regime | family | positive runs | negative runs | AUROC (statistic) | TPR shipped | FPR shipped | "
-             "inconclusive (pos / neg) | TPR fitted | FPR fitted | target right when called | base's favourite when called |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "inconclusive (pos / neg) | TPR fitted | FPR fitted | target right when called | base's favourite when called | "
+             "old detector (collapse >= 0.6): TPR / FPR / target right |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     detector_lines = ["| regime | family | " + " | ".join(f"AUROC {k}" for k in names) + " |",
                       "|---|---|" + "---|" * len(names)]
     for regime, family, group in groups:
@@ -326,12 +335,21 @@ def score_tables(runs: list[dict], favourites: dict[str, str | None]) -> str:
             f"{sum(r['verdict'] == 'inconclusive' for r in pos)} / {sum(r['verdict'] == 'inconclusive' for r in neg)} | "
             f"{share(sum(map(above, pos)), len(pos)) if t is not None else '—'} | "
             f"{share(sum(map(above, neg)), len(neg)) if t is not None else '—'} | "
-            f"{share(sum(r['target_name'] == r['target'] for r in called), len(called))} | {share(favourite, len(called))} |")
+            f"{share(sum(r['target_name'] == r['target'] for r in called), len(called))} | {share(favourite, len(called))} | "
+            f"{old_detector(pos, neg)} |")
         detector_lines.append(f"| {regime} | {family} | " + " | ".join(
             cell(auroc([r["scores"].get(k) for r in pos], [r["scores"].get(k) for r in neg])) for k in names) + " |")
     held_note = "" if held else "\nThe evaluation half is empty (no odd seed ran): nothing to report on it.\n"
     return "\n".join(lines) + "\n\nEach detector's own score (the evaluation half):\n\n" + "\n".join(detector_lines) \
         + "\n" + held_note
+
+
+def old_detector(positive: list[dict], negative: list[dict]) -> str:
+    """The detector before the calibrated verdict: backdoored at a patch collapse of 0.6 (its target the patch's)."""
+    called = [r for r in positive if (r["scores"].get("collapse") or 0) >= OLD_THRESHOLD]
+    false = sum((r["scores"].get("collapse") or 0) >= OLD_THRESHOLD for r in negative)
+    right = sum(r["patch_target"] == r["target"] for r in called)
+    return f"{share(len(called), len(positive))} / {share(false, len(negative))} / {share(right, len(called))}"
 
 
 def run_table(runs: list[dict]) -> str:
