@@ -172,3 +172,44 @@ def test_a_trigger_setting_added_later_at_its_default_keeps_old_model_keys():
     new = {**old, "trigger": {**old["trigger"], "decoy_rate": 0.0}}
     assert record_key("builtin", new) == record_key("builtin", old)
     assert record_key("builtin", {**old, "trigger": {**old["trigger"], "decoy_rate": 0.1}}) != record_key("builtin", old)
+
+
+def _cell_peak(megabytes: int) -> float | None:
+    """A bench-cell-like stretch that allocates (and frees) ``megabytes`` of float32: its peak."""
+    import torch
+
+    from clipguard.device import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu"))
+    block = torch.ones(megabytes * 2**18)
+    block.add_(1)
+    del block
+    return memory.peak_mb()
+
+
+def test_each_cell_reports_its_own_peak_memory_whatever_ran_before():
+    import torch
+
+    from clipguard.device import PeakMemory
+
+    if PeakMemory(torch.device("cpu")).kind == "not measured":
+        pytest.skip("the peak resident memory cannot be reset here (not Linux)")
+    big, small_after = _cell_peak(256), _cell_peak(8)
+    small, big_after = _cell_peak(8), _cell_peak(256)
+    assert small_after < big - 200 and big_after > small + 200  # not the process's peak so far
+    assert abs(small_after - small) < 64 and abs(big_after - big) < 64  # the same cell, the same peak, either order
+
+
+def test_peak_memory_that_cannot_be_reset_is_not_measured(monkeypatch, tmp_path):
+    import torch
+
+    from clipguard import device
+    from clipguard.eval.tables import NOT_MEASURED, cost_table
+
+    monkeypatch.setattr(device, "CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))
+    memory = device.PeakMemory(torch.device("cpu"))
+    assert (memory.kind, memory.peak_mb()) == ("not measured", None)
+    record = {"attack": "badnet", "defense": "none", "defense_seconds": 0.0, "trainable_parameters": 0,
+              "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind}
+    _, rows, _ = cost_table([record])
+    assert rows[0][-1] == NOT_MEASURED

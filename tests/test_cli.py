@@ -142,3 +142,14 @@ def test_help_states_each_default_once_and_never_none():
     bench = " ".join(subparsers.choices["bench"].format_help().split())
     assert "few-shot defenses (default 16)" in bench and "(default 16) (default" not in bench
     assert "(0: in the main process) (default: 2)" in bench  # a real default is still shown
+
+
+def test_every_command_the_parser_knows_has_a_function_that_runs_it():
+    import importlib
+
+    from clipguard.cli.parser import build_parser
+
+    commands = importlib.import_module("clipguard.cli.main")
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(subparsers.choices) == 10 and all(callable(commands._command(name)) for name in subparsers.choices)
+    assert build_parser().parse_args(["evaluate"]).command == "evaluate"

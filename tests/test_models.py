@@ -138,3 +138,18 @@ def test_pretrained_download_without_internet_says_how_to_use_a_local_file(monke
     with pytest.raises(ClipguardError, match="ARCH:/path/to/weights.safetensors") as err:
         load_clip("ViT-B-32:openai")
     assert "\n" not in str(err.value)
+
+
+def test_a_view_without_a_defense_sees_the_model_as_it_is(tiny_clip, images16):
+    from clipguard.data.captions import PROMPT_TEMPLATES
+    from clipguard.models.view import DefendedClip, NoDefense, vision_cls_states
+    from clipguard.models.zeroshot import class_text_features
+
+    view = DefendedClip(tiny_clip)
+    assert isinstance(view.defense, NoDefense)
+    assert torch.equal(view.encode_image(images16), tiny_clip.encode_image(images16, normalize=True))
+    assert torch.equal(view.class_features(["coat", "bag"]),
+                       class_text_features(tiny_clip, ["coat", "bag"], PROMPT_TEMPLATES))
+    assert torch.equal(view.class_features(["coat"], "x", templates=["a {}"]),
+                       class_text_features(tiny_clip, ["coat"], ["a {}"], "x"))
+    assert torch.equal(view.cls_states(images16), vision_cls_states(tiny_clip, images16))

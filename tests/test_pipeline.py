@@ -28,7 +28,6 @@ def suspect_dir(tmp_path):
 
 def test_the_readme_api_defends_evaluates_and_saves(tmp_path, suspect_dir):
     from clipguard.attacks import load_trigger
-    from clipguard.defenses import load_defense
 
     suspect = pipeline.load_model(str(suspect_dir), device="cpu")
     trigger = load_trigger(suspect_dir, suspect.config["attack"])
@@ -41,8 +40,8 @@ def test_the_readme_api_defends_evaluates_and_saves(tmp_path, suspect_dir):
     pipeline.save(defended, tmp_path / "d", evaluation=result)
     saved = json.loads((tmp_path / "d" / "eval.json").read_text())
     assert saved["attack_success_rate"] == result["attack_success_rate"]
-    again = pipeline.evaluate(pipeline.Defended(suspect, load_defense(tmp_path / "d", suspect, result["classes"])),
-                              trigger=trigger, target="bag", limit=50, progress=False)
+    again = pipeline.evaluate(pipeline.load_defended(suspect, tmp_path / "d"), trigger=trigger, target="bag",
+                              limit=50, progress=False)
     assert again["attack_success_rate"] == result["attack_success_rate"]
     assert again["clean_accuracy"] == result["clean_accuracy"]
 
@@ -65,3 +64,24 @@ def test_defense_config_sets_shots_only_where_the_method_has_them():
     assert pipeline.defense_config("rvpt", seed=3, shots=4).shots == 4
     config = pipeline.defense_config("cleanclip", seed=3, shots=4, settings={"pairs": 10})
     assert (config.seed, config.pairs) == (3, 10) and not hasattr(config, "shots")
+
+
+def test_the_attack_path_saves_the_model_with_its_evaluation(tmp_path):
+    from clipguard.attacks import load_trigger
+    from clipguard.eval.evaluate import metrics_of
+
+    save_clip(make_tiny_clip(architecture=TINY28), tmp_path / "clean")
+    clip = pipeline.load_model(str(tmp_path / "clean"), device="cpu")
+    record, result = pipeline.attack(clip, TINY_ATTACK, tmp_path / "m")
+    assert result["model"] == str(tmp_path / "m") and result["attack"]["target"] == "bag"
+    assert json.loads((tmp_path / "m" / "eval.json").read_text()) == result
+    saved = pipeline.load_model(str(tmp_path / "m"), device="cpu")
+    assert saved.config["attack"]["evaluation"] == metrics_of(result) == record["evaluation"]
+    again = pipeline.evaluate(saved, trigger=load_trigger(tmp_path / "m", record), target="bag", progress=False)
+    assert metrics_of(again) == metrics_of(result)  # the saved model is the one evaluated
+
+
+def test_an_attack_target_outside_the_attackers_classes_is_refused_before_any_work():
+    with pytest.raises(ClipguardError, match="attacker's classes"):
+        pipeline.check_attack_target(AttackConfig(target="cat"))
+    pipeline.check_attack_target(AttackConfig(target="cat", poison_rate=0.0))  # a clean fine-tune has no target

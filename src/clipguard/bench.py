@@ -1,8 +1,9 @@
 """The benchmark: every attack x every defense x seeds, cached by config hash, resumable.
 
 ``run_bench`` backdoors the clean model once per (attack, seed), applies every defense to
-each backdoored model, and evaluates each cell (CA, ASR, PA with integer counts, wall time,
-peak memory, trainable parameters). Every finished piece is on disk before the next starts:
+each backdoored model, and evaluates each cell (CA, ASR, PA with integer counts, wall time, its own
+peak memory (:class:`~clipguard.device.PeakMemory`), trainable parameters). Every finished piece is
+on disk before the next starts:
 
     OUT/models/{attack}-s{seed}/         backdoored model directory (as ``clipguard attack``)
     OUT/defenses/{attack}-s{seed}/{m}/   learned prompt defense directory (prompt methods)
@@ -33,18 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import clipguard
 from clipguard import ClipguardError
 from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_class, load_trigger, run_attack, save_backdoored
 from clipguard.attacks.poison import attack_record, target_of
-from clipguard.data.classes import class_index
 from clipguard.config import override, parse_assignments
 from clipguard.data import FMNIST_CLASSES, Captions, Labelled
 from clipguard.defenses import get_defense_class
+from clipguard.device import PeakMemory
 from clipguard.distributed import barrier, init_distributed, is_main_process
-from clipguard.engine import peak_memory_mb
 from clipguard.eval.evaluate import METRICS, write_json
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device
@@ -252,9 +250,7 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
     if cached and cached.get("key") == key:
         return cached
     logger.info("cell %s / %s / seed %d", attack, method, seed)
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = PeakMemory(resolve_device(config.device))  # the cell's own peak, whatever ran before it
     start = time.perf_counter()
     defended = defend(clip, method, config=settings or None, pool=config.pool, pool_size=config.pool_size,
                       pool_trigger_rate=config.pool_trigger_rate, suspect_dir=model_dir, dataset=config.labelled,
@@ -273,8 +269,8 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
         "target": result["attack"]["target"], "test_images": result["clean_accuracy"]["total"],
         "defense_seconds": round(defense_seconds, 2), "eval_seconds": result["seconds"],
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "peak_memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "process peak RSS so far (CPU)",
+        "peak_memory_mb": memory.peak_mb(),
+        "peak_memory_kind": memory.kind,
         "trainable_parameters": int(stats.get("trainable_parameters", 0)),
         "settings": settings if isinstance(settings, dict) else asdict(settings),
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))},
@@ -326,40 +322,28 @@ def run_bench(config: BenchConfig, out: str | Path,
     return records
 
 
-TRIGGERS_PNG = "triggers.png"
-
-
 def write_figures(config: BenchConfig, out: Path) -> list[str]:
     """The trigger grid of the first seed's models, and PR curves (suspect vs VPT vs RVPT) per attack."""
     from clipguard.defenses import DefendedClip, load_defense
-    from clipguard.eval.analysis import perturbations, plot_resistivity, resistivity
-    from clipguard.eval.plots import example_index, plot_trigger_grid
+    from clipguard.eval.bench_figures import write_figures as draw_figures
 
     seed = config.seeds[0]
     test = config.labelled.load("test", clean_source(config.model)[1])
     models = {a: model_directory(out, a, config.attack.poison_rate, seed) for a in config.attacks}
     records = {a: json.loads((d / "config.json").read_text())["attack"] for a, d in models.items()}
     triggers = [load_trigger(models[a], records[a]) for a in config.attacks]
-    target = class_index(test.classes, target_of(records[config.attacks[0]]))
-    plot_trigger_grid(test.float_images(example_index(test, target, seed)), triggers, out / TRIGGERS_PNG)
-    names = [TRIGGERS_PNG]
     compared = [m for m in ("vpt", "rvpt") if m in config.defenses]
-    if not compared or config.pr_images < 1:
-        return names
-    for attack in config.attacks:
+
+    def load_attack(attack: str):
         clip = load_clip(str(models[attack]), device=config.device)
-        keep = torch.nonzero(test.labels != class_index(test.classes, target_of(records[attack]))).flatten()
-        chosen = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[: config.pr_images]]
-        images = test.float_images(chosen)
         views = {"suspect": DefendedClip(clip)}
         for method in compared:
             views[method] = DefendedClip(clip, load_defense(out / "defenses" / f"{attack}-s{seed}" / method, clip,
                                                             test.classes))
-        trigger = load_trigger(models[attack], records[attack])
-        results = {label: resistivity(view, images, perturbations(trigger, seed)) for label, view in views.items()}
-        plot_resistivity(results, out / f"pr-{attack}.png")
-        names.append(f"pr-{attack}.png")
-    return names
+        return views, load_trigger(models[attack], records[attack])
+
+    return draw_figures(out, test, triggers, {a: target_of(records[a]) for a in config.attacks}, seed,
+                        config.pr_images, load_attack if compared else None)
 
 
 def config_summary(config: BenchConfig) -> dict:

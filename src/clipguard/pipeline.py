@@ -1,7 +1,7 @@
 """The steps every entry point shares: load a model, backdoor it, draw shots, defend, evaluate, save.
 
-``clipguard defend``, the bench's cells and the ``benchmarks/`` scripts all run through these
-functions, and they are the Python API::
+``clipguard attack``, ``evaluate`` and ``defend``, the bench's cells and the ``benchmarks/`` scripts
+all run through these functions, and they are the Python API::
 
     from clipguard import pipeline
     from clipguard.attacks import AttackConfig
@@ -28,11 +28,13 @@ from typing import Any
 import torch
 
 from clipguard import ClipguardError
-from clipguard.attacks import AttackConfig, load_trigger, run_attack
+from clipguard.attacks import AttackConfig, load_trigger, run_attack, save_backdoored
 from clipguard.config import override
 from clipguard.data import (
-    Captions, FolderImages, ImageSet, Labelled, as_captions, few_shot_indices, has_splits, load_dataset,
+    FMNIST_CLASSES, Captions, FolderImages, ImageSet, Labelled, as_captions, few_shot_indices, has_splits,
+    load_dataset,
 )
+from clipguard.data.classes import class_index
 from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.clip import ClipModel
@@ -57,6 +59,34 @@ def backdoor(clip: ClipModel, config: AttackConfig | None = None, trigger_settin
     clip.eval()
     clip.config["finetune" if trigger is None else "attack"] = record  # as a reload of the saved directory would have it
     return clip, trigger, record
+
+
+def check_attack_target(config: AttackConfig, captions: str | Captions = "fmnist",
+                        dataset: str | Labelled = "fmnist") -> None:
+    """Refuse (ClipguardError, before any work) a target outside the attacker's classes: the
+    built-in corpus's own, else ``dataset``'s (a clean fine-tune has no target)."""
+    own = str(captions) == "fmnist"
+    classes = FMNIST_CLASSES if own else load_dataset(dataset, "test").classes
+    if not config.clean:
+        class_index(classes, config.target, where=f"the attacker's classes ({captions if own else dataset})")
+
+
+def attack(clip: ClipModel, config: AttackConfig, out: str | Path, trigger_settings: dict | None = None,
+           run_dir: str | Path | None = None, resume: bool | str = False, captions: str | Captions = "fmnist",
+           dataset: str | Labelled = "fmnist", seed: int = 0) -> tuple[dict, dict]:
+    """``clipguard attack``: :func:`backdoor` ``clip``, :func:`evaluate` it on ``dataset``'s test split
+    (with its trigger, ``seed`` placing it), and save it as the model directory ``out`` (also the
+    evaluation's model name), the metrics in its attack record and the evaluation as ``eval.json``:
+    (attack record, evaluation)."""
+    from clipguard.eval.evaluate import metrics_of
+    from clipguard.outputs import write_json
+
+    clip, trigger, record = backdoor(clip, config, trigger_settings, run_dir, resume, captions, dataset)
+    result = evaluate(clip, trigger=trigger, target=record.get("target"), dataset=dataset, seed=seed, name=str(out))
+    record["evaluation"] = metrics_of(result)
+    save_backdoored(clip, trigger, record, out)
+    write_json(result, Path(out) / "eval.json")
+    return record, result
 
 
 def draw_shots(shots: int, seed: int = 0, dataset: str | Labelled = "fmnist", image_size: int = 28,
@@ -173,6 +203,18 @@ def _class_names(suspect: ClipModel, data, dataset: str | Labelled) -> tuple[str
     return tuple(suspect.config.get("classes") or load_dataset(dataset, "test", suspect.image_size).classes)
 
 
+def load_defended(suspect: ClipModel, directory: str | Path | None = None, dataset: str | Labelled = "fmnist",
+                  split: str = "test", verify: bool = True) -> Defended:
+    """``suspect`` through the defense directory ``directory`` (as :func:`save` writes it, learned for
+    the classes of ``dataset``'s ``split``), or as it is (``directory`` None)."""
+    if not directory:
+        return Defended(suspect, None)
+    from clipguard.defenses import load_defense
+
+    classes = load_dataset(dataset, split, suspect.image_size).classes
+    return Defended(suspect, load_defense(directory, suspect, classes, verify=verify))
+
+
 def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = None, dataset: str | Labelled = "fmnist",
              split: str = "test", limit: int | None = None, seed: int = 0, batch_size: int = 1000,
              progress: bool = True, name: str | None = None) -> dict:
@@ -180,13 +222,11 @@ def evaluate(model: ClipModel | Defended, trigger=None, target: str | None = Non
 
     A defense fitted on shots of a dataset without separate splits is evaluated on its other images."""
     defended = model if isinstance(model, Defended) else Defended(model, None)
-    prompts = defended.defense if defended.defense is not None and not defended.defense.rewrites_weights else None
     label = name or defended.suspect_dir or (defended.name if defended.defense is not None else "model")
     same = str(dataset) == str(defended.dataset)
     shots_here = defended.shots_index is not None and same and not has_splits(dataset)
-    return evaluate_model(defended.model, label, dataset, split, limit, seed, batch_size, progress,
-                          trigger=trigger, target=target, defense=prompts,
-                          exclude=defended.shots_index if shots_here else None)
+    return evaluate_model(defended.view, label, dataset, split, limit, seed, batch_size, progress,
+                          trigger=trigger, target=target, exclude=defended.shots_index if shots_here else None)
 
 
 def save(defended: Defended, directory: str | Path, evaluation: dict | None = None) -> Path:
@@ -210,11 +250,6 @@ def save(defended: Defended, directory: str | Path, evaluation: dict | None = No
 def defended_methods() -> list[str]:
     """``none`` first, then the defenses on top of the suspect, then those rewriting its weights."""
     return [NO_DEFENSE, *sorted(DEFENSES, key=lambda m: (DEFENSES[m].rewrites_weights, m))]
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def detect(clip: ClipModel, shots: int = 16, seed: int = 0, dataset: str | Labelled = "fmnist",

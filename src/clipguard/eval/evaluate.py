@@ -13,7 +13,7 @@ from clipguard.data.classes import class_index
 from clipguard.eval.metrics import (
     TARGET_EXCLUSION_NOTE, attack_success_rate, chance_warning, clean_accuracy, poisoned_accuracy,
 )
-from clipguard.models.view import DefendedClip
+from clipguard.models.view import DefendedClip, NoDefense
 from clipguard.models.zeroshot import image_features, zero_shot_logits
 from clipguard.models.clip import ClipModel
 from clipguard.outputs import write_json  # noqa: F401  (re-exported: eval.evaluate.write_json)
@@ -28,7 +28,7 @@ def metrics_of(record: dict) -> dict:
 
 
 def evaluate_model(
-    clip: ClipModel,
+    clip: ClipModel | DefendedClip,
     model_name: str,
     dataset: "str | Labelled" = "fmnist",
     split: str = "test",
@@ -41,8 +41,9 @@ def evaluate_model(
     defense=None,
     exclude: torch.Tensor | None = None,
 ) -> dict:
-    """Zero-shot CA of ``clip`` (seen through ``defense`` if given); with a ``trigger`` and the
-    ``target`` class *name* also ASR and PA.
+    """Zero-shot CA of ``clip`` (a model, seen through ``defense`` if given, or a
+    :class:`~clipguard.models.view.DefendedClip`); with a ``trigger`` and the ``target`` class
+    *name* also ASR and PA.
 
     ``target`` is looked up in the dataset's own class list, so an ImageFolder that orders the
     classes differently measures the same class; a dataset without it is a ClipguardError
@@ -57,7 +58,8 @@ def evaluate_model(
     :func:`~clipguard.models.zeroshot.image_features`).
     """
     start = time.perf_counter()
-    images = load_dataset(dataset, split, clip.image_size)
+    model = clip if isinstance(clip, DefendedClip) else DefendedClip(clip, defense)
+    images = load_dataset(dataset, split, model.clip.image_size)
     if trigger is not None:
         if target is None:
             raise ClipguardError("a trigger needs its target class name to measure ASR")
@@ -74,7 +76,6 @@ def evaluate_model(
         evaluated_on = f"the {len(images)} images not drawn as shots (the dataset has no separate splits)"
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
-    model = DefendedClip(clip, defense)
     texts = model.class_features(images.classes, templates=getattr(images, "templates", None))
     features = image_features(model, images, batch_size=batch_size, progress=progress)
     predictions = _predictions(model, features, texts, model_name)
@@ -85,8 +86,8 @@ def evaluate_model(
     }
     if trigger is not None:
         record.update(evaluate_trigger(model, images, trigger, target, seed, batch_size, progress))
-    if defense is not None:
-        record["defense"] = defense.name
+    if not isinstance(model.defense, NoDefense):
+        record["defense"] = model.defense.name
     warning = chance_warning(ca.value, len(images.classes))
     if warning:
         record["warning"] = warning

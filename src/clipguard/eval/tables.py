@@ -31,6 +31,10 @@ CPU_MEMORY_NOTE = ("on CPU this is the whole process's peak resident memory so f
                    "cells included), not the defense's own cost")
 CUDA_MEMORY_NOTE = ("on CUDA this is the most GPU memory torch allocated during the cell (counted from a reset "
                     "at the cell's start, so the loaded model counts too)")
+CPU_CELL_MEMORY_NOTE = ("on CPU this is the process's peak resident memory during the cell (counted from a reset "
+                        "at the cell's start, so the loaded model and data count too)")
+MEMORY_NOTES = {"process peak RSS so far (CPU)": CPU_MEMORY_NOTE, "peak RSS during the cell (CPU)": CPU_CELL_MEMORY_NOTE,
+                "max allocated (CUDA)": CUDA_MEMORY_NOTE}  # peak_memory_kind -> what it measures (older cells too)
 # Figure captions in report.html (other figures are captioned by their file name).
 _COUNT_NAMES = {"clean_accuracy": "correct", "attack_success_rate": "hits", "poisoned_accuracy": "correct"}
 
@@ -201,14 +205,15 @@ def cost_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]], lis
         chosen = [r for r in records if r["defense"] == defense]
         seconds = mean_std([r["defense_seconds"] for r in chosen])[0]
         params = mean_std([r["trainable_parameters"] for r in chosen])[0]
-        memory = f"{max(r['peak_memory_mb'] for r in chosen):,.0f}"
+        measured = [r["peak_memory_mb"] for r in chosen if r["peak_memory_mb"] is not None]
+        memory = f"{max(measured):,.0f}" if measured else NOT_MEASURED
         if len(kinds) > 1:
             own = [k for k in dict.fromkeys(r.get("peak_memory_kind", "") for r in chosen) if k]
             memory += f" ({'; '.join(own)})" if own else ""
         rows.append([defense, str(len(chosen)), f"{seconds:.1f}", f"{params:,.0f}", memory])
     notes = []
     if kinds:
-        said = [CPU_MEMORY_NOTE for k in kinds if "CPU" in k][:1] + [CUDA_MEMORY_NOTE for k in kinds if "CUDA" in k][:1]
+        said = [MEMORY_NOTES[k] for k in kinds if k in MEMORY_NOTES]
         notes.append(f"Peak memory: {'; '.join(kinds)}" + (f"; {'; '.join(said)}." if said else "."))
     return header, rows, notes
 

@@ -2,7 +2,8 @@
 
 It lives below ``eval`` and ``defenses`` so that both can use it without importing each other.
 A defense here is anything with ``encode_image(clip, images)``, ``class_features(clip, names,
-text_prefix)`` and ``cls_states(clip, images)`` (every :class:`clipguard.defenses.Defense`).
+text_prefix, templates)`` and ``cls_states(clip, images)`` (every :class:`clipguard.defenses.Defense`,
+and :class:`NoDefense`, the model as it is).
 """
 
 from __future__ import annotations
@@ -24,11 +25,28 @@ def vision_cls_states(clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
     return torch.stack(states, dim=1)
 
 
+class NoDefense:
+    """The identity defense: the CLIP's own image features, prompted class features and [CLS]
+    states, as they are (what a :class:`DefendedClip` without a defense sees)."""
+
+    name = "none"
+
+    def encode_image(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        return clip.encode_image(images, normalize=True)
+
+    def class_features(self, clip: ClipModel, class_names: Sequence[str], text_prefix: str = "",
+                       templates: Sequence[str] | None = None) -> torch.Tensor:
+        return class_text_features(clip, class_names, templates or PROMPT_TEMPLATES, text_prefix)
+
+    def cls_states(self, clip: ClipModel, images: torch.Tensor) -> torch.Tensor:
+        return vision_cls_states(clip, images)
+
+
 class DefendedClip:
     """A CLIP seen through a defense: the interface zero-shot evaluation uses."""
 
-    def __init__(self, clip: ClipModel, defense=None):  # defense: a clipguard.defenses.Defense, or None
-        self.clip, self.defense = clip, defense
+    def __init__(self, clip: ClipModel, defense=None):  # defense: a clipguard.defenses.Defense; None: NoDefense
+        self.clip, self.defense = clip, NoDefense() if defense is None else defense
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -39,18 +57,12 @@ class DefendedClip:
         return self.clip.device
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if self.defense is None:
-            return self.clip.encode_image(images, normalize=True)
         return self.defense.encode_image(self.clip, images)
 
     def class_features(self, class_names: Sequence[str], text_prefix: str = "",
                        templates: Sequence[str] | None = None) -> torch.Tensor:
         """(C, D) class features; ``templates`` (e.g. OpenAI's ImageNet prompts) replace the default ones."""
-        if self.defense is None:
-            return class_text_features(self.clip, class_names, templates or PROMPT_TEMPLATES, text_prefix)
         return self.defense.class_features(self.clip, class_names, text_prefix, templates)
 
     def cls_states(self, images: torch.Tensor) -> torch.Tensor:
-        if self.defense is None:
-            return vision_cls_states(self.clip, images)
         return self.defense.cls_states(self.clip, images)
