@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import markdown_table
+
 RECIPE = "recipes/builtin-light.yaml"
 VAL = "fmnist-val"
 # name -> (method, shots per class, --set items)
@@ -125,15 +127,16 @@ def metrics(eval_json: Path) -> dict | None:
 
 
 def table(summary: dict) -> str:
-    lines = ["| attack | job | ASR (counts) | CA (counts) | steps | fit s | process s |", "|---|---|---|---|---|---|---|"]
+    cells = []
     for attack, rows in summary["attacks"].items():
         for job, row in rows.items():
             if row.get("asr") is None:
-                lines.append(f"| {attack} | {job} | {row.get('unfinished', row.get('error', 'no result'))} | | | | |")
+                cells.append([attack, job, row.get("unfinished", row.get("error", "no result")), "", "", "", ""])
                 continue
-            lines.append(f"| {attack} | {job} | {row['asr']} ({row['asr_counts']}) | {row['ca']} ({row['ca_counts']}) "
-                         f"| {row.get('steps', '')} | {row.get('seconds', '')} | {row.get('process_seconds', '')} |")
-    return "\n".join(lines) + "\n"
+            cells.append([attack, job, f"{row['asr']} ({row['asr_counts']})", f"{row['ca']} ({row['ca_counts']})",
+                          row.get("steps", ""), row.get("seconds", ""), row.get("process_seconds", "")])
+    headers = ["attack", "job", "ASR (counts)", "CA (counts)", "steps", "fit s", "process s"]
+    return markdown_table(headers, cells) + "\n"
 
 
 def _process(status: dict, name: str) -> dict:

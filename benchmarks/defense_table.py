@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from _tables import markdown_table
 from clipguard import pipeline
 from clipguard.attacks import load_trigger
-from clipguard.bench import BenchConfig, cell_key, record_key
 from clipguard.config import parse_assignments
 from clipguard.defenses import get_defense_class
 from clipguard.eval.evaluate import write_json
+from clipguard.keys import cell_key, record_key
 
 
 def settings_of(defense_name: str, shots: int, seed: int, assignments: list[str]):
@@ -36,8 +37,7 @@ def settings_of(defense_name: str, shots: int, seed: int, assignments: list[str]
 def cache_key(model_dir: Path, defense_name: str, settings, limit: int | None) -> str:
     """The bench's cell key: the model's attack settings, the method, its settings and the limit."""
     saved = json.loads((model_dir / "config.json").read_text())
-    return cell_key(BenchConfig(limit=limit, device="cpu"), record_key(saved.get("source", ""), saved["attack"]),
-                    defense_name, settings)
+    return cell_key(record_key(saved.get("source", ""), saved["attack"]), defense_name, settings, limit)
 
 
 def run_cell(model_dir: Path, defense_name: str, settings, seed: int, limit: int | None = None) -> dict:
@@ -84,14 +84,14 @@ def main() -> None:
             print(f"{model_dir.name:16s} {label:14s} ASR {100 * asr['value']:6.2f} ({asr['hits']}/{asr['total']})  "
                   f"CA {100 * ca['value']:5.2f}  fit {secs:.0f} s", flush=True)
     labels = list(dict.fromkeys(label for _, label in table))
-    print("\n| model | " + " | ".join(labels) + " |")
-    print("|---|" + "---|" * len(labels))
+    rows = []
     for model in dict.fromkeys(m for m, _ in table):
         cells = []
         for label in labels:
             r = table.get((model, label))
             cells.append(f"{100 * r['attack_success_rate']['value']:.2f} ({100 * r['clean_accuracy']['value']:.2f})" if r else "")
-        print(f"| {model} | " + " | ".join(cells) + " |")
+        rows.append([model, *cells])
+    print("\n" + markdown_table(["model", *labels], rows))
     print("\nCells: ASR (CA), %. ASR counts triggered test images of non-target classes only.")
 
 

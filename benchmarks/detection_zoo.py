@@ -13,7 +13,7 @@ without an attack record are negatives. Reported, at the detector's threshold:
 Every run is appended to ``--out``/runs.jsonl as it finishes, and a rerun skips the runs
 already there, so an interrupted zoo resumes. The tables go to ``--out``/detection.md.
 
-    python benchmarks/detection_zoo.py --out /tmp/zoo --shot-seeds 0 --clean-seeds 0 1 2 3 4 \\
+    python benchmarks/detection_zoo.py --out runs/zoo --shot-seeds 0 --clean-seeds 0 1 2 3 4 \\
         --models builtin runs/bench/models/*-s0
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
+from _tables import markdown_table
 from clipguard.detection.inversion import InversionConfig
 
 
@@ -72,26 +73,26 @@ def summary(runs: list[dict]) -> dict:
 
 
 def table(runs: list[dict], threshold: float) -> str:
-    lines = ["| model | attack (target) | shot seed | suspected target | collapse | verdict |", "|---|---|---|---|---|---|"]
-    for r in runs:
-        attack = f"{r['attack']} ({r['attack_target']})" if r["attack"] else "clean"
-        verdict = "backdoored" if r["backdoored"] else "not backdoored"
-        lines.append(f"| {r['name']} | {attack} | {r['seed']} | {r['target_name']} | {r['collapse']:.3f} | {verdict} |")
+    runs_table = markdown_table(
+        ["model", "attack (target)", "shot seed", "suspected target", "collapse", "verdict"],
+        [[r["name"], f"{r['attack']} ({r['attack_target']})" if r["attack"] else "clean", r["seed"], r["target_name"],
+          f"{r['collapse']:.3f}", "backdoored" if r["backdoored"] else "not backdoored"] for r in runs])
     groups = {"all": runs}
     for attack in sorted({r["attack"] for r in runs if r["attack"]}):
         groups[attack] = [r for r in runs if r["attack"] in (attack, None)]
-    lines += ["", f"At the threshold {threshold} (the group's positives, against every clean run):", "",
-              "| group | positive runs | TPR | target right | target right when called | negative runs | FPR | AUROC |",
-              "|---|---|---|---|---|---|---|---|"]
 
     def cell(value):
         return "" if value is None else f"{value:.2f}"
+    rows = []
     for name, group in groups.items():
         s = summary(group)
-        lines.append(f"| {name} | {s['positive runs']} | {cell(s.get('TPR'))} | {cell(s.get('target right'))} | "
-                     f"{cell(s.get('target right when called'))} | {s['negative runs']} | {cell(s.get('FPR'))} | "
-                     f"{cell(s.get('AUROC'))} |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, s["positive runs"], cell(s.get("TPR")), cell(s.get("target right")),
+                     cell(s.get("target right when called")), s["negative runs"], cell(s.get("FPR")),
+                     cell(s.get("AUROC"))])
+    group_table = markdown_table(["group", "positive runs", "TPR", "target right", "target right when called",
+                                  "negative runs", "FPR", "AUROC"], rows)
+    return "\n".join([runs_table, "", f"At the threshold {threshold} (the group's positives, against every clean run):",
+                      "", group_table]) + "\n"
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _tables import markdown_table
+
 
 def make_folder(root: Path, count: int, seed: int = 0) -> Path:
     """``count`` test images (balanced over classes), tinted and upscaled to 256 px JPEGs."""
@@ -112,10 +114,9 @@ def main() -> None:
                       args.model])["seconds"]
         ratios.append({"clipguard_s": ours, "bare_s": bare, "ratio": round(ours / bare, 3)})
         print(json.dumps(ratios[-1]), flush=True)
-    print("\n| images | --limit 10: wall s | peak RSS MB | all images: wall s | peak RSS MB |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['images']:,} | {row['limit10']['seconds']} | {row['limit10']['peak_rss_mb']} | "
-              f"{row['all']['seconds']} | {row['all']['peak_rss_mb']} |")
+    print("\n" + markdown_table(["images", "--limit 10: wall s", "peak RSS MB", "all images: wall s", "peak RSS MB"],
+                                [[f"{row['images']:,}", row["limit10"]["seconds"], row["limit10"]["peak_rss_mb"],
+                                  row["all"]["seconds"], row["all"]["peak_rss_mb"]] for row in rows]))
     print(f"\n{args.model}: clipguard / bare torchvision loop on {min(args.sizes):,} images ({workers} workers, batch "
           f"{args.batch_size}): " + ", ".join(f"{r['ratio']} ({r['clipguard_s']} s / {r['bare_s']} s)" for r in ratios))
 

@@ -1,4 +1,4 @@
-"""Issue table for the oracle-guided repair (EftCLIP, docs/methods.md, oracle-guided repair) on backdoored built-in models.
+"""The oracle-guided repair table (EftCLIP, docs/methods.md) on backdoored built-in models.
 
 For every ``<attack>-<rate>`` model directory under --runs: build the defender's pool, run
 ``oracle_repair``, save the repaired model + report under --out/<attack>, and measure
@@ -16,8 +16,8 @@ of all classes. "Present" victims = triggered pool images of non-target classes 
 images are excluded, as for ASR); precision counts a detection as right when the image was
 triggered.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/oracle_repair_table.py --runs /work/runs/attacks \\
-        --out /work/runs/oracle_repair
+    OMP_NUM_THREADS=1 nice python benchmarks/oracle_repair_table.py --runs runs/attacks \\
+        --out runs/oracle_repair
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
+from _tables import markdown_table
 from clipguard.attacks import load_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import FMNIST_CLASSES, load_fmnist
-from clipguard.defenses.oracle_repair.oracle import load_pool, mask_box
+from clipguard.data.pool import load_pool
+from clipguard.defenses.oracle_repair.oracle import mask_box
 from clipguard.defenses.oracle_repair import OracleRepairConfig, oracle_repair, save_repaired_model, write_repair_report
 from clipguard.defenses.oracle_repair.trigger_search import zero_shot_probabilities
 from clipguard.eval.evaluate import evaluate_model
@@ -94,13 +96,13 @@ def rates(record: dict) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", default="/work/runs/attacks")
+    parser.add_argument("--runs", default="runs/attacks")
     parser.add_argument("--rate", default="0.03", help="poison rate in the model directory names")
     parser.add_argument("--attacks", nargs="*", help="default: every <attack>-<rate> directory present")
     parser.add_argument("--pool-size", type=int, default=2000)
     parser.add_argument("--trigger-rate", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="/work/runs/oracle_repair")
+    parser.add_argument("--out", default="runs/oracle_repair")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="OracleRepairConfig field")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -145,9 +147,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("before", "after")}, default=str), flush=True)
     print(f"\npool: {args.pool_size} Fashion-MNIST train images (seed {args.seed}), {100 * args.trigger_rate:g}% "
           f"triggered; config: {config}\n")
-    print("| attack | verdict | victim label right? | IoU>=0.5 (mean) | victims found/present | precision | recall "
-          "| compact set | CA before -> after | ASR before -> after (rel. drop) | time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for r in rows:
         ca0, asr0 = rates(r["before"])
         ca1, asr1 = rates(r["after"])
@@ -155,9 +155,12 @@ def main() -> None:
         right = "n/a" if not r["victim_labels"] else ("yes" if r["victim_label_right"] else f"no {r['victim_labels']}")
         iou = f"{100 * r['iou_share_05']:.0f}% ({r['iou_mean']:.2f})" if r["true_found"] else "-"
         precision = f"{100 * r['precision']:.1f}%" if r["found"] else "-"
-        print(f"| {r['attack']} | {r['verdict']} | {right} | {iou} | {r['true_found']}/{r['present']} "
-              f"({r['found']} flagged) | {precision} | {100 * r['recall']:.1f}% | {r['compact_set_size']} | "
-              f"{ca0:.2f} -> {ca1:.2f} | {asr0:.2f} -> {asr1:.2f} ({drop:.1f}%) | {r['seconds']:.0f} s |")
+        cells.append([r["attack"], r["verdict"], right, iou, f"{r['true_found']}/{r['present']} ({r['found']} flagged)",
+                      precision, f"{100 * r['recall']:.1f}%", r["compact_set_size"], f"{ca0:.2f} -> {ca1:.2f}",
+                      f"{asr0:.2f} -> {asr1:.2f} ({drop:.1f}%)", f"{r['seconds']:.0f} s"])
+    print(markdown_table(["attack", "verdict", "victim label right?", "IoU>=0.5 (mean)", "victims found/present",
+                          "precision", "recall", "compact set", "CA before -> after", "ASR before -> after (rel. drop)",
+                          "time"], cells))
     print("\nASR counts triggered test images of non-target classes only (target-class images excluded).")
 
 

@@ -2,6 +2,7 @@
 kept, what was still running is stopped and reported with the last line it printed."""
 
 import importlib.util
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "defender_data.
 
 @pytest.fixture(scope="module")
 def defender_data():
+    sys.path.insert(0, str(BENCHMARK.parent))  # as `python benchmarks/defender_data.py` sees its _tables
     spec = importlib.util.spec_from_file_location("defender_data", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -62,3 +64,5 @@ def test_the_table_names_unfinished_and_failed_jobs(defender_data):
     lines = defender_data.table(summary).splitlines()
     assert lines[2] == "| badnet | none | 80.96 (3631/4485) | 89.88 (4494/5000) |  |  | 30 |"
     assert "10000/25000" in lines[3] and lines[4].startswith("| badnet | cbpt-1600 | exit 2 |")
+    # the progress bar's own "|" are escaped: the unfinished row keeps the header's columns
+    assert [len(re.split(r"(?<!\\)\|", line)) for line in lines[3:5]] == [len(lines[0].split("|"))] * 2
