@@ -222,10 +222,11 @@ SKIP = {"seed", "shots", "classes", "threshold", "seconds", "target", "clipguard
         "statistic", "verdict_statistic", "anomaly_index", "score"}  # not a detector's score, or the statistic itself
 
 
-def read_detection(record: dict, mode: str | None = None) -> dict:
+def read_detection(record: dict, mode: str | None = None, config=None) -> dict:
     """verdict, target, the verdict statistic and each detector's score and seconds, read defensively:
     today's JSON has backdoored/collapse/target_name at the top; the new one verdict and detectors.
-    ``mode`` "self" on a reference run's record: the self mode's verdict from its suspect-side numbers."""
+    ``mode`` "self" on a reference run's record: the self mode's verdict from its suspect-side numbers.
+    ``config``: the VerdictConfig the verdict is replayed with (default: the one shipped)."""
     verdict = record.get("verdict")
     if verdict not in ("backdoored", "clean", "inconclusive"):
         verdict = "backdoored" if record.get("backdoored") else "clean"
@@ -253,7 +254,7 @@ def read_detection(record: dict, mode: str | None = None) -> dict:
     if calibration.get("candidates"):  # replayed with the thresholds shipped now (detect may have run with others)
         from clipguard.detection.verdict import VerdictConfig, decide
 
-        config = VerdictConfig()
+        config = config or VerdictConfig()
         verdict, target, index, _ = decide(calibration, config)
         record = {**record, "target_name": target if verdict != "clean" else None}
         if calibration["mode"] == "reference":  # both kinds of evidence on the verdict's scale: >= 1 calls it
@@ -342,6 +343,46 @@ def score_tables(runs: list[dict], favourites: dict[str, str | None]) -> str:
     held_note = "" if held else "\nThe evaluation half is empty (no odd seed ran): nothing to report on it.\n"
     return "\n".join(lines) + "\n\nEach detector's own score (the evaluation half):\n\n" + "\n".join(detector_lines) \
         + "\n" + held_note
+
+
+def fit_verdict(runs: list[dict], mode: str):
+    """The verdict's calibration fitted on the fitting half of ``runs`` (one mode): over a small
+    grid, the most right-target calls among the positives with at most 5 % of the negatives called
+    (ties: the shipped values, then the grid's order). Returns (VerdictConfig, a markdown line)."""
+    import dataclasses
+    import itertools
+
+    from clipguard.detection.verdict import VerdictConfig
+
+    shipped = VerdictConfig()
+    fit = [r for r in runs if r["half"] == "fit"]
+    if mode == "self":
+        grid = [{"mad_floor": f, "backdoored_at": round(t, 2), "clean_below": round(max(0.0, t - 0.5), 2)}
+                for f, t in itertools.product((0.1, 0.2, 0.3, 0.5), [x / 10 for x in range(5, 41)])]
+    else:
+        grid = [{"gap_backdoored": g, "gap_clean": round(g - 0.1, 2), "reference_backdoored_at": t,
+                 "reference_clean_below": t - 1.0}
+                for g, t in itertools.product((0.2, 0.3, 0.4, 0.5, 0.6), (2.0, 2.5, 3.0, 3.5, 4.0, 5.0))]
+
+    def scored(values: dict) -> tuple:
+        config = dataclasses.replace(shipped, **values)
+        replayed = [(r, read_detection(r["record"], mode, config)) for r in fit]
+        negatives = [d for r, d in replayed if not r["positive"]]
+        false = sum(d["verdict"] == "backdoored" for d in negatives)
+        right = sum(d["verdict"] == "backdoored" and d["target_name"] == r["target"] for r, d in replayed if r["positive"])
+        is_shipped = all(getattr(shipped, k) == v for k, v in values.items())
+        return (false <= 0.05 * len(negatives), right, is_shipped), config, false, len(negatives), right
+
+    results = [scored(values) for values in grid]
+    best = max(results, key=lambda item: item[0])
+    key, config, false, negatives, right = best
+    positives = sum(r["positive"] for r in fit)
+    changed = {k: getattr(config, k) for k in grid[0] if getattr(config, k) != getattr(shipped, k)}
+    note = (f"Calibration fitted on the fitting half ({positives} positive, {negatives} negative runs): "
+            + (", ".join(f"{k} = {v:g}" for k, v in changed.items()) if changed else "the shipped values") +
+            f" ({right} right-target calls, {false} negatives called). Every verdict below is replayed with it"
+            + ("" if key[0] else "; no setting of the grid kept the fitting half's negatives at 5 %: the least bad is used") + ".")
+    return config, note
 
 
 def old_detector(positive: list[dict], negative: list[dict]) -> str:
@@ -447,8 +488,8 @@ def main() -> None:
             if shown in args.modes:
                 runs.append({"model": m.name, "regime": m.regime, "attack": m.attack, "target": m.target,
                              "seed": m.seed, "shot_seed": seed, "mode": shown, "half": "eval" if half else "fit",
-                             "positive": m.attack is not None, **read_detection(record, shown)})
-    (work / "runs.json").write_text(json.dumps(runs, indent=1))
+                             "positive": m.attack is not None, "record": record, **read_detection(record, shown)})
+    (work / "runs.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "record"} for r in runs], indent=1))
     favourites = {}
     for regime in {m.regime for m in models}:
         named = [r["suspected"] for r in runs if r["regime"] == regime and r["seed"] is None and r["mode"] == "self"]
@@ -468,7 +509,10 @@ def main() -> None:
         chosen = [r for r in runs if r["mode"] == mode]
         if not chosen:
             continue
-        text += [f"## Scores: `{mode}` mode", "", score_tables(chosen, favourites), "### Runs", "", run_table(chosen)]
+        config, note = fit_verdict(chosen, mode)
+        chosen = [{**r, **read_detection(r["record"], mode, config)} for r in chosen]
+        text += [f"## Scores: `{mode}` mode", "", note, "", score_tables(chosen, favourites), "### Runs", "",
+                 run_table(chosen)]
     doc = Path(args.doc or work / "detection-zoo.md")
     doc.write_text("\n".join(text))
     print(f"wrote {doc}, {work / 'manifest.json'} and {work / 'runs.json'}")
