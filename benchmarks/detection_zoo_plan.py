@@ -234,12 +234,14 @@ def estimate(models: list[Model], args) -> str:
     scale = recipe["pairs"] * recipe["epochs"] / (FULL["pairs"] * FULL["epochs"])
     to_build = [m for m in models if m.seed is not None and not (Path(m.path) / "config.json").is_file()]
     attack_minutes = len(to_build) * (ATTACK_MINUTES * scale + (1.0 if args.quick else 0.0))
-    detections = len(models) * len(args.shot_seeds) * len(args.modes) - \
-        sum(m.seed is None for m in models) * len(args.shot_seeds) * ("reference" in args.modes)
+    done = Path(args.work) / "detect"
+    detections = sum(not (done / mode / f"{m.name.replace('/', '_')}-shots{args.shots}-s{seed}.json").is_file()
+                     for m in models for seed in args.shot_seeds
+                     for mode in ["self" if m.seed is None or "reference" not in args.modes else "reference"])
     detect_minutes = detections * args.detect_minutes
     return (f"{len(to_build)} of {len(models) - sum(m.seed is None for m in models)} models to build "
             f"(~{attack_minutes:.0f} CPU min at {ATTACK_MINUTES * scale + (1.0 if args.quick else 0.0):.1f} min each), "
-            f"up to {detections} detect runs (~{detect_minutes:.0f} min at {args.detect_minutes:g} min each): "
+            f"up to {detections} detect runs to make (~{detect_minutes:.0f} min at {args.detect_minutes:g} min each): "
             f"~{(attack_minutes + detect_minutes) / 60:.1f} h on 2 idle cores, one job at a time")
 
 
