@@ -1,4 +1,4 @@
-"""Issue table for CBPT: detection, CoOp and CBPT on every backdoored model under --models.
+"""The CBPT table: detection, CoOp and CBPT on every backdoored model under --models.
 
 For each model directory (config.json with an "attack" record, e.g. runs/attacks/badnet-0.03):
 ASR (CA) with no defense, with CoOp and with CBPT (16 clean train shots per class, seed
@@ -8,7 +8,7 @@ CoOp/CBPT. Results are cached as JSON per (model, method, settings) under --out 
 so a rerun resumes and a changed --set recomputes.
 ASR counts triggered test images of non-target classes only.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/cbpt_table.py --models /work/runs/attacks --out runs/cbpt
+    OMP_NUM_THREADS=1 nice python benchmarks/cbpt_table.py --models runs/attacks --out runs/cbpt
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
+from _tables import markdown_row, markdown_table
 from clipguard import pipeline
 from clipguard.attacks import load_trigger
-from clipguard.bench import config_hash, record_key, without_added_settings
 from clipguard.defenses.cbpt import CBPTConfig
 from clipguard.detection.inversion import detect_backdoor, save_detection_figure
 from clipguard.eval.evaluate import write_json
+from clipguard.keys import cell_key, record_key
 from clipguard.models.loading import load_clip
 
 
@@ -41,8 +41,7 @@ def cache_path(out: Path, model: str, method: str, settings, limit: int | None) 
     config = Path(model) / "config.json"
     saved = json.loads(config.read_text()) if config.is_file() else {}
     model_key = record_key(saved.get("source", ""), saved["attack"]) if "attack" in saved else model
-    fields = {} if not settings else {k: v for k, v in asdict(settings).items() if k != "device"}
-    key = config_hash({"model": model_key, "method": method, "settings": without_added_settings(fields), "limit": limit})
+    key = cell_key(model_key, method, settings or {}, limit)
     return out / Path(model).name / f"{method}-{key}.json"
 
 
@@ -82,7 +81,7 @@ def fmt(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="/work/runs/attacks", help="directory of backdoored model directories")
+    parser.add_argument("--models", default="runs/attacks", help="directory of backdoored model directories")
     parser.add_argument("--out", default="runs/cbpt")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,7 +102,7 @@ def main() -> None:
         name = "clean (builtin)" if str(model) == "builtin" else model.name
         results = {m: run_method(str(model), m, args, out) for m in ("none", "coop", "cbpt")}
         rows.append((name, results))
-        print(f"| {name} | {fmt(results['none'])} | {fmt(results['coop'])} | {fmt(results['cbpt'])} |", flush=True)
+        print(markdown_row([name, fmt(results["none"]), fmt(results["coop"]), fmt(results["cbpt"])]), flush=True)
         stats = results["cbpt"]["stats"]
         true_target = results["none"].get("attack", {}).get("target", "-")
         label = f"{name}, in the CBPT run" if str(model) == "builtin" else name
@@ -119,21 +118,17 @@ def main() -> None:
             write_json(result.as_dict(), cache)
         detection_rows.append(("clean (builtin)", seed, "-", json.loads(cache.read_text()), None))
     print("\nASR % (CA %), Fashion-MNIST test, 16 shots/class; ASR counts triggered non-target-class images only\n")
-    print("| attack | none | CoOp | CBPT |\n|---|---|---|---|")
-    for name, results in rows:
-        print(f"| {name} | {fmt(results['none'])} | {fmt(results['coop'])} | {fmt(results['cbpt'])} |")
+    print(markdown_table(["attack", "none", "CoOp", "CBPT"],
+                         [[name, *(fmt(results[m]) for m in ("none", "coop", "cbpt"))] for name, results in rows]))
     print("\nDetection (CBPT stage 1)\n")
-    print("| model | seed | true target | found target | collapse | mask area | verdict |\n|---|---|---|---|---|---|---|")
-    for name, seed, true_target, d, _ in detection_rows:
-        verdict = "backdoored" if d["backdoored"] else "not backdoored"
-        print(f"| {name} | {seed} | {true_target} | {d['target_name']} | {d['collapse']:.2f} | "
-              f"{100 * d['mask_area']:.1f}% | {verdict} |")
+    print(markdown_table(["model", "seed", "true target", "found target", "collapse", "mask area", "verdict"],
+                         [[name, seed, true_target, d["target_name"], f"{d['collapse']:.2f}",
+                           f"{100 * d['mask_area']:.1f}%", "backdoored" if d["backdoored"] else "not backdoored"]
+                          for name, seed, true_target, d, _ in detection_rows]))
     print("\nCBPT time split (wall s; CPU s of the 1-thread process)\n")
-    print("| model | inversion | features | prompt tuning | total wall | total CPU |\n|---|---|---|---|---|---|")
-    for name, _, _, _, s in detection_rows:
-        if s:
-            print(f"| {name} | {s['inversion_seconds']} | {s['feature_seconds']} | {s['prompt_seconds']} | "
-                  f"{s['seconds']} | {s.get('cpu_seconds', '-')} |")
+    print(markdown_table(["model", "inversion", "features", "prompt tuning", "total wall", "total CPU"],
+                         [[name, s["inversion_seconds"], s["feature_seconds"], s["prompt_seconds"], s["seconds"],
+                           s.get("cpu_seconds", "-")] for name, _, _, _, s in detection_rows if s]))
 
 
 if __name__ == "__main__":

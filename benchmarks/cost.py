@@ -43,8 +43,7 @@ def child(args) -> None:
     load_fmnist("train")  # data loading is not the defense's cost
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    defended = pipeline.defend(clip, method, config=settings, pool=config.pool,
-                               pool_trigger_rate=config.pool_trigger_rate, suspect_dir=args.model)
+    defended = pipeline.defend(clip, method, config=settings, data=config.defender_data, suspect_dir=args.model)
     seconds = time.perf_counter() - start
     stats = defended.stats
     kind = "model" if defended.defense.rewrites_weights else "defense"

@@ -24,6 +24,7 @@ from pathlib import Path
 from clipguard import pipeline
 from clipguard.attacks import AttackConfig
 from clipguard.config import override
+from clipguard.data import DefenderData
 from clipguard.eval.evaluate import write_json
 
 VAL = "fmnist-val"
@@ -56,7 +57,8 @@ def run_point(point: str, work: Path, shots: int, seed: int, model: str = "built
            "poison_rate": float(rate), "pairs": pairs, "seed": seed, "device": device, "trigger_settings": trigger_settings,
            "attack_seconds": round(attack_seconds, 1),
            "none": score(pipeline.Defended(suspect, None), trigger, config.target, evaluation := [])}
-    probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device=device, dataset=VAL)
+    probe = pipeline.defend(suspect, "linear-probe", shots=shots, seed=seed, device=device,
+                            data=DefenderData(VAL))
     row["linear-probe"] = score(probe, trigger, config.target)
     from clipguard.attacks import save_backdoored
 

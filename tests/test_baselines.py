@@ -13,9 +13,10 @@ from clipguard.cli import main
 from clipguard.data import few_shot_indices, load_fmnist
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses import DefendedClip, get_defense_class, load_defense, save_defense
+from clipguard.defenses.augment import augment_images, colour_jitter, random_resized_crop
 from clipguard.defenses.cleanclip import (
-    CleanCLIPConfig, FinetuneConfig, augment_images, clean_pairs, cleanclip_finetune, cleanclip_loss, colour_jitter,
-    config_for, random_resized_crop, unimodal_contrastive_loss,
+    CleanCLIPConfig, FinetuneConfig, clean_pairs, cleanclip_finetune, cleanclip_loss, config_for,
+    unimodal_contrastive_loss,
 )
 from clipguard.defenses.linear_probe import LinearProbe, LinearProbeConfig
 from clipguard.engine import TrainConfig, fit

@@ -105,14 +105,14 @@ def test_bad_settings_are_refused_by_name():
 def test_an_added_setting_at_its_old_behaviour_keeps_old_cell_keys():
     from dataclasses import asdict
 
-    from clipguard.bench import cell_key
     from clipguard.defenses.rvpt import RVPTConfig
+    from clipguard.keys import cell_key
 
     settings = asdict(RVPTConfig(seed=0))
     before = {k: v for k, v in settings.items() if k != "alpha_schedule"}  # as cached before the option existed
-    assert cell_key(BenchConfig(), "m", "rvpt", settings) == cell_key(BenchConfig(), "m", "rvpt", before)
+    assert cell_key("m", "rvpt", settings, None) == cell_key("m", "rvpt", before, None)
     ramp = {**settings, "alpha_schedule": "ramp"}
-    assert cell_key(BenchConfig(), "m", "rvpt", ramp) != cell_key(BenchConfig(), "m", "rvpt", before)
+    assert cell_key("m", "rvpt", ramp, None) != cell_key("m", "rvpt", before, None)
 
 
 def test_markdown_table_gives_mean_and_std_over_seeds():
@@ -166,7 +166,7 @@ def test_two_process_bench_matches_one_process(tmp_path, tiny_model):
 
 
 def test_a_trigger_setting_added_later_at_its_default_keeps_old_model_keys():
-    from clipguard.bench import record_key
+    from clipguard.keys import record_key
 
     old = {"name": "badnet-lc", "target": "bag", "seed": 0, "trigger": {"seed": 0, "adversarial_epsilon": 0.1}}
     new = {**old, "trigger": {**old["trigger"], "decoy_rate": 0.0}}

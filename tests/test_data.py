@@ -131,7 +131,6 @@ def test_the_web_corpus_renders_train_items_and_the_validation_split_is_disjoint
 
 
 def test_a_web_corpus_with_a_plain_share_keeps_the_other_renderings():
-    from clipguard.cli.common import check_captions
     from clipguard.data import Captions
     from clipguard.data.web import PLAIN_FORMS
 
@@ -147,4 +146,4 @@ def test_a_web_corpus_with_a_plain_share_keeps_the_other_renderings():
     assert all(torch.equal(mixed.decode(i), web.decode(i)) for i in kept)
     for bad in ("fmnist-web:plain=1.5", "fmnist-web:plain=x", "fmnist-web:mixed=0.3"):
         with pytest.raises(ClipguardError, match="fmnist-web:plain=P"):
-            check_captions(Captions(bad))
+            Captions(bad).check()

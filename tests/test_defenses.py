@@ -5,7 +5,7 @@ import torch
 
 from clipguard import ClipguardError
 from clipguard.cli import main
-from clipguard.data import few_shot_indices, load_fmnist
+from clipguard.data import DefenderData, few_shot_indices, load_fmnist
 from clipguard.defenses import DEFENSES, get_defense_class, load_defense
 from clipguard.defenses.rvpt import RVPTTask, alpha_at, feature_repelling_loss
 from clipguard import pipeline
@@ -94,7 +94,8 @@ def planted_victims(monkeypatch):
 
 
 def _defend(name, clip, seed=0):
-    return pipeline.defend(clip, name, shots=2, seed=seed, device="cpu", settings=MATRIX_FAST[name], pool=POOL)
+    return pipeline.defend(clip, name, shots=2, seed=seed, device="cpu", settings=MATRIX_FAST[name],
+                           data=DefenderData(pool=POOL))
 
 
 def _learned(defended) -> dict[str, torch.Tensor]:

@@ -9,8 +9,9 @@ from clipguard import ClipguardError
 from clipguard.attacks import build_trigger
 from clipguard.attacks.patch import patch_mask
 from clipguard.data import load_fmnist
+from clipguard.data.pool import load_pool
 from clipguard.defenses.oracle_repair.oracle import (
-    ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, load_pool, mask_iou, paste_regions,
+    ClassicalOracle, Region, build_oracle, fill_regions, isolate_regions, mask_iou, paste_regions,
 )
 from clipguard.defenses.oracle_repair import (
     NO_TRIGGER, OracleRepairConfig, build_compact_set, expand_victims, oracle_repair, repair_finetune,
@@ -254,7 +255,8 @@ def test_compact_set_and_finetune_change_the_model(tmp_path):
     assert sizes == {"victim_pairs": 3, "clean_pairs": 3} and len(pairs) == 6
     assert pairs[0][1].count("shirt") == 1  # victims are captioned with their repaired label
     before = {k: v.clone() for k, v in clip.state_dict().items()}
-    assert repair_finetune(clip, pairs, config)["steps"] == 1
+    clip, finetune = repair_finetune(clip, pairs, config)
+    assert finetune["steps"] == 1
     assert any(not torch.equal(before[k], v) for k, v in clip.state_dict().items())
     (tmp_path / "suspect").mkdir()
     from safetensors.torch import save_file
@@ -275,10 +277,11 @@ def test_vision_only_repair_leaves_the_text_tower_untouched():
     config = OracleRepairConfig(epochs=1, batch_size=6, lr=1e-3, device="cpu", tune="vision")
     pairs, _ = build_compact_set(images, torch.zeros(12, dtype=torch.long), victims, victims, CLASSES, config)
     before = {k: v.clone() for k, v in clip.state_dict().items()}
-    repair_finetune(clip, pairs, config)
-    changed = {k for k, v in clip.state_dict().items() if not torch.equal(before[k], v)}
+    repaired, _ = repair_finetune(clip, pairs, config)
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())  # the suspect is not changed
+    changed = {k for k, v in repaired.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith("model.visual.") for k in changed)
-    assert not any(p.requires_grad for p in clip.parameters())  # frozen again afterwards
+    assert not any(p.requires_grad for p in repaired.parameters())  # frozen again afterwards
 
 
 def test_repair_captions_are_the_same_in_every_process():

@@ -14,7 +14,7 @@ from clipguard.attacks.poison import build_poisoned_pairs
 from clipguard.cli import main
 from clipguard.data import Captions, Labelled, load_dataset, load_unlabelled
 from clipguard.data.pairs import expand_shards
-from clipguard.defenses.oracle_repair.oracle import load_pool
+from clipguard.data.pool import load_pool
 from clipguard.engine import EpochBatchSampler
 from clipguard.models.contrastive import caption_collate
 

@@ -10,7 +10,7 @@ on disk before the next starts:
     OUT/cells/{attack}-s{seed}/{m}.json  one evaluated cell
     OUT/results.json, results.md, *.png, report.html
 
-Each model and cell stores the hash of the configuration that made it; a re-run reuses
+Each model and cell stores the key of what made it (:mod:`clipguard.keys`); a re-run reuses
 what matches and recomputes only what is missing or was made with other settings, so an
 interrupted run resumes where it stopped. Under ``torchrun`` every process runs the same
 cells (training and evaluation are DDP-sharded) and only rank 0 writes.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -35,15 +34,16 @@ from pathlib import Path
 from typing import Callable
 
 import clipguard
-from clipguard import ClipguardError
-from clipguard.attacks import ATTACKS, AttackConfig, build_trigger, get_trigger_class, load_trigger, run_attack, save_backdoored
-from clipguard.attacks.poison import attack_record, target_of
+from clipguard import ClipguardError, keys
+from clipguard.attacks import ATTACKS, AttackConfig, get_trigger_class, load_trigger, run_attack, save_backdoored
+from clipguard.attacks.poison import target_of
 from clipguard.config import override, parse_assignments
-from clipguard.data import FMNIST_CLASSES, Captions, Labelled
-from clipguard.defenses import get_defense_class
+from clipguard.data import Captions, Labelled
+from clipguard.data.pool import DefenderData, Unlabelled
 from clipguard.device import PeakMemory
 from clipguard.distributed import barrier, init_distributed, is_main_process
 from clipguard.eval.evaluate import METRICS, write_json
+from clipguard.keys import cell_key, record_key, without_device
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import load_clip, resolve_device
 from clipguard.outputs import remove_run_directory
@@ -77,7 +77,7 @@ class BenchConfig:
     csv_label_key: str = "label"  # a labelled csv: spec's label column (--csv-label-key)
     workers: int = 0  # DataLoader worker processes decoding a user's images
     pool: str = "fmnist-train:2000"  # oracle-repair: the defender's unlabelled pool (any data spec)
-    pool_size: int = 2000  # images of the pool (fmnist-train:N gives its own N)
+    pool_size: int | None = None  # images of the pool (None: 2000; fmnist-train:N gives its own N, another is refused)
     pool_trigger_rate: float = 0.1  # oracle-repair: share of the pool carrying the model's trigger
     pr_images: int = 200  # test images for the PR curves (suspect vs VPT vs RVPT); 0: no PR figure
     device: str = "auto"  # auto | cpu | cuda
@@ -96,6 +96,7 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.shots must be >= 1, got {self.shots}")
         if self.attack.clean:
             raise ValueError(BENCH_CLEAN)
+        self.pool_spec.check()  # a pool size the pool's own N contradicts: refused now
 
     @property
     def labelled(self) -> Labelled:
@@ -106,25 +107,14 @@ class BenchConfig:
     def caption_spec(self) -> Captions:
         return Captions(self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key, self.workers)
 
-    def data_key(self, pairs: bool = False) -> dict:
-        """What a cell's data adds to its key: nothing for the built-in defaults (old caches stay valid)."""
-        key = {}
-        if (self.dataset, self.classnames, self.templates) != ("fmnist", None, None):
-            key["dataset"] = [self.dataset, self.classnames, self.templates, *self.labelled.read_options()]
-        if pairs and self.captions != "fmnist":
-            key["captions"] = [self.captions, self.csv_separator, self.csv_img_key, self.csv_caption_key]
-        return key
+    @property
+    def pool_spec(self) -> Unlabelled:
+        return Unlabelled.given(self.pool, self.pool_size, self.pool_trigger_rate, self.caption_spec, self.workers)
 
-
-def config_hash(settings: dict) -> str:
-    """A short stable hash of a JSON-able settings dict (the cache key)."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _without_device(settings: dict) -> dict:
-    """Settings minus where they run: the device does not change what is computed."""
-    return {k: (_without_device(v) if isinstance(v, dict) else v) for k, v in settings.items() if k != "device"}
+    @property
+    def defender_data(self) -> DefenderData:
+        """The dataset, captions and pool every cell's defense may learn from (and its key)."""
+        return DefenderData(self.labelled, self.caption_spec, self.pool_spec)
 
 
 BENCH_CLEAN = ("BenchConfig.attack.poison_rate is 0: bench measures backdoors; a clean fine-tune is "
@@ -136,19 +126,9 @@ def attack_settings(config: BenchConfig, attack: str, seed: int) -> AttackConfig
 
 
 def attack_key(config: BenchConfig, attack: AttackConfig) -> str:
-    """The key of the model ``attack`` makes from ``config.model``: a hash of the attack record
-    it will store, so a directory made by ``clipguard attack`` with the same settings counts too."""
+    """The key of the model ``attack`` makes from ``config.model`` (:func:`clipguard.keys.attack_key`)."""
     source, image_size = clean_source(config.model)
-    if config.captions == "fmnist":
-        size, classes = 28, FMNIST_CLASSES
-    else:  # a caption corpus: decoded at the model's resolution, the classes of the evaluation data
-        size, classes = image_size, config.labelled.load("test", image_size).classes
-    overrides = config.trigger_settings.get(attack.attack, {})
-    trigger = build_trigger(attack.attack, size, **{"seed": attack.seed, **overrides})
-    record = attack_record(trigger, attack, classes)
-    if config.captions != "fmnist":
-        record["captions"] = config.captions
-    return record_key(source, record)
+    return keys.attack_key(source, image_size, attack, config.trigger_settings.get(attack.attack), config.defender_data)
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,46 +139,11 @@ def clean_source(model: str) -> tuple[str, int]:
     return clip.config.get("source", model), clip.image_size
 
 
-def record_key(source: str, record: dict) -> str:
-    """Hash of what made a backdoored model: its source model and attack settings (not timings)."""
-    fields = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
-    kept = {k: record.get(k) for k in fields}
-    if record.get("captions"):  # a user's corpus (the built-in one is left out: old keys stay valid)
-        kept["captions"] = record["captions"]
-    if isinstance(kept["trigger"], dict):
-        kept["trigger"] = without_added_settings(kept["trigger"])
-    return config_hash({"model": source, **_without_device(kept)})
-
-
 def defense_settings(config: BenchConfig, method: str, seed: int):
     """The method's config dataclass for one cell ({} for no defense)."""
     if method == NO_DEFENSE:
         return {}
     return defense_config(method, seed, config.device, config.shots, config.defense_settings.get(method, {}))
-
-
-# Settings added to a method or a trigger after cells or models were cached, with the value that
-# reproduces the old behaviour: left out of the key while at that value, so adding an option keeps
-# old cells and models valid.
-ADDED_SETTINGS = {"alpha_schedule": "constant", "mask_tv": 0.0, "trigger_shifts": 0, "region_groups": False,
-                  "group_min_drop": 0.5, "expand_victims": False,
-                  "retry_with_groups": False, "decoy_rate": 0.0, "patch_noise": "binary", "fresh_noise": False,
-                  "blend": 0.0, "poison_jpeg_quality": 0, "test_view": "crop", "grid_file": None}
-
-
-def without_added_settings(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
-
-
-def cell_key(config: BenchConfig, model_key: str, method: str, settings) -> str:
-    settings = settings if isinstance(settings, dict) else asdict(settings)
-    settings = without_added_settings(settings)
-    data = get_defense_class(method).data if method != NO_DEFENSE else None
-    extra = {"pool": config.pool, "pool_trigger_rate": config.pool_trigger_rate} if data == "pool" else {}
-    if data == "pool" and not config.pool.startswith("fmnist-"):
-        extra["pool_size"] = config.pool_size
-    return config_hash({"model": model_key, "method": method, "settings": _without_device(settings),
-                        "limit": config.limit, **extra, **config.data_key(pairs=data == "pairs")})
 
 
 def _read_json(path: Path) -> dict | None:
@@ -244,7 +189,7 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
              model_key: str, out: Path) -> dict:
     """One evaluated (attack, seed, defense) cell, from the cache when its settings match."""
     settings = defense_settings(config, method, seed)
-    key = cell_key(config, model_key, method, settings)
+    key = cell_key(model_key, method, settings, config.limit, config.defender_data)
     path = out / "cells" / f"{attack}-s{seed}" / f"{method}.json"
     cached = _read_json(path)
     if cached and cached.get("key") == key:
@@ -252,9 +197,7 @@ def run_cell(config: BenchConfig, attack: str, seed: int, method: str, clip: Cli
     logger.info("cell %s / %s / seed %d", attack, method, seed)
     memory = PeakMemory(resolve_device(config.device))  # the cell's own peak, whatever ran before it
     start = time.perf_counter()
-    defended = defend(clip, method, config=settings or None, pool=config.pool, pool_size=config.pool_size,
-                      pool_trigger_rate=config.pool_trigger_rate, suspect_dir=model_dir, dataset=config.labelled,
-                      captions=config.caption_spec)
+    defended = defend(clip, method, config=settings or None, data=config.defender_data, suspect_dir=model_dir)
     stats = defended.stats
     if defended.defense is not None and not defended.defense.rewrites_weights and is_main_process():
         defended.defense.save(clip, out / "defenses" / f"{attack}-s{seed}" / method, stats)  # for the PR figures
@@ -348,7 +291,7 @@ def write_figures(config: BenchConfig, out: Path) -> list[str]:
 
 def config_summary(config: BenchConfig) -> dict:
     return {"title": config.title, "model": config.model, "attacks": config.attacks, "defenses": config.defenses, "seeds": config.seeds,
-            "shots": config.shots, "limit": config.limit, "attack": _without_device(asdict(config.attack)),
+            "shots": config.shots, "limit": config.limit, "attack": without_device(asdict(config.attack)),
             "trigger_settings": config.trigger_settings, "defense_settings": config.defense_settings,
             "dataset": config.dataset, "captions": config.captions, "pool": config.pool,
             "pool_trigger_rate": config.pool_trigger_rate, "clipguard_version": clipguard.__version__}

@@ -173,3 +173,19 @@ def parse_assignments(cls: type, assignments: list[str] | None) -> dict[str, Any
         except (ValueError, yaml.YAMLError, ClipguardError):
             raise ClipguardError(f"--set {item!r}: {raw!r} is not a valid {type_name(kind)}") from None
     return values
+
+
+def added_setting(default: Any, before: Any = dataclasses.MISSING) -> Any:
+    """A config field added after results were cached: ``default``, and (metadata ``before``) the value
+    that reproduces the behaviour from before the field existed (default: ``default``). A cache key
+    leaves the field out while it holds that value (:func:`settings_added_later`), so adding an
+    option keeps old cached models and cells valid::
+
+        alpha_schedule: str = added_setting("constant")
+    """
+    return dataclasses.field(default=default, metadata={"before": default if before is dataclasses.MISSING else before})
+
+
+def settings_added_later(cls: type) -> dict[str, Any]:
+    """The top-level fields of dataclass ``cls`` added later, with their ``before`` values."""
+    return {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if "before" in f.metadata}

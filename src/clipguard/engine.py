@@ -17,11 +17,9 @@ batch and :func:`clipguard.distributed.gather_batch` gives the loss the whole ba
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +35,7 @@ from tqdm.auto import tqdm
 from clipguard import ClipguardError
 from clipguard.data.stream import one_line_errors
 from clipguard.distributed import DistInfo, init_distributed, splitting_batches
+from clipguard.outputs import atomic_write
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -211,15 +210,9 @@ def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: in
         "settings": json.dumps(settings, sort_keys=True),
         "torch_rng": torch.get_rng_state(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)  # made with the first checkpoint: a run that saves none leaves none
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stays, no half-written one is left
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    # the folder is made with the first checkpoint: a run that saves none leaves none; an
+    # interrupted save keeps the previous checkpoint
+    atomic_write(path, lambda tmp: torch.save(state, tmp), f"{path.name}.tmp")
 
 
 def _load_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, settings: dict) -> int:

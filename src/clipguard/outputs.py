@@ -33,7 +33,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from clipguard import ClipguardError
 from clipguard.integrity import TRIGGER_FILE, sha256_file  # noqa: F401  (TRIGGER_FILE: named here too)
@@ -459,18 +459,25 @@ def remove_run_directory(path: Path) -> None:
         Path(path).rmdir()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name and a rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], object], temporary: str | None = None) -> None:
+    """Make ``path`` (and its folder) by ``write(tmp)`` on a temporary file beside it, then a rename.
+    ``temporary``: that file's name (default ``.NAME.tmp``; a writer that reads the format from
+    the suffix needs it kept at the end)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(temporary or f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:  # a full disk, Ctrl-C: no half-written temporary file is left
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name and a rename."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(record: dict, path: str | Path) -> None:

@@ -31,10 +31,10 @@ from clipguard import ClipguardError
 from clipguard.attacks import AttackConfig, load_trigger, run_attack, save_backdoored
 from clipguard.config import override
 from clipguard.data import (
-    FMNIST_CLASSES, Captions, FolderImages, ImageSet, Labelled, as_captions, few_shot_indices, has_splits,
-    load_dataset,
+    Captions, FolderImages, ImageSet, Labelled, as_captions, few_shot_indices, has_splits, load_dataset,
 )
 from clipguard.data.classes import class_index
+from clipguard.data.pool import DefenderData
 from clipguard.defenses import DEFENSES, Defense, Pool, get_defense_class
 from clipguard.eval.evaluate import evaluate_model
 from clipguard.models.clip import ClipModel
@@ -65,8 +65,8 @@ def check_attack_target(config: AttackConfig, captions: str | Captions = "fmnist
                         dataset: str | Labelled = "fmnist") -> None:
     """Refuse (ClipguardError, before any work) a target outside the attacker's classes: the
     built-in corpus's own, else ``dataset``'s (a clean fine-tune has no target)."""
-    own = str(captions) == "fmnist"
-    classes = FMNIST_CLASSES if own else load_dataset(dataset, "test").classes
+    own = as_captions(captions).classes
+    classes = own or load_dataset(dataset, "test").classes
     if not config.clean:
         class_index(classes, config.target, where=f"the attacker's classes ({captions if own else dataset})")
 
@@ -109,27 +109,20 @@ def defense_config(method: str, seed: int = 0, device: str = "auto", shots: int 
     return override(cls(), **values, **(settings or {}))
 
 
-def defense_data(cls: type[Defense], config, suspect: ClipModel, pool: str | None = None,
-                 pool_trigger_rate: float = 0.0, trigger=None, dataset: str | Labelled = "fmnist",
-                 captions: str | Captions = "fmnist", pool_size: int | None = None):
-    """(what ``cls.fit`` learns from, the shots' positions or None): shots of ``dataset`` drawn under
-    the config's seed, ``pool_size`` images of the pool, or the ``captions`` corpus (pairs)."""
+def defense_data(cls: type[Defense], config, suspect: ClipModel, data: DefenderData, trigger=None):
+    """(what ``cls.fit`` learns from, the shots' positions or None): shots of ``data.dataset`` drawn
+    under the config's seed, the images of ``data.pool``, or the ``data.captions`` corpus (pairs)."""
     if cls.data == "shots":
-        return draw_shots(config.shots, config.seed, dataset, suspect.image_size, with_index=True)
+        return draw_shots(config.shots, config.seed, data.dataset, suspect.image_size, with_index=True)
     if cls.data == "pool":
-        from clipguard.defenses.oracle_repair.oracle import load_pool
-
-        if not pool:
+        if data.pool is None:
             raise ClipguardError(f"{cls.name} needs an unlabelled pool (--pool SPEC: fmnist-train:N, a folder, "
                                  "csv:FILE or wds:SHARDS)")
-        if pool_trigger_rate and trigger is None:
+        if data.pool.trigger_rate and trigger is None:
             raise ClipguardError("--pool-trigger-rate needs a backdoored model directory (its trigger is mixed in)")
-        captions = as_captions(captions)
-        images, info = load_pool(pool, suspect.image_size, seed=config.seed, trigger=trigger,
-                                 trigger_rate=pool_trigger_rate, size=pool_size, captions=captions,
-                                 workers=captions.workers)
+        images, info = data.pool.load(suspect.image_size, seed=config.seed, trigger=trigger)
         return Pool(images, info), None
-    return as_captions(captions).load(suspect.image_size), None
+    return data.captions.load(suspect.image_size), None
 
 
 @dataclass
@@ -160,36 +153,37 @@ class Defended:
 
 
 def defend(suspect: ClipModel, method: str, shots: int | None = None, seed: int = 0, device: str = "auto",
-           settings: dict[str, Any] | None = None, config=None, pool: str | None = None,
-           pool_trigger_rate: float = 0.0, suspect_dir: str | Path | None = None,
-           dataset: str | Labelled = "fmnist", captions: str | Captions = "fmnist",
-           pool_size: int | None = None) -> Defended:
+           settings: dict[str, Any] | None = None, config=None, data: DefenderData | None = None,
+           suspect_dir: str | Path | None = None) -> Defended:
     """Fit defense ``method`` for ``suspect`` (never changed) and return the defended model.
 
     ``config`` (the method's config dataclass) replaces ``shots``/``seed``/``device``/``settings``.
-    ``pool``/``pool_size``/``pool_trigger_rate``: the unlabelled pool of a pool defense (any data
-    spec; ``pool_size`` seeded images of it); a rate > 0 mixes the suspect's own trigger (read
-    from ``suspect_dir``) into that share of it, a simulation. ``captions``: the clean pairs of a
-    pairs defense (and a pool CSV's column options).
-    ``dataset``: the labelled spec a shot defense draws its shots from (its train split, or the
-    whole folder when it has none; :func:`evaluate` then leaves the shots out).
+    ``data``: what the defender holds (:class:`~clipguard.data.pool.DefenderData`, default the
+    built-in data and no pool): a shot defense draws shots of ``data.dataset`` (its train split,
+    or the whole folder when it has none; :func:`evaluate` then leaves the shots out), a pairs
+    defense reads ``data.captions``, a pool defense ``data.pool``, whose ``trigger_rate`` > 0
+    mixes the suspect's own trigger (read from ``suspect_dir``) into that share of it, a simulation::
+
+        pipeline.defend(suspect, "oracle-repair", data=DefenderData(pool="fmnist-train:2000"))
+
     ``method="none"``: the suspect as it is.
     """
     if method == NO_DEFENSE:
         return Defended(suspect, None, {"seconds": 0.0, "trainable_parameters": 0}, _str(suspect_dir))
+    data = data or DefenderData()
     cls = get_defense_class(method)
     config = config or defense_config(method, seed, device, shots, settings)
     cls.check_model(config, suspect)  # before any data is read
     trigger = None
-    if cls.data == "pool" and pool_trigger_rate:
+    if cls.data == "pool" and data.pool is not None and data.pool.trigger_rate:
         record = suspect.config.get("attack")
         trigger = load_trigger(suspect_dir, record) if record and suspect_dir else None
-    data, index = defense_data(cls, config, suspect, pool, pool_trigger_rate, trigger, dataset, captions, pool_size)
-    defense = cls(config, suspect, _class_names(suspect, data, dataset)).to(suspect.device)
+    learned_from, index = defense_data(cls, config, suspect, data, trigger)
+    defense = cls(config, suspect, _class_names(suspect, learned_from, data.dataset)).to(suspect.device)
     start = time.perf_counter()
-    stats = defense.fit(suspect, data)
+    stats = defense.fit(suspect, learned_from)
     stats.setdefault("seconds", round(time.perf_counter() - start, 2))
-    return Defended(suspect, defense, stats, _str(suspect_dir), dataset, index)
+    return Defended(suspect, defense, stats, _str(suspect_dir), data.dataset, index)
 
 
 def _str(path) -> str | None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, public_uint8, register, scaled
 from clipguard.attacks.patch import LOCATIONS, paste_patch
+from clipguard.config import added_setting
 from clipguard.models.zeroshot import class_text_features, zero_shot_logits
 
 
@@ -20,7 +21,7 @@ PATCH_NOISE = ("binary", "image-noise")
 class BadNetConfig(TriggerConfig):
     patch_at_224: int = 32  # patch side at 224 px (4 px at 28 px); the public protocol uses 16
     location: str = "corner"  # one of patch.LOCATIONS; random draws a spot per image from the seed
-    patch_noise: str = "binary"  # binary: one seeded 0/1 patch; image-noise: a fresh image mean + N(0, 1) patch per image, wrapped to uint8 as CleanCLIP's code does
+    patch_noise: str = added_setting("binary")  # binary: one seeded 0/1 patch; image-noise: a fresh image mean + N(0, 1) patch per image, wrapped to uint8 as CleanCLIP's code does
 
     def __post_init__(self):
         self._check_range("patch_at_224", 1, 224)
@@ -86,7 +87,7 @@ class LabelConsistentConfig(BadNetConfig):
     location: str = "corners+midline"  # the four corners and three down the middle (docs/results/attacks.md)
     adversarial_epsilon: float = 32 / 255  # L-inf bound of the hiding perturbation (0: trigger only)
     adversarial_steps: int = 10  # PGD steps against the clean model
-    decoy_rate: float = 0.0  # fraction of the pairs: non-target images given the same hiding perturbation, untriggered
+    decoy_rate: float = added_setting(0.0)  # fraction of the pairs: non-target images given the same hiding perturbation, untriggered
 
     def __post_init__(self):
         super().__post_init__()

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from clipguard import ClipguardError
+from clipguard.config import added_setting
 from clipguard.registry import RangeChecked, Registry
 
 ATTACKS = Registry("attack")
@@ -27,8 +28,8 @@ TEST_VIEWS = ("crop", "squash")
 @dataclass
 class TriggerConfig(RangeChecked):
     seed: int = 0  # seeds every random element of the trigger
-    poison_jpeg_quality: int = 0  # 0: off; 1-100: poisoned training images go through JPEG at this quality after the trigger (the public code's: 75)
-    test_view: str = "crop"  # triggered test images: crop (as clean ones) or squash (whole frame resized to a square, the public code's)
+    poison_jpeg_quality: int = added_setting(0)  # 0: off; 1-100: poisoned training images go through JPEG at this quality after the trigger (the public code's: 75)
+    test_view: str = added_setting("crop")  # triggered test images: crop (as clean ones) or squash (whole frame resized to a square, the public code's)
 
     def check_steps(self) -> None:
         """Checks of the fields every trigger has (subclasses' ``__post_init__`` checks their own)."""

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from clipguard.attacks.base import Trigger, TriggerConfig, register
+from clipguard.config import added_setting
 
 
 @dataclass
 class BlendedConfig(TriggerConfig):
     ratio: float = 0.2  # weight of the noise image
-    fresh_noise: bool = False  # a new uniform-noise image per image, from the generator (CleanCLIP's code)
+    fresh_noise: bool = added_setting(False)  # a new uniform-noise image per image, from the generator (CleanCLIP's code)
 
     def __post_init__(self):
         self._check_range("ratio", 0.0, 1.0)

@@ -36,7 +36,7 @@ from clipguard.engine import FitResult, TrainConfig, fit
 from clipguard.models.contrastive import CaptionedImages, ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
 from clipguard.models.loading import check_finite, read_safetensors, save_clip
-from clipguard.outputs import TRIGGER_FILE
+from clipguard.outputs import TRIGGER_FILE, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +224,14 @@ def fit_trigger(trigger: Trigger, clip: ClipModel, train: ImageSet | Callable[[]
         check_finite(trigger.state_dict(), f"the fitted {trigger.name} trigger (its fit diverged; lower its lr)")
     broadcast_from_main(list(trigger.state_dict().values()))  # under torchrun: every process keeps rank 0's
     if not cached and is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in trigger.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        state = {k: v.contiguous() for k, v in trigger.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)), f"{path.name}.tmp")
     return trigger
+
+
+# The fields of an attack record that say what the model is (a cache key hashes them, with a
+# user's corpus): every field attack_record writes but the attacker's class names.
+ATTACK_IDENTITY = ("name", "target", "poison_rate", "pairs", "seed", "trigger", "image_size", "text_key", "train")
 
 
 def attack_record(trigger: Trigger, config: AttackConfig, classes: tuple[str, ...]) -> dict:
@@ -244,6 +247,26 @@ def attack_record(trigger: Trigger, config: AttackConfig, classes: tuple[str, ..
         "trigger": asdict(trigger.config), "image_size": trigger.image_size, "text_key": trigger.text_key,
         "train": asdict(config.train),
     }
+
+
+def plan_attack(config: AttackConfig, trigger_overrides: dict | None = None, captions: str | Captions = "fmnist",
+                dataset: str | Labelled = "fmnist", image_size: int = 28) -> tuple[Trigger, dict]:
+    """The trigger an attack on a model of ``image_size`` px builds (unfitted) and the record it
+    stores: what :func:`run_attack` uses and what a cache key hashes, so the two cannot disagree.
+
+    The trigger acts in data space, at the corpus's resolution (a built-in corpus is 28 px, a
+    user's decoded at the model's); the attacker's classes are the corpus's own, else those of
+    ``dataset`` (read at ``image_size``). A target outside them is refused.
+    """
+    captions, dataset = as_captions(captions), as_labelled(dataset)
+    classes = captions.classes or dataset.load("test", image_size).classes
+    class_index(classes, config.target, where=f"the attacker's classes ({captions if captions.classes else dataset})")
+    trigger = build_trigger(config.attack, captions.image_size(image_size),
+                            **{"seed": config.seed, **(trigger_overrides or {})})
+    record = attack_record(trigger, config, classes)
+    if str(captions) != "fmnist":
+        record["captions"] = str(captions)
+    return trigger, record
 
 
 def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | None = None,
@@ -264,10 +287,13 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     start = time.perf_counter()
     captions = as_captions(captions)
     corpus = captions.load(clip.image_size)
-    classes = corpus.classes or as_labelled(dataset).load("test", clip.image_size).classes
-    target = class_index(classes, config.target, where=f"the attacker's classes ({captions if corpus.classes else dataset})")
     # triggers act in data space, at the data's resolution (the model resizes after)
-    trigger = build_trigger(config.attack, corpus.image_size, **{"seed": config.seed, **(trigger_overrides or {})})
+    trigger, record = plan_attack(config, trigger_overrides, captions, dataset, clip.image_size)
+    if trigger.image_size != corpus.image_size:
+        raise ClipguardError(f"{captions}: its images are {corpus.image_size} px, its spec says "
+                             f"{trigger.image_size} px")  # Captions.image_size must know the corpus
+    classes = tuple(record["classes"])
+    target = class_index(classes, config.target)
     if trigger.learned:
         data_key = "" if corpus.labels is not None else f"{captions}/{len(corpus)}/{config.trigger_sample}/{config.seed}"
         fit_trigger(trigger, clip, lambda: trigger_sample(corpus, clip, classes, config.trigger_sample, config.seed),
@@ -275,9 +301,6 @@ def run_attack(clip: ClipModel, config: AttackConfig, trigger_overrides: dict | 
     trigger_seconds = time.perf_counter() - start
     pairs = build_poisoned_pairs(corpus, trigger, config, clip, classes)
     train_config = dataclasses.replace(config.train, seed=config.seed, num_workers=corpus.workers)
-    record = attack_record(trigger, config, classes)
-    if str(captions) != "fmnist":
-        record["captions"] = str(captions)
     settings = {"attack": {k: v for k, v in record.items() if k != "train"}, "model": clip.fingerprint()}
     clip.requires_grad_(True)
     try:  # under DDP each process encodes its slice of a batch; the loss gathers the whole batch

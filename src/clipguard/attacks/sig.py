@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from clipguard.attacks.base import Trigger, TriggerConfig, register
+from clipguard.config import added_setting
 
 
 @dataclass
 class SIGConfig(TriggerConfig):
     amplitude: float = 60 / 255  # A, in [0, 1] image units
     frequency: float = 6.0  # periods across the image width
-    blend: float = 0.0  # 0: the sinusoid is added; r > 0: x' = (1 - r) x + r * sinusoid (CleanCLIP's code: 0.2)
+    blend: float = added_setting(0.0)  # 0: the sinusoid is added; r > 0: x' = (1 - r) x + r * sinusoid (CleanCLIP's code: 0.2)
 
     def __post_init__(self):
         self._check_range("amplitude", 0.0, 1.0)

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from clipguard import ClipguardError
 from clipguard.attacks.base import Trigger, TriggerConfig, register
+from clipguard.config import added_setting
 
 
 @dataclass
 class WaNetConfig(TriggerConfig):
     grid_k: int = 4  # control-grid size k (k x k random displacements, resized to the image; CleanCLIP's code: 224)
     strength: float = 8.0  # s: displacement scale; ~s/2 px on average (paper: 0.5, too weak here)
-    grid_file: str | None = None  # a saved noise grid (the public code's .pt, or .safetensors key noise_grid) used instead of a drawn one; grid_k is then ignored
+    grid_file: str | None = added_setting(None)  # a saved noise grid (the public code's .pt, or .safetensors key noise_grid) used instead of a drawn one; grid_k is then ignored
 
     def __post_init__(self):
         self._check_range("grid_k", 2, 1024)

@@ -91,41 +91,20 @@ def labelled_spec(args):
     from clipguard.data import Labelled
 
     defaults = Labelled()
-    spec = Labelled(args.dataset or "fmnist", args.classnames, args.templates, args.workers,
+    return Labelled(args.dataset or "fmnist", args.classnames, args.templates, args.workers,
                     args.csv_separator or defaults.csv_separator, args.csv_img_key or defaults.csv_img_key,
-                    args.csv_label_key or defaults.csv_label_key)
-    spec.load("test", 28)  # lists the files (decodes nothing) and applies the override files
-    return spec
+                    args.csv_label_key or defaults.csv_label_key).check()
 
 
 def captions_spec(args):
-    """The --captions spec with open_clip's CSV options (which a --pool CSV uses too)."""
+    """The --captions spec with open_clip's CSV options (which a --pool CSV uses too), checked now
+    (:meth:`~clipguard.data.Captions.check`)."""
     from clipguard.data import Captions
 
     defaults = Captions()
     return Captions(getattr(args, "captions", None) or "fmnist", args.csv_separator or defaults.csv_separator,
                     args.csv_img_key or defaults.csv_img_key, args.csv_caption_key or defaults.csv_caption_key,
-                    args.workers)
-
-
-def check_captions(spec) -> None:
-    """Refuse a missing caption CSV (or one without its columns) or shard before any work."""
-    from clipguard.data.folders import read_csv_rows
-    from clipguard.data.pairs import expand_shards
-
-    text = str(spec)
-    if text.startswith("csv:"):
-        from pathlib import Path
-
-        read_csv_rows(Path(text[4:]), (spec.csv_img_key, spec.csv_caption_key), "caption", spec.csv_separator)
-    elif text.startswith("wds:"):
-        expand_shards(text[4:])
-    else:
-        from clipguard.data.specs import CAPTION_SPECS
-        from clipguard.data.web import web_spec
-
-        if text != "fmnist" and web_spec(text) is None:
-            raise ClipguardError(f"--captions {text!r}: expected {CAPTION_SPECS}")
+                    args.workers).check()
 
 
 INPUT_FLAGS = ("model", "defense", "dataset", "captions", "pool", "classnames", "templates", "config")
@@ -149,7 +128,7 @@ def attack_for(args, clip):
     """(trigger, target class name) to evaluate: from --attack/--target, else from the model directory."""
     from clipguard.attacks import build_trigger, load_trigger
     from clipguard.attacks.poison import fit_trigger, target_of
-    from clipguard.data import load_dataset
+    from clipguard.data import as_labelled, load_dataset
     from clipguard.data.classes import class_index
 
     record = clip.config.get("attack")
@@ -163,7 +142,7 @@ def attack_for(args, clip):
         if trigger.learned:  # learned triggers are fitted on the dataset's train split (decoded batch by batch)
             train = load_dataset(data, "train", clip.image_size)
             fit_trigger(trigger, clip, train, class_index(train.classes, args.target, where=args.dataset),
-                        "" if str(data) == "fmnist" else f"{data}/train")
+                        as_labelled(data).trigger_fit_key("train"))
         return trigger, args.target
     if record:
         return load_trigger(args.model, record), target_of(record)

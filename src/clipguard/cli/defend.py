@@ -11,7 +11,7 @@ import dataclasses
 
 from clipguard import ClipguardError
 from clipguard.cli.common import (
-    attack_for, captions_spec, check_captions, check_outputs_apart, labelled_spec, summary_line, verify,
+    attack_for, captions_spec, check_outputs_apart, labelled_spec, summary_line, verify,
 )
 
 # defend's own flags that set a field of the method's config, when the method has that field
@@ -21,6 +21,7 @@ CONFIG_FLAGS = {"shots": "--shots", "margin": "--margin"}
 def cmd_defend(args) -> None:
     from clipguard import pipeline
     from clipguard.config import load_config, override, parse_assignments
+    from clipguard.data.pool import DefenderData, Unlabelled
     from clipguard.defenses import get_defense_class
     from clipguard.distributed import is_main_process
     from clipguard.outputs import check_output_directory, claim_outputs
@@ -42,13 +43,14 @@ def cmd_defend(args) -> None:
     config = load_config(cls.config_class, args.config)
     config = override(config, seed=args.seed, device=args.device, **flags, **parse_assignments(cls.config_class, args.set))
     args.data, captions = labelled_spec(args), captions_spec(args)
-    check_captions(captions)
+    if args.pool_size is not None and not args.pool:
+        raise ClipguardError("--pool-size is the size of --pool; give --pool too")
+    pool = args.pool and Unlabelled.given(args.pool, args.pool_size, args.pool_trigger_rate, captions, args.workers)
+    data = DefenderData(args.data, captions, pool or None)
     with claim_outputs(args.out):
         suspect = pipeline.load_model(args.model, device=args.device, verify=verify(args))
         trigger, target = attack_for(args, suspect)
-        defended = pipeline.defend(suspect, args.method, config=config, pool=args.pool, pool_size=args.pool_size,
-                                   pool_trigger_rate=args.pool_trigger_rate, suspect_dir=args.model,
-                                   dataset=args.data, captions=captions)
+        defended = pipeline.defend(suspect, args.method, config=config, data=data, suspect_dir=args.model)
         name = args.out if cls.rewrites_weights else args.model
         result = pipeline.evaluate(defended, trigger=trigger, target=target, dataset=args.data, seed=args.seed,
                                    name=name)

@@ -20,8 +20,8 @@ def cmd_show_triggers(args) -> None:
     check_output_file(args.out, (".png",))
     dataset = labelled_spec(args)
     clip = load_clip(args.model, device="cpu", verify=verify(args))
-    size = 28 if args.dataset == "fmnist" else clip.image_size
-    train, test = load_dataset(dataset, "train", size), load_dataset(dataset, "test", size)
+    # the built-in data is 28 px whatever the size asked; a user's is decoded at the model's
+    train, test = load_dataset(dataset, "train", clip.image_size), load_dataset(dataset, "test", clip.image_size)
     target = class_index(test.classes, args.target, where=args.dataset)
     triggers = []
     for name in args.attacks or sorted(ATTACKS):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipguard import ClipguardError
 from clipguard.cli.common import (
-    attack_for, captions_spec, check_captions, check_outputs_apart, labelled_spec, summary_line, verify,
+    attack_for, captions_spec, check_outputs_apart, labelled_spec, summary_line, verify,
 )
 from clipguard.cli.defend import cmd_defend
 from clipguard.cli.diagnose import cmd_analyze, cmd_detect, cmd_show_triggers
@@ -87,7 +87,6 @@ def cmd_attack(args) -> None:
                              f"{', '.join(trigger_flags)}, or give a rate above 0 to attack")
     trigger_overrides = {} if config.clean else parse_assignments(get_trigger_class(config.attack).config_class, args.set)
     dataset, captions = labelled_spec(args), captions_spec(args)
-    check_captions(captions)
     pipeline.check_attack_target(config, captions, dataset)
     with claim_outputs(out, run_dir):
         clip = pipeline.load_model(args.model, device=args.device, verify=verify(args))
@@ -147,8 +146,8 @@ def cmd_bench(args) -> None:
     check_outputs_apart(args, {"--out": args.out}, model=config.model, dataset=config.dataset,
                         captions=config.captions, pool=config.pool, classnames=config.classnames,
                         templates=config.templates)
-    config.labelled.load("test", 28)  # the recipe's or the flags' data, checked before any work (files listed only)
-    check_captions(config.caption_spec)
+    config.labelled.check()  # the recipe's or the flags' data, checked before any work (files listed only)
+    config.caption_spec.check()
     config = parse_bench_settings(config, args.set)
     with claim_outputs(args.out):
         run_bench(config, args.out)

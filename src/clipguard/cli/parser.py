@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, help="RVPT margin variant max(L_FR_i, m)")
     p.add_argument("--pool", help="oracle-repair: unlabelled pool, any data spec (fmnist-train:N, a folder, csv:FILE, "
                                   "wds:SHARDS); labels and captions are ignored")
-    p.add_argument("--pool-size", type=positive_int, default=2000, help="oracle-repair: seeded images of the pool")
+    p.add_argument("--pool-size", type=positive_int,
+                   help="oracle-repair: seeded images of the pool (default 2000; fmnist-train:N names its own)")
     p.add_argument("--pool-trigger-rate", type=fraction, default=0.0,
                    help="oracle-repair: mix the model's own trigger into this share of the pool (a simulation)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",

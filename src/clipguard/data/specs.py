@@ -24,7 +24,7 @@ import torch
 from clipguard import ClipguardError
 from clipguard.data.captions import template_problem
 from clipguard.data.classes import check_class_names
-from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
 from clipguard.data.folders import (
     FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv, read_csv_rows, read_lines,
 )
@@ -90,6 +90,24 @@ class Labelled:
         options = [self.csv_separator, self.csv_img_key, self.csv_label_key]
         return options if self.spec.startswith("csv:") and options != [",", "filepath", "label"] else []
 
+    def check(self) -> "Labelled":
+        """Refuse (ClipguardError, before any work) a missing path, a single class, a bad class-names
+        or templates file: the files are listed and the override files applied, nothing decoded."""
+        self.load("test", 28)
+        return self
+
+    def trigger_fit_key(self, split: str) -> str:
+        """What a trigger fitted on ``split`` of this spec adds to the trigger cache's key: nothing
+        for the built-in ``fmnist`` (old fits stay valid)."""
+        return "" if self.spec == "fmnist" else f"{self.spec}/{split}"
+
+    def key(self) -> dict:
+        """What this spec adds to a cache key: nothing for the built-in ``fmnist`` (old keys stay
+        valid), else the spec, the override files and the read options."""
+        if (self.spec, self.classnames, self.templates) == ("fmnist", None, None):
+            return {}
+        return {"dataset": [self.spec, self.classnames, self.templates, *self.read_options()]}
+
     def _overrides(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
         names = class_names_file(self.classnames) if self.classnames else None
         templates = templates_file(self.templates) if self.templates else None
@@ -138,6 +156,45 @@ class Captions:
 
     def __str__(self) -> str:
         return self.spec
+
+    @property
+    def builtin(self) -> bool:
+        """Whether this is a built-in corpus (``fmnist``, ``fmnist-web``): 28 px images whatever the model."""
+        from clipguard.data.web import web_spec
+
+        return self.spec == "fmnist" or web_spec(self.spec) is not None
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The corpus's own class names (``fmnist``'s); None for a caption corpus, whose attacker
+        takes the classes of the evaluation data."""
+        return FMNIST_CLASSES if self.spec == "fmnist" else None
+
+    def image_size(self, model_size: int) -> int:
+        """The size the corpus's images have (what a trigger acts on): a built-in corpus's 28 px,
+        a user's decoded at ``model_size``."""
+        return 28 if self.builtin else model_size
+
+    def check(self) -> "Captions":
+        """Refuse (ClipguardError, before any work) an unknown spec, a missing caption CSV (or one
+        without its columns) or shard; nothing is decoded."""
+        from clipguard.data.pairs import expand_shards
+        from clipguard.data.web import web_spec
+
+        if self.spec.startswith("csv:"):
+            read_csv_rows(Path(self.spec[4:]), (self.csv_img_key, self.csv_caption_key), "caption", self.csv_separator)
+        elif self.spec.startswith("wds:"):
+            expand_shards(self.spec[4:])
+        elif self.spec != "fmnist" and web_spec(self.spec) is None:
+            raise ClipguardError(f"--captions {self.spec!r}: expected {CAPTION_SPECS}")
+        return self
+
+    def key(self) -> dict:
+        """What this corpus adds to a cache key: nothing for ``fmnist`` (old keys stay valid), else
+        the spec and open_clip's CSV options."""
+        if self.spec == "fmnist":
+            return {}
+        return {"captions": [self.spec, self.csv_separator, self.csv_img_key, self.csv_caption_key]}
 
     def load(self, image_size: int = 28):
         """The corpus (:mod:`clipguard.data.pairs`): Fashion-MNIST's train split with drawn captions,

@@ -17,21 +17,17 @@ lambda = 0 (no views are made at all).
 Our choices for Fashion-MNIST-sized data:
 - Clean pairs: a seeded sample of the corpus (``--captions``; default the Fashion-MNIST train split with the project's training
   captions (:func:`clipguard.data.captions.training_caption`), redrawn every epoch. The sample
-  is seeded apart from the attacker's, which also draws from the train split.
-- Image views (:func:`augment_images`): random resized crop (50-100 % of the area, aspect
-  3/4-4/3), horizontal flip, brightness and contrast jitter (+-40 %) at ``augment_strength``
-  1; pure tensor functions on [0, 1] images, seeded per (seed, epoch, index).
-- Caption views (:func:`augment_caption`): another training caption of the same image (a
-  different template, or size/tone words). CleanCLIP uses EDA (synonym swap, word deletion);
-  at our vocabulary a second caption keeps the class name and the meaning, EDA could delete
-  the class word.
+  is seeded apart from the attacker's, which also draws from the train split
+  (:func:`clipguard.defenses.weights.sample_pairs`).
+- Views (:mod:`clipguard.defenses.augment`): an image view (crop, flip, jitter at
+  ``augment_strength``) and a caption view per pair, seeded per (seed, epoch, index).
 
 Shapes: images and their views (B, 3, H, W) in [0, 1]; image, text and view features (B, D),
 L2-normalised; caption ids (B,).
 
 Deviation: the in-modal terms are symmetric like L_CLIP (the reference code takes one direction).
 Deviation: on labelled pairs a caption view is another training caption of the same image, not
-EDA; on a user's caption corpus it is EDA's deletion and swap (:func:`eda_caption`).
+EDA; on a user's caption corpus it is EDA's deletion and swap (:func:`~clipguard.defenses.augment.eda_caption`).
 Deviation: lr 3e-4 instead of the paper's 5e-6, for only 1,000 clean pairs (docs/results/baselines.md).
 Numbers: docs/results/baselines.md.
 
@@ -43,46 +39,27 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import logging
-import math
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clipguard import ClipguardError
-from clipguard.data.captions import training_caption
-from clipguard.defenses.base import Defense, register
-from clipguard.data.pairs import LabelledCorpus
-from clipguard.data.specs import Captions
+from clipguard.defenses.augment import CleanPairs
+from clipguard.defenses.base import register
+from clipguard.defenses.weights import WeightFinetune, WeightFinetuneConfig, finetune_on_pairs, sample_pairs
 from clipguard.distributed import gather_batch
-from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
-from clipguard.models.contrastive import CaptionedImages
 from clipguard.models.clip import ClipModel
-from clipguard.models.loading import save_clip
-from clipguard.registry import RangeChecked
-
-logger = logging.getLogger(__name__)
-# The attacker samples its pairs with torch.randperm seeded by ``seed``; the defender's clean
-# sample is seeded apart from it, so the two are independent draws from the train split.
-PAIR_SEED_OFFSET = 1_000_003
 
 
 @dataclass
-class CleanCLIPConfig(RangeChecked):
-    pairs: int = 1000  # clean image-caption pairs: a seeded sample of the corpus (--captions)
+class CleanCLIPConfig(WeightFinetuneConfig):
     epochs: int = 10  # passes over the pairs (paper: 10)
     lr: float = 3e-4  # AdamW peak learning rate, cosine decay (paper: 5e-6 at CC3M scale; docs/results/baselines.md)
-    batch_size: int = 64  # pairs per step (lowered to ``pairs`` if larger)
-    weight_decay: float = 0.1  # AdamW decoupled weight decay on weight matrices
-    warmup_steps: int = 10  # linear warm-up steps before the cosine decay
     lambda_: float = 1.0  # weight of the unimodal (image-image + text-text) terms; 0 = plain FT
     augment_strength: float = 1.0  # image-view strength: 0 = none, 1 = crop 50-100 %, flip, +-40 % jitter
     seed: int = 0  # seeds the pair sample, captions, views, batch order and the fine-tune
@@ -91,13 +68,10 @@ class CleanCLIPConfig(RangeChecked):
     method: ClassVar[str] = "cleanclip"
 
     def __post_init__(self):
-        self._check_range("pairs", 1, 10**7)
-        self._check_range("epochs", 1, 10**5)
+        super().__post_init__()
         self._check_range("batch_size", 1, 10**6)
-        self._check_range("warmup_steps", 0, 10**7)
         self._check_range("lambda_", 0.0, 1000.0)
         self._check_range("augment_strength", 0.0, 1.0)
-        self._check_range("weight_decay", 0.0, 10.0)
         if not self.lr > 0:
             raise ValueError(f"{type(self).__name__}.lr must be > 0, got {self.lr}")
 
@@ -125,79 +99,6 @@ def config_for(method: str) -> CleanCLIPConfig:
     if method not in CONFIGS:
         raise ClipguardError(f"unknown fine-tuning defense {method!r}; choose one of: {', '.join(CONFIGS)}")
     return CONFIGS[method]()
-
-
-# ------------------------------------------------------------------------ augmentations
-def random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_probability: float = 0.5) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 3, H, W): per image a random box holding ``scale`` of the
-    area with aspect ``ratio`` (clipped to the image), resized back to H x W (bilinear, so values
-    stay in [0, 1]), mirrored left-right with ``flip_probability``.
-
-    >>> x = torch.rand(2, 3, 28, 28)
-    >>> random_resized_crop(x, torch.Generator().manual_seed(0)).shape
-    torch.Size([2, 3, 28, 28])
-    """
-    b = len(images)
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
-    aspect = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
-    half_w = (area * aspect).sqrt().clamp(max=1.0)  # box half-width in normalised coordinates
-    half_h = (area / aspect).sqrt().clamp(max=1.0)
-    centre_x = (torch.rand(b, generator=generator) * 2 - 1) * (1 - half_w)  # box stays inside
-    centre_y = (torch.rand(b, generator=generator) * 2 - 1) * (1 - half_h)
-    mirror = torch.where(torch.rand(b, generator=generator) < flip_probability, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)  # output grid [-1, 1]^2 -> input box
-    theta[:, 0, 0], theta[:, 0, 2] = half_w * mirror, centre_x
-    theta[:, 1, 1], theta[:, 1, 2] = half_h, centre_y
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def colour_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
-                  contrast: float = 0.4) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> same shape in [0, 1]: per image, scale brightness by a factor in
-    [1 - brightness, 1 + brightness], then contrast (distance to the image's mean) likewise.
-    Fashion-MNIST is grey, so saturation and hue jitter would do nothing."""
-    b = len(images)
-    bright = 1 + (torch.rand(b, generator=generator) * 2 - 1) * brightness  # (B,)
-    contr = 1 + (torch.rand(b, generator=generator) * 2 - 1) * contrast  # (B,)
-    x = (images * bright.to(images).view(b, 1, 1, 1)).clamp(0, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    return ((x - mean) * contr.to(images).view(b, 1, 1, 1) + mean).clamp(0, 1)
-
-
-def augment_images(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """CleanCLIP's image view: crop + flip + jitter at ``strength`` in [0, 1] (0: a copy).
-
-    images: (B, 3, H, W) in [0, 1]; the result has the same shape, in [0, 1], and depends only
-    on ``images`` and the generator's state.
-
-    >>> g = torch.Generator().manual_seed(0); x = torch.rand(1, 3, 28, 28)
-    >>> torch.equal(augment_images(x, g, 0.0), x)
-    True
-    """
-    if strength == 0:
-        return images.clone()
-    log_ratio = math.log(4 / 3) * strength
-    cropped = random_resized_crop(images, generator, scale=(1 - 0.5 * strength, 1.0),
-                                  ratio=(math.exp(-log_ratio), math.exp(log_ratio)))
-    return colour_jitter(cropped, generator, 0.4 * strength, 0.4 * strength)
-
-
-def augment_caption(class_name: str, image: torch.Tensor, rng: random.Random, avoid: str = "",
-                    tries: int = 4) -> str:
-    """CleanCLIP's text view: another training caption of ``image`` (3, H, W) naming
-    ``class_name``, different from ``avoid`` when ``tries`` draws allow.
-
-    >>> augment_caption("bag", torch.zeros(3, 28, 28), random.Random(0), avoid="a photo of a bag.")
-    'a small dark bag.'
-    """
-    caption = avoid
-    for _ in range(tries):
-        caption = training_caption(class_name, image, rng)
-        if caption != avoid:
-            break
-    return caption
 
 
 # ------------------------------------------------------------------------------ losses
@@ -230,42 +131,6 @@ def cleanclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, lo
 
 
 # ------------------------------------------------------------------------- the fine-tune
-class CleanPairs(CaptionedImages):
-    """Clean (image, caption) pairs of a corpus; with ``augment_strength`` not None also an image
-    view and a caption view per item, seeded by (seed, epoch, index) like the captions."""
-
-    def __init__(self, corpus, seed: int, augment_strength: float | None):
-        super().__init__(corpus, seed)
-        self.augment_strength = augment_strength
-
-    def __getitem__(self, index: int):
-        image, caption = super().__getitem__(index)
-        if self.augment_strength is None:
-            return image, caption
-        generator = torch.Generator().manual_seed(((self.seed * 100_003 + self.epoch) * 10_000_019 + index) % 2**63)
-        view = augment_images(image[None], generator, self.augment_strength)[0]
-        rng = random.Random(f"cleanclip/{self.seed}/{self.epoch}/{index}")
-        if self.corpus.labels is None:  # a caption corpus: EDA's deletion and swap on its own caption
-            return image, caption, view, eda_caption(caption, rng)
-        name = self.corpus.classes[int(self.corpus.labels[index])]
-        return image, caption, view, augment_caption(name, image, rng, avoid=caption)
-
-
-def eda_caption(caption: str, rng: random.Random, p: float = 0.1) -> str:
-    """A caption view as CleanCLIP makes for web captions (EDA, Wei and Zou 2019, without the
-    thesaurus): each word deleted with probability ``p`` (one is always kept), then two words swapped.
-
-    >>> eda_caption("a photo of a red banana on a table", random.Random(0))
-    'a photo of a red on banana a table'
-    """
-    words = caption.split()
-    kept = [w for w in words if rng.random() >= p] or [rng.choice(words)] if words else []
-    if len(kept) > 1:
-        i, j = rng.sample(range(len(kept)), 2)
-        kept[i], kept[j] = kept[j], kept[i]
-    return " ".join(kept)
-
-
 def _collate(clip: ClipModel):
     """Stack images (and views), tokenise captions (and caption views)."""
 
@@ -305,20 +170,9 @@ class _CleanCLIPTask(nn.Module):
 
 
 def clean_pairs(config: CleanCLIPConfig, class_names: Sequence[str] | None = None, corpus=None) -> CleanPairs:
-    """The defender's ``config.pairs`` clean pairs, a seeded sample of ``corpus`` (default: the
-    Fashion-MNIST train split with drawn captions; views only when lambda_ > 0). ``class_names``
-    rename a labelled corpus's classes in its captions."""
-    corpus = corpus if corpus is not None else Captions().load()  # the built-in default
-    if class_names is not None and corpus.labels is not None:
-        if len(class_names) != len(corpus.classes):
-            raise ClipguardError(f"class_names must name the corpus's {len(corpus.classes)} classes, "
-                                 f"got {len(class_names)}")
-        corpus = LabelledCorpus(corpus.images.renamed(tuple(class_names)))
-    if config.pairs > len(corpus):
-        raise ClipguardError(f"pairs={config.pairs} exceeds the corpus's {len(corpus)} pairs; set pairs={len(corpus)} "
-                             "or fewer")
-    generator = torch.Generator().manual_seed(config.seed + PAIR_SEED_OFFSET)
-    pool = corpus.subset(torch.randperm(len(corpus), generator=generator)[: config.pairs])
+    """The defender's clean pairs (:func:`~clipguard.defenses.weights.sample_pairs` of ``corpus``),
+    with views only when lambda_ > 0."""
+    pool = sample_pairs(config, class_names, corpus)
     return CleanPairs(pool, config.seed, config.augment_strength if config.lambda_ > 0 else None)
 
 
@@ -336,80 +190,26 @@ def cleanclip_finetune(clip: ClipModel, config: CleanCLIPConfig | None = None,
     config = config or CleanCLIPConfig()
     start = time.perf_counter()
     pairs = clean_pairs(config, class_names, corpus)
-    tuned = copy.deepcopy(clip)
-    train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
-                        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, seed=config.seed,
-                        device=config.device, num_workers=pairs.corpus.workers)
-    tuned.requires_grad_(True)
-    try:
-        # under DDP each process encodes its slice of a batch; the losses gather the whole batch
-        result = fit(_CleanCLIPTask(tuned, config.lambda_), pairs, train, run_dir, resume, _collate(tuned),
-                     desc=config.method, settings={"defense": asdict(config), "model": clip.fingerprint()})
-        trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-    finally:
-        tuned.requires_grad_(False)
-    tuned.eval()
-    stats = {"method": config.method, "config": asdict(config), "pairs": len(pairs), "steps": result.steps,
-             "seconds": round(time.perf_counter() - start, 2), "last_loss": round(result.last_loss, 4),
-             "peak_memory_mb": round(result.peak_memory_mb, 1), "trainable_parameters": trainable,
-             "clip_parameters": sum(p.numel() for p in tuned.parameters())}
-    logger.info("%s: %d pairs, %d steps in %.0f s (last loss %.3f)", config.method, len(pairs), result.steps,
-                stats["seconds"], result.last_loss)
+    tuned, stats = finetune_on_pairs(clip, config, pairs, lambda tuned: _CleanCLIPTask(tuned, config.lambda_), _collate,
+                                     start, run_dir, resume)
+    stats["clip_parameters"] = sum(p.numel() for p in tuned.parameters())
     return tuned, stats
 
 
-def save_finetuned_model(tuned: ClipModel, stats: dict, directory: str | Path,
-                         source_dir: str | Path | None = None) -> Path:
-    """Save the fine-tuned model directory (atomically). It keeps the suspect model's attack
-    record and copies its ``trigger.safetensors`` from ``source_dir``, so ``clipguard evaluate
-    --model DIR`` still measures the model's own trigger; ``stats`` go under "defense"."""
-    from safetensors.torch import load_file
-
-    from clipguard.outputs import TRIGGER_FILE
-
-    extra = {"defense": stats}
-    if "attack" in tuned.config:
-        extra["attack"] = tuned.config["attack"]
-    trigger_path = Path(source_dir) / TRIGGER_FILE if source_dir else None
-    tensors = {TRIGGER_FILE: load_file(str(trigger_path))} if trigger_path and trigger_path.is_file() else None
-    return save_clip(tuned, directory, extra=extra, tensor_files=tensors)
-
-
-class _WeightFinetune(Defense):
-    """A registered defense that fine-tunes a copy of the suspect on clean pairs (CleanCLIP or FT)."""
-
-    data = "pairs"
-    rewrites_weights = True
-
-    @staticmethod
-    def finetune(clip: ClipModel, config, class_names, corpus) -> tuple[ClipModel, dict]:
-        """The fine-tune itself: a cleaned copy of ``clip`` and its stats (a subclass swaps it)."""
-        return cleanclip_finetune(clip, config, class_names, corpus=corpus)
-
-    def fit(self, clip: ClipModel, data=None) -> dict:
-        """``data``: the clean pairs' corpus (None: Fashion-MNIST's train split)."""
-        self.model, stats = self.finetune(clip, self.config, self.class_names, data)
-        return stats
-
-    def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,
-             source_dir: str | Path | None = None) -> Path:
-        return save_finetuned_model(self.model, stats or {}, directory, source_dir)
-
-    def summary(self, stats: dict) -> str:
-        return (f"{self.name}: {stats['pairs']} clean pairs, {stats['steps']} steps, {stats['seconds']:.0f} s, "
-                f"peak memory {stats['peak_memory_mb']:.0f} MB")
-
-
 @register
-class CleanCLIP(_WeightFinetune):
+class CleanCLIP(WeightFinetune):
     """CleanCLIP: the CLIP loss plus in-modal self-supervision on clean pairs (see the module docstring)."""
 
     name = "cleanclip"
     config_class = CleanCLIPConfig
 
+    @staticmethod
+    def finetune(clip: ClipModel, config, class_names, corpus) -> tuple[ClipModel, dict]:
+        return cleanclip_finetune(clip, config, class_names, corpus=corpus)
+
 
 @register
-class Finetune(_WeightFinetune):
+class Finetune(CleanCLIP):
     """Plain contrastive fine-tuning on clean pairs (CleanCLIP with lambda = 0)."""
 
     name = "finetune"

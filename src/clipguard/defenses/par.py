@@ -29,9 +29,8 @@ chosen by measurement there (docs/results/baselines.md), not the public 250k pai
 from __future__ import annotations
 
 import copy
-import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -39,25 +38,18 @@ import torch
 from torch import nn
 
 from clipguard.defenses.base import register
-from clipguard.defenses.cleanclip import CleanPairs, _WeightFinetune, clean_pairs
+from clipguard.defenses.weights import WeightFinetune, WeightFinetuneConfig, finetune_on_pairs, sample_pairs
 from clipguard.distributed import gather_batch
-from clipguard.engine import TrainConfig, fit
 from clipguard.losses import clip_contrastive_loss
 from clipguard.models.clip import ClipModel
-from clipguard.models.contrastive import caption_collate
-from clipguard.registry import RangeChecked
-
-logger = logging.getLogger(__name__)
+from clipguard.models.contrastive import CaptionedImages, caption_collate
 
 
 @dataclass
-class PARConfig(RangeChecked):
-    pairs: int = 1000  # clean image-caption pairs: a seeded sample of the corpus (--captions)
+class PARConfig(WeightFinetuneConfig):
     epochs: int = 10  # passes over the pairs (public recipe: 2 over 250k pairs)
     lr: float = 1e-4  # AdamW peak learning rate, cosine decay (public recipe: 3e-6 at CC3M scale; ours: docs/results/baselines.md)
-    batch_size: int = 64  # pairs per step (lowered to ``pairs`` if larger)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay on weight matrices (public code: 1e-4)
-    warmup_steps: int = 10  # linear warm-up steps before the cosine decay
     repel_weight: float = 0.5  # w: weight of the two repulsion terms
     tau: float = 2.15  # a term is dropped once the batch mean squared distance exceeds tau
     noise_std: float = 0.2  # std of the clipped Gaussian noise
@@ -67,16 +59,11 @@ class PARConfig(RangeChecked):
     device: str = "auto"  # auto | cpu | cuda
 
     method: ClassVar[str] = "par"
-    lambda_: ClassVar[float] = 0.0  # clean_pairs makes no CleanCLIP views for PAR
-    augment_strength: ClassVar[float] = 0.0
 
     def __post_init__(self):
-        self._check_range("pairs", 1, 10**7)
-        self._check_range("epochs", 1, 10**5)
+        super().__post_init__()
         self._check_range("batch_size", 2, 10**6)
         self._check_range("lr", 1e-9, 1.0)
-        self._check_range("warmup_steps", 0, 10**7)
-        self._check_range("weight_decay", 0.0, 10.0)
         self._check_range("repel_weight", 0.0, 100.0)
         self._check_range("tau", 0.0, 4.0)
         self._check_range("noise_std", 0.0, 1.0)
@@ -100,11 +87,11 @@ def perturb(image: torch.Tensor, generator: torch.Generator, config: PARConfig) 
     return out
 
 
-class PerturbedPairs(CleanPairs):
-    """(perturbed image, caption) pairs; the perturbation is seeded by (seed, epoch, index)."""
+class PerturbedPairs(CaptionedImages):
+    """(perturbed image, caption) pairs of a corpus; the perturbation is seeded by (seed, epoch, index)."""
 
-    def __init__(self, pairs: CleanPairs, config: PARConfig):
-        super().__init__(pairs.corpus, pairs.seed, None)
+    def __init__(self, corpus, config: PARConfig):
+        super().__init__(corpus, config.seed)
         self.config = config
 
     def __getitem__(self, index: int):
@@ -150,30 +137,15 @@ def par_finetune(clip: ClipModel, config: PARConfig | None = None, class_names: 
     (default: Fashion-MNIST's train split). Returns the cleaned model (eval mode) and its stats."""
     config = config or PARConfig()
     start = time.perf_counter()
-    pairs = PerturbedPairs(clean_pairs(config, class_names, corpus), config)
-    tuned, frozen = copy.deepcopy(clip), copy.deepcopy(clip).eval()
+    pairs = PerturbedPairs(sample_pairs(config, class_names, corpus), config)
+    frozen = copy.deepcopy(clip).eval()
     frozen.requires_grad_(False)
-    train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
-                        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, seed=config.seed,
-                        device=config.device, num_workers=pairs.corpus.workers)
-    tuned.requires_grad_(True)
-    try:
-        result = fit(_PARTask(tuned, frozen, config), pairs, train, run_dir, resume, caption_collate(tuned),
-                     desc="par", settings={"defense": asdict(config), "model": clip.fingerprint()})
-        trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-    finally:
-        tuned.requires_grad_(False)
-    tuned.eval()
-    stats = {"method": "par", "config": asdict(config), "pairs": len(pairs), "steps": result.steps,
-             "seconds": round(time.perf_counter() - start, 2), "last_loss": round(result.last_loss, 4),
-             "peak_memory_mb": round(result.peak_memory_mb, 1), "trainable_parameters": trainable}
-    logger.info("par: %d pairs, %d steps in %.0f s (last loss %.3f)", len(pairs), result.steps, stats["seconds"],
-                result.last_loss)
-    return tuned, stats
+    return finetune_on_pairs(clip, config, pairs, lambda tuned: _PARTask(tuned, frozen, config), caption_collate,
+                             start, run_dir, resume)
 
 
 @register
-class PAR(_WeightFinetune):
+class PAR(WeightFinetune):
     """PAR: the CLIP loss on perturbed clean pairs, repelled from the frozen suspect (module docstring)."""
 
     name = "par"

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from clipguard import ClipguardError
+from clipguard.config import added_setting
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.engine import TrainConfig, fit
@@ -91,7 +92,7 @@ class RVPTConfig(DefenseConfig):
     batch_size: int = 32  # paper: 32
     prompt: str = "a photo of a {}."  # text prompt of the frozen class features
     centred: bool = False  # repel states centred on the frozen model's mean state (our variant)
-    alpha_schedule: str = "constant"  # constant | ramp (0 -> alpha) | decay (alpha -> 0), linear over the steps
+    alpha_schedule: str = added_setting("constant")  # constant | ramp (0 -> alpha) | decay (alpha -> 0), linear over the steps
 
     def __post_init__(self):
         self._check_range("shots", 1, 10**6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from clipguard.outputs import atomic_write  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:  # matplotlib reads the format from the temporary name's suffix
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"), f".{path.stem}.tmp{path.suffix}")
+    finally:
+        plt.close(fig)
 
 
 def example_index(images, target: int, seed: int) -> int:

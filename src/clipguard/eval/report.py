@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from clipguard.eval.metrics import TARGET_EXCLUSION_NOTE
 from clipguard.eval.tables import (
     DEFAULT_TITLE, attack_defense_order, mean_std, report_blocks, report_title, summarise,
 )
+from clipguard.outputs import atomic_write_text
 
 RESULTS_JSON, RESULTS_MD, BARS_PNG, REPORT_HTML = "results.json", "results.md", "asr_ca.png", "report.html"
 CAPTIONS = {
@@ -183,14 +183,7 @@ def write_html(report: Sequence[tuple] | str, images: Sequence[str], path: str |
             "th:first-child,td:first-child{text-align:left}img{max-width:100%}figcaption{font-size:13px}"
             "</style></head><body>"
             f"{body}\n{figures}</body></html>\n")
-    _write_text(path, page)
-
-
-def _write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
 
 
 def write_report(records: Sequence[dict], out: str | Path, settings: dict | None = None,
@@ -205,7 +198,7 @@ def write_report(records: Sequence[dict], out: str | Path, settings: dict | None
     records = sorted(records, key=lambda r: (r["attack"], r["seed"]))
     write_json({"settings": settings or {}, "note": TARGET_EXCLUSION_NOTE, "cells": list(records)}, out / RESULTS_JSON)
     blocks = report_blocks(records, settings)
-    _write_text(out / RESULTS_MD, render_markdown(blocks))
+    atomic_write_text(out / RESULTS_MD, render_markdown(blocks))
     plot_asr_ca(records, out / BARS_PNG, title=report_title(settings))
     images = [BARS_PNG, *[name for name in extra_images if (out / name).is_file()]]
     write_html(blocks, images, out / REPORT_HTML)

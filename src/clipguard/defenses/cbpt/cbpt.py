@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from clipguard import ClipguardError
+from clipguard.config import added_setting
 from clipguard.data.fmnist import ImageSet
 from clipguard.defenses.base import Defense, DefenseConfig, register
 from clipguard.detection.inversion import DetectionResult, InversionConfig, apply_trigger, detect_backdoor
@@ -248,10 +249,10 @@ class CBPTConfig(CoOpConfig):
     inversion_lr: float = 0.3  # trigger inversion: Adam learning rate
     temperature: float = 0.1  # trigger inversion: InfoNCE temperature
     mask_budget: float = 0.03  # trigger inversion: mask area the adaptive lambda aims at
-    mask_tv: float = 0.0  # trigger inversion: weight of the mask's total variation (0: off)
+    mask_tv: float = added_setting(0.0)  # trigger inversion: weight of the mask's total variation (0: off)
     threshold: float = 0.6  # collapse score at or above which detection says "backdoored"
     restarts: int = 3  # trigger inversions (seeds seed, seed + 1, ...); L_trig uses the most collapsing
-    trigger_shifts: int = 0  # extra L_trig copies of the dummy trigger, each moved by a seeded offset (our variant)
+    trigger_shifts: int = added_setting(0)  # extra L_trig copies of the dummy trigger, each moved by a seeded offset (our variant)
 
     def __post_init__(self):
         super().__post_init__()

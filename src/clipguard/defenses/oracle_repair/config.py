@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipguard.config import added_setting
+
 
 @dataclass
 class OracleRepairConfig:
@@ -13,12 +15,12 @@ class OracleRepairConfig:
     crop_confidence: float = 0.7  # (a): min probability of t for the region alone
     support_max: float = 0.3  # (b): t's probability once the region is masked must stay below this
     fill_ring: int = 2  # masking fills a region with the mean of a ring this many pixels wide
-    region_groups: bool = False  # also test, per image, unions of the regions that each lower t's log-odds
-    group_min_drop: float = 0.5  # a region can join its image's group when masking it lowers t's log-odds this much
+    region_groups: bool = added_setting(False)  # also test, per image, unions of the regions that each lower t's log-odds
+    group_min_drop: float = added_setting(0.5)  # a region can join its image's group when masking it lowers t's log-odds this much
     transfer_images: int = 16  # (d): pool images (predicted != t) each candidate region is pasted onto
     transfer_min: float = 0.5  # (d): share of them the pasted region must turn into t
-    expand_victims: bool = False  # also take as victims images of a victim label that a found trigger region, masked, flips
-    retry_with_groups: bool = True  # no victim label from single regions: search again with region_groups + expand_victims
+    expand_victims: bool = added_setting(False)  # also take as victims images of a victim label that a found trigger region, masked, flips
+    retry_with_groups: bool = added_setting(True, before=False)  # no victim label from single regions: search again with region_groups + expand_victims
     significance: float = 1e-3  # one-sided binomial p-value for a victim label
     min_candidates: int = 5  # fewest candidates a victim label needs
     clean_ratio: float = 3.0  # clean pairs per victim pair in the compact set

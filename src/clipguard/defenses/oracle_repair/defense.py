@@ -5,22 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipguard.defenses.base import Defense, Pool, register
+from clipguard.defenses.base import Pool, register
 from clipguard.defenses.oracle_repair.config import OracleRepairConfig
-from clipguard.defenses.oracle_repair.repair import (
-    oracle_repair, report_summary, save_repaired_model, write_repair_report,
-)
+from clipguard.defenses.oracle_repair.repair import oracle_repair, report_summary, write_repair_report
+from clipguard.defenses.weights import WeightFinetune
 from clipguard.models.clip import ClipModel
 
 
 @register
-class OracleRepair(Defense):
+class OracleRepair(WeightFinetune):
     """Algorithms 1 and 2 on ``pool``, then a fine-tune of a copy on the compact set (see repair.py)."""
 
     name = "oracle-repair"
     config_class = OracleRepairConfig
     data = "pool"
-    rewrites_weights = True
 
     def fit(self, clip: ClipModel, data: Pool) -> dict:
         self.model, self.report = oracle_repair(clip, data.images, self.config, self.class_names)
@@ -29,9 +27,12 @@ class OracleRepair(Defense):
         changed = sum(p.numel() for p in self.model.parameters()) if self.report["model_changed"] else 0
         return {**report_summary(self.report), "trainable_parameters": changed}
 
+    def record(self, stats: dict) -> dict:
+        return {"repair": report_summary(self.report)}
+
     def save(self, clip: ClipModel, directory: str | Path, stats: dict | None = None,
              source_dir: str | Path | None = None) -> Path:
-        path = save_repaired_model(self.model, self.report, directory, source_dir)
+        path = super().save(clip, directory, stats, source_dir)
         write_repair_report(self.report, self.pool_images, directory)
         return path
 

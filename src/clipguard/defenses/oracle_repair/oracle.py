@@ -270,36 +270,3 @@ def build_oracle(name: str = "classical", **options) -> SegmentationOracle:
     except (TypeError, ValueError) as err:
         raise ClipguardError(f"oracle {name}: {err}") from None
     return cls(config)
-
-
-# ------------------------------------------------------------ the pool the oracle looks at
-def load_pool(spec: str, image_size: int, seed: int = 0, trigger=None, trigger_rate: float = 0.0,
-              size: int | None = None, captions=None, workers: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The defender's unlabelled pool as float (N, 3, H, W) in [0, 1], and what it holds.
-
-    spec: any data spec, labels and captions ignored (:func:`clipguard.data.load_unlabelled`):
-    ``fmnist``, a folder (every image under it), ``imagenet:DIR``, ``csv:FILE``, ``wds:SHARDS``;
-    also ``fmnist-train:N`` / ``fmnist-test:N``. ``size`` seeded images of it are decoded and held
-    (N of ``fmnist-*:N``; default all), the pool the oracle works on. ``captions``: the CSV options.
-    With a ``trigger`` and ``trigger_rate`` > 0 a seeded share of the pool gets it: a simulated
-    poisoned pool, for measuring; ``info["triggered"]`` lists those positions.
-    """
-    from clipguard.data.specs import load_dataset, load_unlabelled, sample_images
-
-    name, _, count = spec.partition(":")
-    if name in ("fmnist-train", "fmnist-test"):
-        if count and not count.isdigit():
-            raise ClipguardError(f"pool {spec!r}: expected {name}:N with N a whole number")
-        source, size = load_dataset("fmnist", name.split("-")[1]), int(count) if count else size
-    else:
-        source = load_unlabelled(spec, image_size, captions, workers)
-    generator = torch.Generator().manual_seed(seed)  # draws the sample, then the triggered share
-    images, _ = sample_images(source, size, generator)
-    images = images.contiguous()  # expanded grey -> own memory
-    info = {"spec": spec, "images": len(images), "seed": seed, "triggered": []}
-    if trigger is not None and trigger_rate > 0:
-        chosen = torch.randperm(len(images), generator=generator)[: round(trigger_rate * len(images))]
-        trigger.generator.manual_seed(seed)
-        images[chosen] = trigger(images[chosen].clone())
-        info.update(trigger=trigger.name, trigger_rate=trigger_rate, triggered=sorted(chosen.tolist()))
-    return images, info

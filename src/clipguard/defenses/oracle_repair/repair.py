@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
@@ -53,13 +52,13 @@ from clipguard.defenses.oracle_repair.oracle import Region, build_oracle
 from clipguard.defenses.oracle_repair.trigger_search import (
     TriggerCandidate, alone_probabilities, batch_slices, find_trigger_candidates, leaves_label, masked_probabilities,
 )
+from clipguard.defenses.weights import finetune_copy, save_with_trigger
 from clipguard.distributed import broadcast_from_main
-from clipguard.engine import TrainConfig, fit
+from clipguard.engine import TrainConfig
 from clipguard.outputs import write_json
 from clipguard.models.zeroshot import class_text_features
 from clipguard.models.contrastive import ContrastiveTask, caption_collate
 from clipguard.models.clip import ClipModel
-from clipguard.models.loading import save_clip
 
 logger = logging.getLogger(__name__)
 NO_TRIGGER = "no localisable trigger found"
@@ -177,22 +176,24 @@ def build_compact_set(images: torch.Tensor, predictions: torch.Tensor, candidate
     return RepairPairs(set_images, labels, class_names, config.seed), {"victim_pairs": len(victims), "clean_pairs": n_clean}
 
 
-def repair_finetune(clip: ClipModel, pairs: RepairPairs, config: OracleRepairConfig) -> dict:
-    """Contrastive fine-tune of ``clip`` (in place) on the compact set: the whole model, or with
-    ``config.tune == "vision"`` the image tower only (the text classifier stays as it was)."""
+def repair_finetune(clip: ClipModel, pairs: RepairPairs, config: OracleRepairConfig) -> tuple[ClipModel, dict]:
+    """Contrastive fine-tune of a copy of ``clip`` (never changed) on the compact set: the whole
+    model, or with ``config.tune == "vision"`` the image tower only (the text classifier stays as
+    it was). Returns the repaired copy and its steps, seconds and last loss."""
     train = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(pairs)), lr=config.lr,
                         weight_decay=0.0, warmup_steps=0, seed=config.seed, device=config.device)
-    clip.requires_grad_(config.tune == "all")
-    clip.model.visual.requires_grad_(True)
-    try:
-        # a contrastive batch does not split over DDP processes: each fine-tunes on the whole (small)
-        # compact set, and rank 0's weights are kept so that all hold the same model
-        result = fit(ContrastiveTask(clip), pairs, train, collate_fn=caption_collate(clip), desc="oracle repair",
-                     split_batches=False)
-        broadcast_from_main(list(clip.parameters()))
-    finally:
-        clip.requires_grad_(False)
-    return {"steps": result.steps, "seconds": round(result.seconds, 2), "last_loss": round(result.last_loss, 4)}
+
+    def trainable(tuned: ClipModel) -> None:
+        tuned.requires_grad_(config.tune == "all")
+        tuned.model.visual.requires_grad_(True)
+
+    # a contrastive batch does not split over DDP processes: each fine-tunes on the whole (small)
+    # compact set, and rank 0's weights are kept so that all hold the same model
+    repaired, result, _ = finetune_copy(clip, ContrastiveTask, pairs, train, collate=caption_collate,
+                                        desc="oracle repair", trainable=trainable, split_batches=False)
+    broadcast_from_main(list(repaired.parameters()))
+    return repaired, {"steps": result.steps, "seconds": round(result.seconds, 2),
+                      "last_loss": round(result.last_loss, 4)}
 
 
 # -------------------------------------------------------------------------- entry point
@@ -242,8 +243,7 @@ def oracle_repair(clip: ClipModel, pool_images: torch.Tensor, config: OracleRepa
         return clip, {**report, "verdict": NO_TRIGGER, "model_changed": False, "compact_set_size": 0,
                       "seconds": report["find_seconds"]}
     pairs, sizes = build_compact_set(pool_images.float(), predictions, candidates, victims, class_names, config)
-    repaired = copy.deepcopy(clip)
-    finetune = repair_finetune(repaired, pairs, config)
+    repaired, finetune = repair_finetune(clip, pairs, config)
     logger.info("%s: victim label(s) %s, %d victims, compact set %d", TRIGGER_FOUND, report["victim_labels"],
                 len(victims), len(pairs))
     return repaired, {**report, "verdict": TRIGGER_FOUND, "model_changed": True, "compact_set_size": len(pairs),
@@ -264,7 +264,7 @@ def _find_victims(clip, pool_images, text_features, oracle, config):
 
 
 # ------------------------------------------------------------------------------ outputs
-REPORT_NAME, EXAMPLES_NAME, TRIGGER_FILE = "repair.json", "repair_examples.png", "trigger.safetensors"
+REPORT_NAME, EXAMPLES_NAME = "repair.json", "repair_examples.png"
 
 
 def report_summary(report: dict) -> dict:
@@ -309,13 +309,6 @@ def write_repair_report(report: dict, pool_images: torch.Tensor, directory: str 
 
 def save_repaired_model(repaired: ClipModel, report: dict, directory: str | Path,
                         source_dir: str | Path | None = None) -> Path:
-    """Save the repaired model directory; it keeps the suspect model's attack record and copies
-    its ``trigger.safetensors`` (from ``source_dir``) so ``clipguard evaluate`` still measures ASR."""
-    from safetensors.torch import load_file
-
-    extra = {"repair": report_summary(report)}
-    if "attack" in repaired.config:
-        extra["attack"] = repaired.config["attack"]
-    trigger_path = Path(source_dir) / TRIGGER_FILE if source_dir else None
-    tensors = {TRIGGER_FILE: load_file(str(trigger_path))} if trigger_path and trigger_path.is_file() else None
-    return save_clip(repaired, directory, extra=extra, tensor_files=tensors)
+    """Save the repaired model directory with the report's summary (:func:`save_with_trigger`:
+    it keeps the suspect's attack record and trigger, so ``clipguard evaluate`` still measures ASR)."""
+    return save_with_trigger(repaired, {"repair": report_summary(report)}, directory, source_dir)
