@@ -89,7 +89,7 @@ def test_a_clipguard_output_is_replaced_and_nothing_is_left_beside_it(capsys, tm
 def test_a_second_run_on_a_locked_out_is_refused_naming_the_holder(capsys, tmp_path):
     out = tmp_path / "bench"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from clipguard.outputs import claim_outputs\n"
+        [sys.executable, "-c", "import sys, time; from clipguard.locks import claim_outputs\n"
          "with claim_outputs(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -285,11 +285,11 @@ def test_a_diverged_attack_leaves_no_folder_behind(capsys, tmp_path, model_dir):
 
 
 def test_a_stale_lock_of_a_killed_run_is_reused_and_removed(tmp_path):
-    from clipguard.outputs import claim_outputs, lock_path
+    from clipguard.locks import claim_outputs, lock_path
 
     out = tmp_path / "bench"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from clipguard.outputs import claim_outputs\n"
+        [sys.executable, "-c", "import sys, time; from clipguard.locks import claim_outputs\n"
          "with claim_outputs(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

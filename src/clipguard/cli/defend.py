@@ -24,7 +24,8 @@ def cmd_defend(args) -> None:
     from clipguard.data.pool import DefenderData, Unlabelled
     from clipguard.defenses import get_defense_class
     from clipguard.distributed import is_main_process
-    from clipguard.outputs import check_output_directory, claim_outputs
+    from clipguard.locks import claim_outputs
+    from clipguard.outputs import check_output_directory
 
     check_outputs_apart(args, {"--out": args.out})
     cls = get_defense_class(args.method)

@@ -23,7 +23,8 @@ def cmd_train_builtin(args) -> None:
     from clipguard.config import load_config, override, to_yaml
     from clipguard.models.builtin import BuiltinRecipe, train_builtin
     from clipguard.models.loading import save_clip
-    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs
+    from clipguard.locks import claim_outputs
+    from clipguard.outputs import check_output_directory, check_run_directory
 
     model_dir = Path(args.out) / "model"
     check_outputs_apart(args, {"--out": args.out})
@@ -69,7 +70,8 @@ def cmd_attack(args) -> None:
     from clipguard import pipeline
     from clipguard.attacks import AttackConfig, get_trigger_class
     from clipguard.config import load_config, override, parse_assignments
-    from clipguard.outputs import check_output_directory, check_run_directory, claim_outputs, remove_run_directory
+    from clipguard.locks import claim_outputs
+    from clipguard.outputs import check_output_directory, check_run_directory, remove_run_directory
 
     out, run_dir = Path(args.out), Path(args.out + ".run")
     check_outputs_apart(args, {"--out": out, "--out (its .run checkpoint folder)": run_dir})
@@ -125,7 +127,8 @@ def cmd_bench(args) -> None:
     from clipguard.bench import BenchConfig, all_defenses, parse_bench_settings, run_bench
     from clipguard.attacks import ATTACKS
     from clipguard.config import load_config, override
-    from clipguard.outputs import check_bench_directory, claim_outputs
+    from clipguard.locks import claim_outputs
+    from clipguard.outputs import check_bench_directory
 
     check_bench_directory(args.out)
     try:
@@ -165,7 +168,8 @@ def _print_report(out: str) -> None:
 def cmd_demo(args) -> None:
     """The main job on the built-in model: attack (BadNet, BadCLIP), defend (RVPT, CBPT), report."""
     from clipguard.bench import demo_config, run_bench
-    from clipguard.outputs import check_bench_directory, claim_outputs
+    from clipguard.locks import claim_outputs
+    from clipguard.outputs import check_bench_directory
 
     check_bench_directory(args.out)
     config = demo_config(seed=args.seed, device=args.device)
