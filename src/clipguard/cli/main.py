@@ -13,9 +13,10 @@ from clipguard import ClipguardError
 from clipguard.cli.common import (
     attack_for, captions_spec, check_outputs_apart, labelled_spec, summary_line, verify,
 )
-from clipguard.cli.defend import cmd_defend
-from clipguard.cli.diagnose import cmd_analyze, cmd_detect, cmd_show_triggers
-from clipguard.cli.listing import cmd_list
+# the commands defined elsewhere: main runs cmd_<name> from this module's names
+from clipguard.cli.defend import cmd_defend  # noqa: F401
+from clipguard.cli.diagnose import cmd_analyze, cmd_detect, cmd_show_triggers  # noqa: F401
+from clipguard.cli.listing import cmd_list  # noqa: F401
 from clipguard.cli.parser import build_parser
 
 

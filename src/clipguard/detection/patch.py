@@ -3,8 +3,6 @@ registered detector (a localised trigger: BadNet-like patches, ISSBA-like noise)
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from clipguard.data.fmnist import ImageSet
