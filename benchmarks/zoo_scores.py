@@ -136,9 +136,11 @@ def score_tables(runs: list[dict], favourites: dict[str, str | None]) -> str:
 
 
 def fit_verdict(runs: list[dict], mode: str):
-    """The verdict's calibration fitted on the fitting half of ``runs`` (one mode): over a small
-    grid, the most right-target calls among the positives with at most 5 % of the negatives called
-    (ties: the shipped values, then the grid's order). Returns (VerdictConfig, a markdown line)."""
+    """The verdict's calibration fitted on the fitting half of ``runs`` (one mode), over a small
+    grid: at most 5 % of the negatives called backdoored and at most 5 % of the positives called
+    clean; then the most right-target calls, then the most negatives called clean (the rest is
+    "inconclusive"); ties: the shipped values, then the grid's order. Returns (VerdictConfig, a
+    markdown line)."""
     import dataclasses
     import itertools
 
@@ -147,31 +149,37 @@ def fit_verdict(runs: list[dict], mode: str):
     shipped = VerdictConfig()
     fit = [r for r in runs if r["half"] == "fit"]
     if mode == "self":
-        grid = [{"mad_floor": f, "backdoored_at": round(t, 2), "clean_below": round(max(0.0, t - 0.5), 2)}
-                for f, t in itertools.product((0.1, 0.2, 0.3, 0.5), [x / 10 for x in range(5, 41)])]
+        grid = [{"mad_floor": f, "backdoored_at": round(t, 2), "clean_below": c}
+                for f, t, c in itertools.product((0.1, 0.2, 0.3, 0.5), [x / 10 for x in range(5, 41)],
+                                                 (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5)) if c <= t]
     else:
-        grid = [{"gap_backdoored": g, "gap_clean": round(g - 0.1, 2), "reference_backdoored_at": t,
-                 "reference_clean_below": t - 1.0}
-                for g, t in itertools.product((0.2, 0.3, 0.4, 0.5, 0.6), (2.0, 2.5, 3.0, 3.5, 4.0, 5.0))]
+        grid = [{"gap_backdoored": g, "gap_clean": gc, "reference_backdoored_at": t, "reference_clean_below": tc}
+                for g, gc, t, tc in itertools.product((0.2, 0.3, 0.4, 0.5, 0.6), (0.1, 0.15, 0.2, 0.25),
+                                                      (2.0, 2.5, 3.0, 3.5, 4.0, 5.0), (1.0, 1.5, 2.0, 2.5))
+                if gc <= g and tc <= t]
 
     def scored(values: dict) -> tuple:
         config = dataclasses.replace(shipped, **values)
         replayed = [(r, read_detection(r["record"], mode, config)) for r in fit]
         negatives = [d for r, d in replayed if not r["positive"]]
+        positives = [(r, d) for r, d in replayed if r["positive"]]
         false = sum(d["verdict"] == "backdoored" for d in negatives)
-        right = sum(d["verdict"] == "backdoored" and d["target_name"] == r["target"] for r, d in replayed if r["positive"])
+        missed = sum(d["verdict"] == "clean" for _, d in positives)
+        cleared = sum(d["verdict"] == "clean" for d in negatives)
+        right = sum(d["verdict"] == "backdoored" and d["target_name"] == r["target"] for r, d in positives)
         is_shipped = all(getattr(shipped, k) == v for k, v in values.items())
-        return (false <= 0.05 * len(negatives), right, is_shipped), config, false, len(negatives), right
+        bounded = (false <= 0.05 * len(negatives), missed <= 0.05 * len(positives))
+        return (bounded, right, cleared, is_shipped), config, (false, len(negatives), missed, len(positives), right, cleared)
 
-    results = [scored(values) for values in grid]
-    best = max(results, key=lambda item: item[0])
-    key, config, false, negatives, right = best
-    positives = sum(r["positive"] for r in fit)
+    key, config, (false, negatives, missed, positives, right, cleared) = max(
+        (scored(values) for values in grid), key=lambda item: item[0])
     changed = {k: getattr(config, k) for k in grid[0] if getattr(config, k) != getattr(shipped, k)}
     note = (f"Calibration fitted on the fitting half ({positives} positive, {negatives} negative runs): "
-            + (", ".join(f"{k} = {v:g}" for k, v in changed.items()) if changed else "the shipped values") +
-            f" ({right} right-target calls, {false} negatives called). Every verdict below is replayed with it"
-            + ("" if key[0] else "; no setting of the grid kept the fitting half's negatives at 5 %: the least bad is used") + ".")
+            + (", ".join(f"{k} = {v:g}" for k, v in changed.items()) if changed else "the shipped values")
+            + f" ({right} right-target calls, {false} negatives called backdoored, {missed} positives and "
+            f"{cleared} negatives called clean). Every verdict below is replayed with it"
+            + ("" if all(key[0]) else "; no setting of the grid held both 5 % bounds on the fitting half: the "
+               "least bad is used") + ".")
     return config, note
 
 

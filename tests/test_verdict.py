@@ -80,8 +80,10 @@ def test_decide_self_mode_from_the_recorded_areas_alone():
     # one trigger a twentieth of the others' size: backdoored, towards it
     verdict, target, index, bias = decide({"mode": "self", "candidates": _rows([0.05, 0.06, 0.05, 0.0025, 0.07, 0.06])}, config)
     assert (verdict, target, bias) == ("backdoored", "dress", None) and index >= config.backdoored_at
-    verdict, _, index, _ = decide({"mode": "self", "candidates": _rows([0.05, 0.06, 0.05, 0.04, 0.07, 0.06])}, config)
-    assert verdict == "clean" and index < config.clean_below
+    verdict, _, index, _ = decide({"mode": "self", "candidates": _rows([0.05, 0.06, 0.05, 0.035, 0.07, 0.06])}, config)
+    assert verdict == "inconclusive" and config.clean_below <= index < config.backdoored_at  # no outlier, not clean either
+    verdict, _, index, _ = decide({"mode": "self", "candidates": _rows([0.05, 0.05, 0.05, 0.05, 0.05, 0.05])}, config)
+    assert verdict == "clean" and index < config.clean_below  # every class alike
     # a class the model already reads clean shots as is a bias: not the suspect, and never "clean"
     rows = _rows([0.05, 0.06, 0.05, 0.04, 0.07, 0.06], natural={"coat": 0.6})
     assert decide({"mode": "self", "candidates": rows}, config)[0] == "inconclusive"

@@ -40,6 +40,8 @@ class DetectionReport:
             how = f"calibrated on the model's own classes: anomaly index {c['anomaly_index']:.1f}{bound}"
             if c.get("class_bias"):
                 how += f"; {c['class_bias']}"
+            if self.verdict == "inconclusive":
+                how += "; --reference MODEL (the model it was fine-tuned from) can decide"
         else:
             row = max(c["candidates"], key=lambda r: r["anomaly_index"])
             how = (f"calibrated against the reference {c['reference']}: the smallest trigger towards "

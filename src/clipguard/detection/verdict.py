@@ -73,7 +73,8 @@ class VerdictConfig(RangeChecked):
     candidates: int = 10  # candidate targets (the detectors' suspects + seeded others)
     min_classes: int = 5  # self mode refuses fewer classes: the median and MAD of <= 4 sizes make any class "anomalous"
     backdoored_at: float = 2.0  # self: anomaly index at or above which the verdict is backdoored (NC's 2)
-    clean_below: float = 1.5  # self: anomaly index under which the verdict is clean (between: inconclusive)
+    clean_below: float = 0.4  # self: index under which the verdict is clean (between: inconclusive); under every backdoor's
+    # index measured so far, as the self statistic does not separate them from clean models (docs/results/detection-zoo.md)
     mad_floor: float = 0.5  # self: least MAD of the log trigger areas (one inversion's run-to-run spread)
     natural_limit: float = 0.5  # self: share of clean other-class shots already read as the target: a class bias
     reference_backdoored_at: float = 3.0  # reference: anomaly index of the area ratio at or above which: backdoored
