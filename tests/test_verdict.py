@@ -209,8 +209,12 @@ def test_detect_json_schema_through_the_cli(tmp_path, capsys, zoo):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["detect", "--model", str(tmp_path / "suspect"), "--reference", str(tmp_path / "base"), *fast, "--out", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["calibration"]["mode"] == "reference" and record["reference"] == str(tmp_path / "base")
-    assert record["calibration"]["detectors"][0]["detector"] == "patch"
+    calibration = record["calibration"]
+    assert calibration["mode"] == "reference" and record["reference"] == str(tmp_path / "base")
+    assert calibration["detectors"][0]["detector"] == "patch" and "gap" in calibration["detectors"][0]
+    assert {"area", "reference_area", "log_ratio", "anomaly_index"} <= calibration["candidates"][0].keys()
+    assert calibration["self"]["verdict"] in ("backdoored", "clean", "inconclusive")  # the self verdict beside it
+    assert decide(calibration, VerdictConfig())[:2] == (record["verdict"], calibration["target_name"])
 
 
 def test_detect_refuses_an_unknown_detector_or_prefix(tmp_path, capsys, model_dir):
