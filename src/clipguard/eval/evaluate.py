@@ -55,20 +55,34 @@ def evaluate_model(
     (see :func:`~clipguard.eval.metrics.chance_warning`); NaN or inf logits are a ClipguardError.
     Returns a record ready for JSON. Under ``torchrun`` every process calls it, encodes its
     share of the batches and gets the record of one process (see
-    :func:`~clipguard.models.zeroshot.image_features`).
+    :func:`~clipguard.models.zeroshot.image_features`). ``dataset`` is a spec: its ``split`` is
+    loaded here, then :func:`evaluate_images` measures the image set.
     """
     start = time.perf_counter()
     model = clip if isinstance(clip, DefendedClip) else DefendedClip(clip, defense)
     images = load_dataset(dataset, split, model.clip.image_size)
-    if trigger is not None:
-        if target is None:
-            raise ClipguardError("a trigger needs its target class name to measure ASR")
-        class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     from clipguard.data.web import validation_slice
 
     split_name = split if has_splits(dataset) else None  # a flat folder or a CSV: every split is all its images
     evaluated_on = validation_slice(dataset, split) or (
         f"the {split} split" if split_name else "the whole dataset (it has no separate splits)")
+    record = evaluate_images(model, model_name, images, str(dataset), split_name, evaluated_on, limit, seed,
+                             batch_size, progress, trigger, target, exclude)
+    record["seconds"] = round(time.perf_counter() - start, 2)  # loading included
+    return record
+
+
+def evaluate_images(model: DefendedClip, model_name: str, images, dataset: str, split: str | None,
+                    evaluated_on: str, limit: int | None = None, seed: int = 0, batch_size: int = 1000,
+                    progress: bool = True, trigger=None, target: str | None = None,
+                    exclude: torch.Tensor | None = None) -> dict:
+    """The record of :func:`evaluate_model` on an image set already loaded (an ImageSet or a
+    streamed folder set); ``dataset``, ``split`` and ``evaluated_on`` only describe it in the record."""
+    start = time.perf_counter()
+    if trigger is not None:
+        if target is None:
+            raise ClipguardError("a trigger needs its target class name to measure ASR")
+        class_index(images.classes, target, where=f"the evaluation data ({dataset})")
     if exclude is not None and len(exclude):
         keep = torch.ones(len(images), dtype=torch.bool)
         keep[exclude] = False
@@ -81,7 +95,7 @@ def evaluate_model(
     predictions = _predictions(model, features, texts, model_name)
     ca = clean_accuracy(predictions, images.labels)
     record = {
-        "model": model_name, "dataset": str(dataset), "split": split_name, "seed": seed, "classes": list(images.classes),
+        "model": model_name, "dataset": dataset, "split": split, "seed": seed, "classes": list(images.classes),
         "evaluated_on": evaluated_on, "clean_accuracy": ca.as_dict("correct"),
     }
     if trigger is not None:
