@@ -147,3 +147,29 @@ def test_a_web_corpus_with_a_plain_share_keeps_the_other_renderings():
     for bad in ("fmnist-web:plain=1.5", "fmnist-web:plain=x", "fmnist-web:mixed=0.3"):
         with pytest.raises(ClipguardError, match="fmnist-web:plain=P"):
             Captions(bad).check()
+
+
+def test_each_spec_kind_is_one_class_that_knows_its_splits(tmp_path):
+    import pytest
+
+    from clipguard import ClipguardError
+    from clipguard.data import Captions, Labelled
+    from clipguard.data.kinds import (
+        CsvImages, CsvPairs, FmnistImages, FmnistPairs, FmnistValImages, ImageFolder, ImagenetFolder, WdsPairs, WebPairs,
+    )
+
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    for split in ("train", "val"):
+        (tmp_path / "split" / split / "cat").mkdir(parents=True)
+    kinds = {"fmnist": FmnistImages, "fmnist-val": FmnistValImages, "csv:x.csv": CsvImages,
+             f"imagenet:{tmp_path / 'split'}": ImagenetFolder, str(tmp_path / "flat"): ImageFolder}
+    assert {spec: type(Labelled(spec).kind) for spec in kinds} == kinds
+    assert Labelled(str(tmp_path / "split")).splits() == ("train", "test") and Labelled("fmnist-val").has_splits
+    assert Labelled(str(tmp_path / "flat")).splits() == () and not Labelled("csv:x.csv").has_splits
+    assert Labelled("csv:x.csv", csv_separator="\t").read_options() == ["\t", "filepath", "label"]
+    assert Labelled("csv:x.csv").read_options() == [] and Labelled("fmnist").read_options() == []
+    captions = {"fmnist": FmnistPairs, "fmnist-web:plain=0.7": WebPairs, "csv:p.csv": CsvPairs, "wds:a.tar": WdsPairs}
+    assert {spec: type(Captions(spec).kind) for spec in captions} == captions
+    assert Captions("fmnist-web").builtin and not Captions("wds:a.tar").builtin
+    with pytest.raises(ClipguardError, match="expected fmnist, fmnist-web"):
+        Captions("parquet:x").kind

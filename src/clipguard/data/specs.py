@@ -24,21 +24,10 @@ import torch
 from clipguard import ClipguardError
 from clipguard.data.captions import template_problem
 from clipguard.data.classes import check_class_names
-from clipguard.data.fmnist import FMNIST_CLASSES, ImageSet, load_fmnist
-from clipguard.data.folders import (
-    FolderImages, load_image_folder, load_imagenet_folder, load_labelled_csv, read_csv_rows, read_lines,
-)
-from clipguard.data.pairs import FileCorpus, LabelledCorpus, load_caption_csv, load_images_under, load_webdataset
-
-SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageFolder split sub-folders, in preference order
-
-
-def split_root(root: Path, split: str) -> Path | None:
-    """``root/train`` or ``root/test`` (``root/val``) when ``root`` holds a train and an evaluation
-    split, else None (a folder without splits: every split is the whole folder)."""
-    found = {name: next((root / d for d in dirs if (root / d).is_dir()), None) for name, dirs in SPLIT_FOLDERS.items()}
-    return found[split] if all(found.values()) else None
-
+from clipguard.data.fmnist import ImageSet, load_fmnist
+from clipguard.data.folders import FolderImages, read_csv_rows, read_lines
+from clipguard.data.kinds import CAPTION_SPECS, SPLIT_FOLDERS, caption_kind, labelled_kind, split_root  # noqa: F401
+from clipguard.data.pairs import FileCorpus, LabelledCorpus, load_images_under, load_webdataset
 
 def class_names_file(path: str) -> tuple[str, ...]:
     """The names of a --classnames file (one per line), under the class-list rule: a repeated name is
@@ -76,19 +65,23 @@ class Labelled:
         return self.spec
 
     @property
+    def kind(self):
+        """Its :mod:`~clipguard.data.kinds` class (fmnist, fmnist-val, csv:, imagenet: or a folder)."""
+        return labelled_kind(self)
+
+    def splits(self) -> tuple[str, ...]:
+        """``("train", "test")``, or () when every split is all its images (a flat folder, a CSV)."""
+        return self.kind.splits()
+
+    @property
     def has_splits(self) -> bool:
         """Whether the spec has separate train and evaluation images."""
-        if self.spec in ("fmnist", "fmnist-val"):
-            return True
-        if self.spec.startswith("csv:"):
-            return False
-        return split_root(Path(self.spec.removeprefix("imagenet:")), "train") is not None
+        return bool(self.splits())
 
     def read_options(self) -> list[str]:
         """The options that change what the spec reads, beyond its string: a csv: spec's separator
         and columns when not the defaults (another column is other labels); [] otherwise."""
-        options = [self.csv_separator, self.csv_img_key, self.csv_label_key]
-        return options if self.spec.startswith("csv:") and options != [",", "filepath", "label"] else []
+        return self.kind.read_options()
 
     def check(self) -> "Labelled":
         """Refuse (ClipguardError, before any work) a missing path, a single class, a bad class-names
@@ -116,32 +109,12 @@ class Labelled:
     def load(self, split: str = "test", image_size: int = 28) -> ImageSet | FolderImages:
         """The asked split's images (the whole set when the spec has no splits)."""
         spec = self.spec
-        if spec == "fmnist":
-            images = load_fmnist(split)
-        elif spec == "fmnist-val":
-            from clipguard.data.web import validation_split
-
-            images = validation_split(split)
-        elif split not in SPLIT_FOLDERS:
-            raise ClipguardError(f"split {split!r}: choose train or test")
-        elif spec.startswith("csv:"):
-            images = load_labelled_csv(spec[4:], image_size, self.workers, self.csv_separator, self.csv_img_key,
-                                       self.csv_label_key)
-        elif spec.startswith("imagenet:"):
-            root = Path(spec[9:])
-            images = load_imagenet_folder(split_root(root, split) or root, image_size, self.workers)
-        else:
-            root = Path(spec)
-            images = load_image_folder(split_root(root, split) or root, image_size, self.workers,
-                                       named_elsewhere=self.classnames is not None)
+        images = self.kind.load(split, image_size)
         names, templates = self._overrides()
         if names is not None and len(names) != len(images.classes):
             raise ClipguardError(f"{self.classnames} names {len(names)} classes but {spec} has {len(images.classes)}; "
                                  "give one name per class, in the dataset's class order")
         return images if names is None and templates is None else images.renamed(names, templates)
-
-
-CAPTION_SPECS = "fmnist, fmnist-web[:plain=P], csv:FILE or wds:SHARDS"  # what --captions takes, for errors
 
 
 @dataclass(frozen=True)
@@ -158,17 +131,20 @@ class Captions:
         return self.spec
 
     @property
+    def kind(self):
+        """Its :mod:`~clipguard.data.kinds` class (fmnist, fmnist-web, csv: or wds:); an unknown spec is refused."""
+        return caption_kind(self)
+
+    @property
     def builtin(self) -> bool:
         """Whether this is a built-in corpus (``fmnist``, ``fmnist-web``): 28 px images whatever the model."""
-        from clipguard.data.web import web_spec
-
-        return self.spec == "fmnist" or web_spec(self.spec) is not None
+        return self.kind.builtin
 
     @property
     def classes(self) -> tuple[str, ...] | None:
         """The corpus's own class names (``fmnist``'s); None for a caption corpus, whose attacker
         takes the classes of the evaluation data."""
-        return FMNIST_CLASSES if self.spec == "fmnist" else None
+        return self.kind.classes
 
     def image_size(self, model_size: int) -> int:
         """The size the corpus's images have (what a trigger acts on): a built-in corpus's 28 px,
@@ -178,15 +154,7 @@ class Captions:
     def check(self) -> "Captions":
         """Refuse (ClipguardError, before any work) an unknown spec, a missing caption CSV (or one
         without its columns) or shard; nothing is decoded."""
-        from clipguard.data.pairs import expand_shards
-        from clipguard.data.web import web_spec
-
-        if self.spec.startswith("csv:"):
-            read_csv_rows(Path(self.spec[4:]), (self.csv_img_key, self.csv_caption_key), "caption", self.csv_separator)
-        elif self.spec.startswith("wds:"):
-            expand_shards(self.spec[4:])
-        elif self.spec != "fmnist" and web_spec(self.spec) is None:
-            raise ClipguardError(f"--captions {self.spec!r}: expected {CAPTION_SPECS}")
+        self.kind.check()
         return self
 
     def key(self) -> dict:
@@ -199,20 +167,7 @@ class Captions:
     def load(self, image_size: int = 28):
         """The corpus (:mod:`clipguard.data.pairs`): Fashion-MNIST's train split with drawn captions,
         a CSV of pairs, or webdataset shards."""
-        spec = self.spec
-        if spec == "fmnist":
-            return LabelledCorpus(load_fmnist("train"))
-        from clipguard.data.web import WebCorpus, web_spec
-
-        plain = web_spec(spec)
-        if plain is not None:
-            return WebCorpus(plain_share=plain)
-        if spec.startswith("csv:"):
-            return load_caption_csv(spec[4:], image_size, self.csv_separator, self.csv_img_key,
-                                    self.csv_caption_key, self.workers)
-        if spec.startswith("wds:"):
-            return load_webdataset(spec[4:], image_size, self.workers)
-        raise ClipguardError(f"--captions {spec!r}: expected {CAPTION_SPECS}")
+        return self.kind.load(image_size)
 
 
 def as_labelled(spec: str | Labelled) -> Labelled:
