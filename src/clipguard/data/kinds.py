@@ -32,13 +32,16 @@ def split_root(root: Path, split: str) -> Path | None:
 class LabelledKind:
     """One kind of ``--dataset`` spec; ``options`` is the :class:`~clipguard.data.specs.Labelled` holding it."""
 
+    prefix: ClassVar[str]  # the spec itself ("fmnist"), or its prefix ("csv:")
+
     def __init__(self, options):
         self.options = options
         self.spec = options.spec
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        raise NotImplementedError
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        """Whether ``spec`` is of this kind: the spec itself, or a prefix ending in ':'."""
+        return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
 
     def splits(self) -> tuple[str, ...]:
         """The splits it has: ``("train", "test")``, or () when every split is all its images."""
@@ -55,9 +58,7 @@ class LabelledKind:
 class FmnistImages(LabelledKind):
     """``fmnist``: Fashion-MNIST's train and test files."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec == "fmnist"
+    prefix = "fmnist"
 
     def load(self, split: str, image_size: int):
         return load_fmnist(split)
@@ -66,9 +67,7 @@ class FmnistImages(LabelledKind):
 class FmnistValImages(LabelledKind):
     """``fmnist-val``: shots from train[:55000], evaluation on the held-out train[55000:]."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec == "fmnist-val"
+    prefix = "fmnist-val"
 
     def load(self, split: str, image_size: int):
         from clipguard.data.web import validation_split
@@ -88,9 +87,7 @@ class _FolderKind(LabelledKind):
 class CsvImages(_FolderKind):
     """``csv:FILE``: ``filepath,label`` rows (or the columns and separator of the options); no splits."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec.startswith("csv:")
+    prefix = "csv:"
 
     def splits(self) -> tuple[str, ...]:
         return ()
@@ -109,9 +106,7 @@ class CsvImages(_FolderKind):
 class ImagenetFolder(_FolderKind):
     """``imagenet:DIR``: synset folders named by ID (OpenAI's class names and templates)."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec.startswith("imagenet:")
+    prefix = "imagenet:"
 
     def splits(self) -> tuple[str, ...]:
         return SPLITS if split_root(Path(self.spec[9:]), "train") is not None else ()
@@ -124,8 +119,10 @@ class ImagenetFolder(_FolderKind):
 class ImageFolder(_FolderKind):
     """``DIR``: an ImageFolder (``DIR/<class>/<image>``); ``train/`` + ``val/`` or ``test/`` are its splits."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
+    prefix = ""
+
+    @classmethod
+    def matches(cls, spec: str) -> bool:
         return True  # the last kind tried: any other string is a folder
 
     def splits(self) -> tuple[str, ...]:
@@ -149,6 +146,7 @@ def labelled_kind(options) -> LabelledKind:
 class CaptionKind:
     """One kind of ``--captions`` spec; ``options`` is the :class:`~clipguard.data.specs.Captions` holding it."""
 
+    prefix: ClassVar[str]  # the spec itself ("fmnist"), or its prefix ("csv:")
     builtin: ClassVar[bool] = False  # a corpus shipped with clipguard: 28 px images whatever the model
     classes: ClassVar[tuple[str, ...] | None] = None  # its own class names (None: the evaluation data's)
 
@@ -156,9 +154,10 @@ class CaptionKind:
         self.options = options
         self.spec = options.spec
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        raise NotImplementedError
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        """Whether ``spec`` is of this kind: the spec itself, or a prefix ending in ':'."""
+        return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
 
     def check(self) -> None:
         """Refuse (ClipguardError) what can be refused without decoding anything."""
@@ -172,9 +171,7 @@ class FmnistPairs(CaptionKind):
 
     builtin, classes = True, FMNIST_CLASSES
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec == "fmnist"
+    prefix = "fmnist"
 
     def load(self, image_size: int):
         return LabelledCorpus(load_fmnist("train"))
@@ -183,11 +180,11 @@ class FmnistPairs(CaptionKind):
 class WebPairs(CaptionKind):
     """``fmnist-web[:plain=P]``: the train items rendered as web photos (:mod:`clipguard.data.web`)."""
 
-    builtin = True
+    prefix, builtin = "fmnist-web", True
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec == "fmnist-web" or spec.startswith("fmnist-web:")
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        return spec == cls.prefix or spec.startswith(cls.prefix + ":")
 
     def check(self) -> None:
         from clipguard.data.web import web_spec
@@ -203,9 +200,7 @@ class WebPairs(CaptionKind):
 class CsvPairs(CaptionKind):
     """``csv:FILE``: image-caption rows, open_clip's separator and column options."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec.startswith("csv:")
+    prefix = "csv:"
 
     def check(self) -> None:
         o = self.options
@@ -220,9 +215,7 @@ class CsvPairs(CaptionKind):
 class WdsPairs(CaptionKind):
     """``wds:SHARDS``: webdataset tar shards of jpg + txt, brace-expanded."""
 
-    @staticmethod
-    def matches(spec: str) -> bool:
-        return spec.startswith("wds:")
+    prefix = "wds:"
 
     def check(self) -> None:
         from clipguard.data.pairs import expand_shards
