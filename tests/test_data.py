@@ -173,3 +173,7 @@ def test_each_spec_kind_is_one_class_that_knows_its_splits(tmp_path):
     assert Captions("fmnist-web").builtin and not Captions("wds:a.tar").builtin
     with pytest.raises(ClipguardError, match="expected fmnist, fmnist-web"):
         Captions("parquet:x").kind
+    from clipguard.data.kinds import CsvPool, FmnistPool, FolderPool, WdsPool, pool_kind
+
+    pools = {"fmnist": FmnistPool, "csv:p.csv": CsvPool, "wds:a.tar": WdsPool, "imagenet:d": FolderPool, "d": FolderPool}
+    assert {spec: type(pool_kind(spec, Captions())) for spec in pools} == pools

@@ -235,3 +235,79 @@ def caption_kind(options) -> CaptionKind:
         if kind.matches(options.spec):
             return kind(options)
     raise ClipguardError(f"--captions {options.spec!r}: expected {CAPTION_SPECS}")
+
+
+# ----------------------------------------------------------------------------- unlabelled pools
+class PoolKind:
+    """One kind of ``--pool`` spec, images only (labels and captions ignored); ``options`` is the
+    :class:`~clipguard.data.specs.Captions` whose CSV options a ``csv:`` pool is read with."""
+
+    prefix: ClassVar[str]
+
+    def __init__(self, spec: str, options, workers: int | None):
+        self.spec, self.options, self.workers = spec, options, workers
+
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
+
+    def load(self, image_size: int):
+        raise NotImplementedError
+
+
+class FmnistPool(PoolKind):
+    """``fmnist``: its train split."""
+
+    prefix = "fmnist"
+
+    def load(self, image_size: int):
+        return LabelledCorpus(load_fmnist("train"))
+
+
+class CsvPool(PoolKind):
+    """``csv:FILE``: its image column (``filepath``, or the options' ``csv_img_key``)."""
+
+    prefix = "csv:"
+
+    def load(self, image_size: int):
+        from clipguard.data.pairs import FileCorpus
+
+        path, key = Path(self.spec[4:]), self.options.csv_img_key
+        rows = read_csv_rows(path, (key,), "image", self.options.csv_separator)
+        return FileCorpus([path.parent / r[key] for r in rows], [""] * len(rows), image_size, self.workers, str(path))
+
+
+class WdsPool(PoolKind):
+    """``wds:SHARDS``: the shards' images (a pool needs no captions)."""
+
+    prefix = "wds:"
+
+    def load(self, image_size: int):
+        return load_webdataset(self.spec[4:], image_size, self.workers, need_captions=False)
+
+
+class FolderPool(PoolKind):
+    """``DIR`` or ``imagenet:DIR``: every image under the folder."""
+
+    prefix = ""
+
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        return True  # the last kind tried
+
+    def load(self, image_size: int):
+        from clipguard.data.pairs import load_images_under
+
+        root = Path(self.spec.removeprefix("imagenet:"))
+        if not root.is_dir():
+            raise ClipguardError(f"pool {self.spec!r}: expected fmnist, fmnist-train:N, a folder, imagenet:DIR, "
+                                 f"csv:FILE or wds:SHARDS (no such folder: {root})")
+        return load_images_under(root, image_size, self.workers)
+
+
+POOL_KINDS = (FmnistPool, CsvPool, WdsPool, FolderPool)
+
+
+def pool_kind(spec: str, options, workers: int | None = None) -> PoolKind:
+    """The kind of an unlabelled ``--pool`` spec."""
+    return next(kind for kind in POOL_KINDS if kind.matches(spec))(spec, options, workers)

@@ -17,17 +17,15 @@ A spec given as a plain string means its defaults; the dataclasses carry the opt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from clipguard import ClipguardError
 from clipguard.data.captions import template_problem
 from clipguard.data.classes import check_class_names
-from clipguard.data.fmnist import ImageSet, load_fmnist
-from clipguard.data.folders import FolderImages, read_csv_rows, read_lines
-from clipguard.data.kinds import CAPTION_SPECS, SPLIT_FOLDERS, caption_kind, labelled_kind, split_root  # noqa: F401
-from clipguard.data.pairs import FileCorpus, LabelledCorpus, load_images_under, load_webdataset
+from clipguard.data.fmnist import ImageSet
+from clipguard.data.folders import FolderImages, read_lines
+from clipguard.data.kinds import CAPTION_SPECS, SPLIT_FOLDERS, caption_kind, labelled_kind, pool_kind, split_root  # noqa: F401
 
 def class_names_file(path: str) -> tuple[str, ...]:
     """The names of a --classnames file (one per line), under the class-list rule: a repeated name is
@@ -193,21 +191,7 @@ def load_unlabelled(spec: str, image_size: int, captions: Captions | None = None
     """Images of any spec with labels and captions ignored (an oracle's pool): ``fmnist`` (its
     train split), a folder (every image under it), ``imagenet:DIR``, ``csv:FILE`` (its
     ``filepath`` column, or ``captions.csv_img_key``) or ``wds:SHARDS``."""
-    options = captions or Captions()
-    if spec == "fmnist":
-        return LabelledCorpus(load_fmnist("train"))
-    if spec.startswith("csv:"):
-        path = Path(spec[4:])
-        rows = read_csv_rows(path, (options.csv_img_key,), "image", options.csv_separator)
-        return FileCorpus([path.parent / r[options.csv_img_key] for r in rows], [""] * len(rows), image_size,
-                          workers, str(path))
-    if spec.startswith("wds:"):
-        return load_webdataset(spec[4:], image_size, workers, need_captions=False)
-    root = Path(spec.removeprefix("imagenet:"))
-    if not root.is_dir():
-        raise ClipguardError(f"pool {spec!r}: expected fmnist, fmnist-train:N, a folder, imagenet:DIR, csv:FILE or wds:SHARDS "
-                             f"(no such folder: {root})")
-    return load_images_under(root, image_size, workers)
+    return pool_kind(spec, captions or Captions(), workers).load(image_size)
 
 
 def sample_images(images, count: int | None, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
