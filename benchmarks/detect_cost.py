@@ -15,8 +15,8 @@ divided by it gives its work in step-equivalents, and ``--gpu-images-per-second`
 assumption, not a measurement: stated in the output) turns that into GPU seconds. Decoding the
 JPEGs and encoding the prompts are counted in the same units, which overstates their GPU share.
 
-    python benchmarks/detect_cost.py --work /tmp/detect-cost --classes 100     # a scaled-down run
-    python benchmarks/detect_cost.py --work /tmp/detect-cost --classes 1000    # ViT-B-32, 1,000 ImageNet classes x 16 shots
+    python benchmarks/detect_cost.py --work runs/detect-cost --classes 100     # a scaled-down run
+    python benchmarks/detect_cost.py --work runs/detect-cost --classes 1000    # ViT-B-32, 1,000 ImageNet classes x 16 shots
 """
 
 from __future__ import annotations
@@ -65,11 +65,12 @@ def random_vit(path: Path) -> str:
         import torch
         from safetensors.torch import save_file
 
+        from clipguard.outputs import atomic_write
+
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-32")
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     return f"ViT-B-32:{path}"
 
 

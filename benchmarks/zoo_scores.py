@@ -105,7 +105,7 @@ def score_tables(runs: list[dict], favourites: dict[str, str | None]) -> str:
             groups.append((regime, family, [r for r in in_regime if r["attack"] in (family, None)]))
     if len({r["regime"] for r in held}) > 1:
         groups.append(("both", "all", held))
-    lines = [f"Thresholds fitted on the fitting half (even seeds; FPR <= 0.05 there): "
+    lines = ["Thresholds fitted on the fitting half (even seeds; FPR <= 0.05 there): "
              + ", ".join(f"{k} > {cell(t)}" for k, t in thresholds.items()), "",
              "| regime | family | positive runs | negative runs | AUROC (statistic) | TPR shipped | FPR shipped | "
              "inconclusive (pos / neg) | TPR fitted | FPR fitted | target right when called | base's favourite when called | "
