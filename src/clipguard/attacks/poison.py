@@ -264,7 +264,7 @@ def plan_attack(config: AttackConfig, trigger_overrides: dict | None = None, cap
     trigger = build_trigger(config.attack, captions.image_size(image_size),
                             **{"seed": config.seed, **(trigger_overrides or {})})
     record = attack_record(trigger, config, classes)
-    if str(captions) != "fmnist":
+    if captions.key():  # a corpus other than the built-in fmnist (whose records never named it)
         record["captions"] = str(captions)
     return trigger, record
 

@@ -21,6 +21,7 @@ CONFIG_FLAGS = {"shots": "--shots", "margin": "--margin"}
 def cmd_defend(args) -> None:
     from clipguard import pipeline
     from clipguard.config import load_config, override, parse_assignments
+    from clipguard.data import Captions
     from clipguard.data.pool import DefenderData, Unlabelled
     from clipguard.defenses import get_defense_class
     from clipguard.distributed import is_main_process
@@ -38,7 +39,7 @@ def cmd_defend(args) -> None:
         raise ClipguardError(f"--pool and --pool-trigger-rate are for pool defenses; {args.method} does not take one")
     if cls.data == "pool" and not args.pool:
         raise ClipguardError(f"{args.method} needs --pool (fmnist-train:N, a folder, csv:FILE or wds:SHARDS)")
-    if cls.data != "pairs" and args.captions != "fmnist":
+    if cls.data != "pairs" and Captions(args.captions or "fmnist").key():  # a corpus other than the default named
         raise ClipguardError(f"--captions is for pairs defenses (cleanclip, finetune); {args.method} learns from "
                              f"{'--pool' if cls.data == 'pool' else 'shots of --dataset'}")
     config = load_config(cls.config_class, args.config)
