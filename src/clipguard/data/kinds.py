@@ -28,9 +28,8 @@ def split_root(root: Path, split: str) -> Path | None:
     return found[split] if all(found.values()) else None
 
 
-# ----------------------------------------------------------------------------- labelled images
-class LabelledKind:
-    """One kind of ``--dataset`` spec; ``options`` is the :class:`~clipguard.data.specs.Labelled` holding it."""
+class SpecKind:
+    """What every kind shares: recognised by ``prefix``, holding the spec's ``options``."""
 
     prefix: ClassVar[str]  # the spec itself ("fmnist"), or its prefix ("csv:")
 
@@ -42,6 +41,11 @@ class LabelledKind:
     def matches(cls, spec: str) -> bool:
         """Whether ``spec`` is of this kind: the spec itself, or a prefix ending in ':'."""
         return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
+
+
+# ----------------------------------------------------------------------------- labelled images
+class LabelledKind(SpecKind):
+    """One kind of ``--dataset`` spec; ``options`` is the :class:`~clipguard.data.specs.Labelled` holding it."""
 
     def splits(self) -> tuple[str, ...]:
         """The splits it has: ``("train", "test")``, or () when every split is all its images."""
@@ -143,21 +147,11 @@ def labelled_kind(options) -> LabelledKind:
 
 
 # ----------------------------------------------------------------------------- image-caption pairs
-class CaptionKind:
+class CaptionKind(SpecKind):
     """One kind of ``--captions`` spec; ``options`` is the :class:`~clipguard.data.specs.Captions` holding it."""
 
-    prefix: ClassVar[str]  # the spec itself ("fmnist"), or its prefix ("csv:")
     builtin: ClassVar[bool] = False  # a corpus shipped with clipguard: 28 px images whatever the model
     classes: ClassVar[tuple[str, ...] | None] = None  # its own class names (None: the evaluation data's)
-
-    def __init__(self, options):
-        self.options = options
-        self.spec = options.spec
-
-    @classmethod
-    def matches(cls, spec: str) -> bool:
-        """Whether ``spec`` is of this kind: the spec itself, or a prefix ending in ':'."""
-        return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
 
     def check(self) -> None:
         """Refuse (ClipguardError) what can be refused without decoding anything."""
@@ -238,18 +232,12 @@ def caption_kind(options) -> CaptionKind:
 
 
 # ----------------------------------------------------------------------------- unlabelled pools
-class PoolKind:
+class PoolKind(SpecKind):
     """One kind of ``--pool`` spec, images only (labels and captions ignored); ``options`` is the
     :class:`~clipguard.data.specs.Captions` whose CSV options a ``csv:`` pool is read with."""
 
-    prefix: ClassVar[str]
-
     def __init__(self, spec: str, options, workers: int | None):
         self.spec, self.options, self.workers = spec, options, workers
-
-    @classmethod
-    def matches(cls, spec: str) -> bool:
-        return spec.startswith(cls.prefix) if cls.prefix.endswith(":") else spec == cls.prefix
 
     def load(self, image_size: int):
         raise NotImplementedError
